@@ -1,0 +1,34 @@
+"""fastdec: fast, lightweight latent decoders for diffusion models."""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from .latent_spaces import LatentSpace, get_latent_space, list_latent_spaces
+from .models import LatentDecoder, create_decoder, list_decoders
+from .checkpoints import CheckpointError, load_decoder, load_encoder, save_decoder
+
+__version__ = "0.1.0"
+
+# Heavier pieces (diffusers pipelines, onnxruntime) import on first use so `import fastdec` stays fast.
+_LAZY = {
+    "FastVAE": "pipelines",
+    "swap_decoder": "pipelines",
+    "restore_decoder": "pipelines",
+    "PreviewCallback": "pipelines",
+    "optimize": "runtime",
+    "decode_tiled": "tiling",
+    "OnnxDecoder": "export",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'fastdec' has no attribute '{name}'")
+
+
+__all__ = [
+    "LatentSpace", "get_latent_space", "list_latent_spaces", "LatentDecoder", "create_decoder", "list_decoders",
+    "CheckpointError", "load_decoder", "load_encoder", "save_decoder", *_LAZY,
+]

@@ -1,0 +1,1 @@
+"""EfficientViT-style decoder (to be written)."""

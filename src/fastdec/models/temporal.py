@@ -1,0 +1,1 @@
+"""Video decoders (to be written)."""
