@@ -98,7 +98,7 @@ def _download(repo_id: str) -> Path:
         )
     except Exception as e:  # network errors come in many types: all mean the same to the user
         raise CheckpointError(
-            f"could not fetch '{repo_id}' from the Hugging Face Hub ({type(e).__name__}: {e}). "
+            f"could not fetch '{repo_id}' from the Hugging Face Hub ({type(e).__name__}: {str(e).splitlines()[0]}). "
             "If this machine is offline, download the repository elsewhere and pass its local folder "
             "(or a .safetensors/.pth file) instead"
         ) from e

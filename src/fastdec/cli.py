@@ -10,7 +10,8 @@ COMMAND_MODULES = [
     "fastdec.bench",        # fastdec bench
     "fastdec.train",        # fastdec train
     "fastdec.evaluate",     # fastdec eval images|video
-    "fastdec.decode",       # fastdec decode, decode-video
+    "fastdec.decode",       # fastdec decode
+    "fastdec.decode_video", # fastdec decode-video
     "fastdec.bulk",         # fastdec decode-batch
     "fastdec.export",       # fastdec export onnx
 ]

@@ -1,0 +1,69 @@
+import pytest
+import torch
+
+from fastdec import LatentSpace, get_latent_space, list_latent_spaces
+
+
+def test_presets_have_documented_constants():
+    expected = {"sd15": (4, 8), "sdxl": (4, 8), "sd3": (16, 8), "flux1": (16, 8), "flux2": (32, 8), "svd": (4, 8), "sana": (32, 32)}
+    assert set(list_latent_spaces()) == set(expected)
+    for name, (channels, factor) in expected.items():
+        space = get_latent_space(name)
+        assert (space.channels, space.spatial_factor) == (channels, factor)
+        assert space.source, f"{name} must document where its constants come from"
+
+
+@pytest.mark.parametrize("name", ["sd15", "sdxl", "sd3", "flux1", "flux2", "svd", "sana"])
+def test_vae_decoder_round_trip(name):
+    space = get_latent_space(name)
+    raw = torch.randn(2, space.channels, 5, 6, dtype=torch.float64)
+    assert torch.allclose(space.decoder_to_vae(space.vae_to_decoder(raw)), raw)
+
+
+def test_matches_diffusers_pipeline_formula():
+    # SD3/FLUX.1 pipelines call vae.decode(latents / scaling_factor + shift_factor)
+    z = torch.randn(1, 16, 4, 4)
+    for name in ("sd3", "flux1"):
+        s = get_latent_space(name)
+        assert torch.allclose(s.decoder_to_vae(z), z / s.scaling_factor + s.shift_factor)
+    sdxl = get_latent_space("sdxl")
+    assert torch.allclose(sdxl.decoder_to_vae(z[:, :4]), z[:, :4] / 0.13025)
+
+
+def test_latents_mean_std_from_vae_config():
+    # Playground v2.5-style SDXL VAE config: raw = z * std / scaling + mean (the SDXL pipeline's formula)
+    cfg = {"scaling_factor": 0.5, "latents_mean": [-1.6574, 1.886, -1.383, 2.5155], "latents_std": [8.4927, 5.9022, 6.5498, 5.2299]}
+    space = get_latent_space("sdxl").with_vae_config(cfg)
+    z = torch.randn(2, 4, 3, 3)
+    mean = torch.tensor(cfg["latents_mean"]).view(1, 4, 1, 1)
+    std = torch.tensor(cfg["latents_std"]).view(1, 4, 1, 1)
+    assert torch.allclose(space.decoder_to_vae(z), z * std / 0.5 + mean, atol=1e-6)
+    assert torch.allclose(space.vae_to_decoder(space.decoder_to_vae(z)), z, atol=1e-5)
+
+
+def test_flux2_batch_norm_view_round_trip():
+    space = get_latent_space("flux2")
+    raw = torch.randn(2, 32, 8, 6)
+    packed = space.patchify(raw)
+    assert packed.shape == (2, 128, 4, 3)
+    assert torch.equal(space.unpatchify(packed), raw)
+    mean, var = torch.randn(128), torch.rand(128) + 0.5
+    normed = space.bn_normalize(raw, mean, var)
+    assert torch.allclose(space.bn_denormalize(normed, mean, var), raw, atol=1e-5)
+    bn = torch.nn.BatchNorm2d(128, eps=space.batch_norm_eps, affine=False).eval()
+    bn.running_mean.copy_(mean)
+    bn.running_var.copy_(var)
+    assert torch.allclose(bn(packed), normed, atol=1e-5)
+
+
+def test_serialisation_and_unknown_names():
+    space = get_latent_space("sdxl").with_vae_config({"latents_mean": [0.0] * 4, "latents_std": [1.0] * 4})
+    assert LatentSpace.from_dict(space.to_dict()) == space
+    assert get_latent_space("SD-1.5") is get_latent_space("sd15")
+    with pytest.raises(KeyError, match="unknown latent space 'sd4'.*choose one of"):
+        get_latent_space("sd4")
+
+
+def test_channel_mismatch_message_suggests_spaces():
+    msg = get_latent_space("sdxl").channel_mismatch_message(16)
+    assert "expects 4 latent channels (sdxl), got 16" in msg and "sd3" in msg and "flux1" in msg
