@@ -5,6 +5,8 @@ Every decoder in fastdec is assembled from these few pieces, so that fixes
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -64,19 +66,52 @@ class ResBlock(nn.Module):
         return self.fuse(self.conv(x) + self.skip(x))
 
 
-class ReLULinearAttention(nn.Module):
-    """EfficientViT's multi-scale ReLU linear attention.
+def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # device types without autocast (meta, used for FLOP counting)
+        enabled = False
+    return torch.autocast(device_type, enabled=False) if enabled else contextlib.nullcontext()
 
-    Cost is linear in the number of pixels: softmax(QK^T)V is replaced by
-    relu(Q)(relu(K)^T V) / (relu(Q) relu(K)^T 1). Multi-scale: Q/K/V are also
-    aggregated with depthwise convs of the given kernel sizes, which gives the
-    attention a local neighbourhood at every scale.
+
+class PixelRMSNorm(nn.Module):
+    """RMS norm over the channels of each pixel, with affine weight and bias (DC-AE's ``trms2d``).
+
+    The EfficientViT blocks use it instead of GroupNorm: GroupNorm(1, C) pools
+    statistics over the whole image, so a pixel's value would depend on image
+    size, content far away and tiling. Statistics are taken in fp32 because
+    squares of fp16 activations overflow above 256.
     """
 
-    def __init__(self, channels: int, head_dim: int = 32, scales: tuple[int, ...] = (5,), eps: float = 1e-6):
+    def __init__(self, channels: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = (x32 * torch.rsqrt(x32.square().mean(1, keepdim=True) + self.eps)).to(x.dtype)
+        return normed * self.weight.view(1, -1, 1, 1).to(x.dtype) + self.bias.view(1, -1, 1, 1).to(x.dtype)
+
+
+class ReLULinearAttention(nn.Module):
+    """EfficientViT's multi-scale ReLU linear attention, residual: x + attention(x).
+
+    Per head, softmax(QK^T)V is replaced by relu(Q) (relu(K)^T V) / (relu(Q) relu(K)^T 1):
+    the (d x d) matrix relu(K)^T V is summed over all pixels once, so cost and
+    memory are linear in the number of pixels and every output pixel sees the
+    whole image. Multi-scale: Q/K/V are also aggregated over k x k
+    neighbourhoods (depthwise conv, then a per-head 1x1 mix) for each k in
+    ``scales``; each scale adds its own set of heads.
+    """
+
+    def __init__(self, channels: int, head_dim: int = 32, scales: tuple[int, ...] = (5,), eps: float = 1e-15):
         super().__init__()
         if channels % head_dim:
             raise ValueError(f"channels ({channels}) must be a multiple of head_dim ({head_dim})")
+        if any(k < 1 or k % 2 == 0 for k in scales):
+            raise ValueError(f"attention scales must be odd kernel sizes >= 1, got {tuple(scales)}")
         self.head_dim = head_dim
         self.eps = eps
         self.qkv = conv1x1(channels, 3 * channels)
@@ -87,38 +122,39 @@ class ReLULinearAttention(nn.Module):
             )
             for k in scales
         )
-        self.proj = nn.Sequential(conv1x1(channels * (1 + len(scales)), channels), nn.GroupNorm(1, channels))
+        self.proj = nn.Sequential(conv1x1(channels * (1 + len(scales)), channels), PixelRMSNorm(channels))
 
-    def _attend(self, qkv: torch.Tensor) -> torch.Tensor:
+    def attend(self, qkv: torch.Tensor) -> torch.Tensor:
+        """(N, heads*3*d, h, w), each head's channels ordered q, k, v -> (N, heads*d, h, w)."""
         n, _, h, w = qkv.shape
-        qkv = qkv.reshape(n, -1, 3 * self.head_dim, h * w)
-        q, k, v = qkv.chunk(3, dim=2)
-        q, k = F.relu(q), F.relu(k)
-        # Accumulate in fp32: the sums over all pixels overflow fp16 at high resolution.
-        dtype = v.dtype
-        q, k, v = q.float(), k.float(), v.float()
-        kv = k @ v.transpose(-1, -2)  # (n, heads, d, d)
-        num = kv.transpose(-1, -2) @ q  # (n, heads, d, hw)
-        den = k.sum(-1, keepdim=True).transpose(-1, -2) @ q  # (n, heads, 1, hw)
-        out = num / (den + self.eps)
-        return out.to(dtype).reshape(n, -1, h, w)
+        # The sums over all pixels overflow fp16 (and lose bits in bf16): compute in fp32, also under
+        # autocast, which would otherwise run the matmuls in half precision whatever their input dtype.
+        with _autocast_off(qkv.device.type):
+            q, k, v = qkv.float().reshape(n, -1, 3 * self.head_dim, h * w).chunk(3, dim=2)
+            q, k = F.relu(q), F.relu(k)
+            kv = k @ v.transpose(-1, -2)  # (N, heads, d, d): sum over pixels of k_i v_j
+            num = kv.transpose(-1, -2) @ q  # (N, heads, d, hw)
+            den = k.sum(-1, keepdim=True).transpose(-1, -2) @ q  # (N, heads, 1, hw)
+            out = num / (den + self.eps)
+        return out.to(qkv.dtype).reshape(n, -1, h, w)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         qkv = self.qkv(x)
-        outs = [self._attend(qkv)] + [self._attend(agg(qkv)) for agg in self.aggregate]
-        return x + self.proj(torch.cat(outs, dim=1))
+        heads = [self.attend(qkv)] + [self.attend(agg(qkv)) for agg in self.aggregate]
+        return x + self.proj(torch.cat(heads, dim=1))
 
 
 class GLUMBConv(nn.Module):
-    """Gated inverted-residual conv (EfficientViT / DC-AE): 1x1 expand to 2x, depthwise 3x3, GLU gate, 1x1 project."""
+    """Gated inverted-residual conv (EfficientViT / DC-AE), residual: 1x1 expand to 2 x hidden, SiLU,
+    depthwise 3x3, split into value and gate, value * SiLU(gate), 1x1 project, per-pixel norm."""
 
     def __init__(self, channels: int, expansion: int = 4):
         super().__init__()
         hidden = channels * expansion
         self.expand = nn.Conv2d(channels, 2 * hidden, 1)
         self.depthwise = nn.Conv2d(2 * hidden, 2 * hidden, 3, padding=1, groups=2 * hidden)
-        self.project = nn.Conv2d(hidden, channels, 1, bias=False)
-        self.norm = nn.GroupNorm(1, channels)
+        self.project = conv1x1(hidden, channels)
+        self.norm = PixelRMSNorm(channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.depthwise(F.silu(self.expand(x)))

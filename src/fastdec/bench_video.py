@@ -1,0 +1,207 @@
+"""``fastdec bench --video``: video decoders against SVD's temporal VAE decoder, per frame, in one run.
+
+Rows per (size, frame count): SVD's ``AutoencoderKLTemporalDecoder`` (real
+config, random weights; decoded in chunks of ``--svd-chunk`` frames, as
+``StableVideoDiffusionPipeline.decode_latents`` does with
+``decode_chunk_size``), then each fastdec video decoder in each of its modes:
+causal decoders ``parallel`` (all frames in one call) and ``streaming``
+(one frame per push, outputs dropped as a video writer would), the temporal
+decoder ``chunked`` (overlapping windows, outputs dropped per window). Timing
+and the isolated-process memory probe come from ``fastdec.bench``.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any, Callable
+
+import torch
+
+from .bench import (
+    SVD_VAE_CONFIG, BenchError, make_latents, peak_memory, render_table, system_info, time_callable, write_json,
+)
+
+DEFAULT_VIDEO_DECODERS = ("tae-temporal-192", "tae-causal-64", "tae-causal-192")
+DEFAULT_FRAMES = (8, 32)
+DEFAULT_SIZE = 256
+
+
+def decoder_modes(name: str) -> list[str]:
+    from .models import ARCHITECTURES, PRESETS
+
+    if name not in PRESETS:
+        raise BenchError(f"unknown video decoder '{name}'; video presets: {', '.join(_video_presets())}")
+    cls = ARCHITECTURES[PRESETS[name].architecture]
+    if not cls.is_video:
+        raise BenchError(f"'{name}' is an image decoder: benchmark it with `fastdec bench --decoders {name}`")
+    return ["parallel", "streaming"] if hasattr(cls, "stream") else ["chunked"]
+
+
+def _video_presets() -> list[str]:
+    from .models import list_decoders
+
+    return list_decoders(video=True)
+
+
+def build_video_callable(
+    name: str, mode: str, size: int, frames: int, seed: int = 0, svd_chunk: int = 8, latent_space: str = "svd"
+) -> Callable[[], Any]:
+    """One whole-clip decode as a zero-argument callable (also the builder of the memory probe's process)."""
+    from .latent_spaces import get_latent_space
+
+    if name == "svd-vae":
+        import diffusers
+
+        torch.manual_seed(seed)
+        vae = diffusers.AutoencoderKLTemporalDecoder(**SVD_VAE_CONFIG).eval()
+        h = size // 8
+        raw = get_latent_space("svd").decoder_to_vae(make_latents((frames, 4, h, h), seed))
+
+        def svd() -> torch.Tensor:
+            outs = [vae.decode(raw[i : i + svd_chunk], num_frames=raw[i : i + svd_chunk].shape[0]).sample
+                    for i in range(0, frames, svd_chunk)]
+            return torch.cat(outs).mul(0.5).add(0.5).clamp(0, 1)
+
+        return svd
+
+    from .models import create_decoder
+
+    torch.manual_seed(seed)
+    decoder = create_decoder(name, latent_space).eval()
+    h = size // decoder.upsample_factor
+    z = make_latents((1, frames, decoder.latent_channels, h, h), seed)
+    if mode == "streaming":
+        def streaming() -> None:
+            stream = decoder.stream()
+            for t in range(frames):
+                stream.push(z[:, t])
+
+        return streaming
+    if mode == "chunked":
+        def chunked() -> None:
+            for _ in decoder.decode_chunks(z):
+                pass
+
+        return chunked
+    return lambda: decoder(z)
+
+
+def _params(name: str) -> int | None:
+    if name == "svd-vae":
+        import diffusers
+
+        vae = diffusers.AutoencoderKLTemporalDecoder(**SVD_VAE_CONFIG)
+        modules = [vae.decoder, getattr(vae, "post_quant_conv", None)]
+        return sum(p.numel() for m in modules if m is not None for p in m.parameters())
+    from .models import create_decoder
+
+    return sum(p.numel() for p in create_decoder(name, "svd").parameters())
+
+
+def run_video_bench(args: argparse.Namespace) -> int:
+    """``fastdec bench --video``; reads the shared ``fastdec bench`` options plus ``--video-frames``/``--svd-chunk``."""
+    from rich.console import Console
+
+    console = Console() if sys.stdout.isatty() else Console(width=200)
+    try:
+        sizes = list(args.sizes) if args.sizes else [DEFAULT_SIZE]
+        frame_counts = list(getattr(args, "video_frames", None) or DEFAULT_FRAMES)
+        svd_chunk = int(getattr(args, "svd_chunk", 8))
+        decoders = list(args.decoders) if args.decoders else list(DEFAULT_VIDEO_DECODERS)
+        with_svd = not args.baselines or "svd" in args.baselines
+        if args.baselines and any(b not in ("svd", "none") for b in args.baselines):
+            raise BenchError("--video compares with the SVD decoder only: use --baselines svd or --baselines none")
+        if args.device != "cpu" or args.dtype != "fp32" or args.channels_last or (args.backends or ["eager"]) != ["eager"]:
+            raise BenchError("--video runs eager fp32 on CPU only; drop --device/--dtype/--channels-last/--backends")
+        for size in sizes:
+            if size <= 0 or size % 8:
+                raise BenchError(f"size {size} must be a positive multiple of 8")
+        if any(f < 1 for f in frame_counts) or svd_chunk < 1:
+            raise BenchError("--video-frames and --svd-chunk must be >= 1")
+        plan = [(name, mode) for name in decoders for mode in decoder_modes(name)]
+    except BenchError as e:
+        print(f"fastdec bench --video: error: {e}", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if with_svd:
+        plan.insert(0, ("svd-vae", "chunks of %d" % svd_chunk))
+    params = {name: _params(name) for name, _ in dict.fromkeys(plan)}
+    rows: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    total = len(plan) * len(sizes) * len(frame_counts)
+    for size in sizes:
+        for frames in frame_counts:
+            for name, mode in plan:
+                console.print(f"[{len(rows) + 1}/{total}] {name} {mode}: {size} px, {frames} frames ...")
+                kwargs = dict(name=name, mode=mode, size=size, frames=frames, seed=args.seed, svd_chunk=svd_chunk)
+                fn = build_video_callable(**kwargs)
+                # SVD's decoder takes minutes per call on CPU: one untimed run would double the run time.
+                is_svd = name == "svd-vae"
+                stats = time_callable(fn, warmup=0 if is_svd else args.warmup, repeats=1 if is_svd else args.repeats)
+                del fn
+                memory = None
+                if not args.no_memory:
+                    # one warm-up call (not measured) so lazy allocator/thread-pool set-up is not counted;
+                    # skipped for SVD, whose call takes minutes (its first-call overhead is a few MB of hundreds)
+                    memory = peak_memory("fastdec.bench_video:build_video_callable", kwargs,
+                                         threads=torch.get_num_threads(), warm_calls=0 if is_svd else 1)
+                rows.append({
+                    "name": name, "mode": mode, "size": size, "frames": frames, "runs": stats.n,
+                    "median_s": stats.median_s, "per_frame_s": stats.median_s / frames,
+                    "peak_mem_mb": memory.peak_mb if memory else None,
+                    "memory_error": memory.error if memory else None,
+                    "params": params[name],
+                })
+    for r in rows:
+        svd = next((s for s in rows if s["name"] == "svd-vae" and s["size"] == r["size"] and s["frames"] == r["frames"]), None)
+        r["speedup"] = svd["per_frame_s"] / r["per_frame_s"] if svd else None
+    payload = {
+        "rows": rows, "system": system_info("cpu", "fp32"), "wall_s": time.perf_counter() - started,
+        "settings": {"sizes": sizes, "frames": frame_counts, "svd_chunk": svd_chunk, "repeats": args.repeats,
+                     "warmup": args.warmup, "seed": args.seed, "decoders": decoders},
+    }
+    print_video_report(payload, console)
+    if args.json:
+        write_json(args.json, payload)
+        console.print(f"wrote json: {args.json}")
+    return 0
+
+
+def print_video_report(payload: dict[str, Any], console) -> None:
+    s = payload["system"]
+    display = []
+    for r in payload["rows"]:
+        mem = r["peak_mem_mb"]
+        display.append({
+            "decoder": r["name"], "mode": r["mode"], "px": str(r["size"]), "frames": str(r["frames"]),
+            "runs": str(r["runs"]), "clip s": f"{r['median_s']:.2f}", "ms/frame": f"{r['per_frame_s'] * 1e3:,.1f}",
+            "speed-up": "-" if r["speedup"] is None else f"{r['speedup']:.1f}x",
+            "peak MB": "-" if mem is None else f"{mem:,.0f}",
+            "MB/frame": "-" if mem is None else f"{mem / r['frames']:,.1f}",
+            "params M": f"{r['params'] / 1e6:.1f}",
+        })
+    columns = list(display[0]) if display else []
+    title = f"fastdec bench --video: {', '.join(map(str, payload['settings']['sizes']))} px, fp32, cpu, " \
+            f"{s['torch_threads']} torch threads"
+    caption = f"{s['cpu']} ({s['cpu_count']} logical CPUs) | torch {s['torch']} | diffusers {s['diffusers']}"
+    console.print(render_table(display, title, columns=columns, caption=caption))
+    console.print(
+        "speed-up = SVD decoder time per frame / row time per frame (same size, same frame count, same latents). "
+        f"SVD decodes in chunks of {payload['settings']['svd_chunk']} frames (decode_chunk_size) and is timed once "
+        "(no warm-up). peak MB = working memory of one whole-clip decode beyond the weights (peak RSS, isolated "
+        "process). streaming = one frame per push, frames dropped after decoding."
+    )
+    for r in payload["rows"]:
+        if r.get("memory_error"):
+            console.print(f"memory probe failed for {r['name']} {r['mode']} {r['frames']} frames: {r['memory_error']}")
+    console.print(f"total wall time {payload['wall_s']:.0f} s")
+
+
+def add_bench_arguments(group: argparse._ArgumentGroup) -> None:
+    """Options of ``fastdec bench --video`` (added to the ``bench`` command by ``fastdec.bench``)."""
+    group.add_argument("--video-frames", type=int, nargs="+", default=None, metavar="T",
+                       help=f"--video: frames per clip (default {' '.join(map(str, DEFAULT_FRAMES))})")
+    group.add_argument("--svd-chunk", type=int, default=8,
+                       help="--video: SVD decode_chunk_size, frames per SVD decoder call (default 8)")

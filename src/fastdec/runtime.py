@@ -1,0 +1,177 @@
+"""Running decoders fast: dtype handling, fp16 headroom checks, channels_last and torch.compile.
+
+``optimize(decoder)`` returns a wrapper whose ``__call__``, ``forward`` and
+``decode`` all run the compiled graph (pipelines call ``decode``, not
+``forward``), with the cheap input checks kept in eager so bad latents still
+get a clear error instead of a silent wrong picture.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from .models.base import LatentDecoder
+
+FP16_MAX = float(torch.finfo(torch.float16).max)  # 65504
+
+_DTYPES = {
+    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+}
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """'fp16' / 'bf16' / 'fp32' (or a torch.dtype, or None) -> torch.dtype (or None)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    key = str(dtype).lower().removeprefix("torch.")
+    if key not in _DTYPES:
+        raise ValueError(f"unknown dtype '{dtype}'; use one of fp32, fp16, bf16")
+    return _DTYPES[key]
+
+
+def activation_ranges(decoder: nn.Module, z: torch.Tensor) -> dict[str, float]:
+    """Largest |activation| of every leaf layer while decoding ``z`` in fp32.
+
+    Used to find layers that would overflow fp16 (max 65504) before they do:
+    run it on extreme latents with trained weights.
+    """
+    decoder = _unwrap(decoder)
+    ranges: dict[str, float] = {}
+
+    def record(name: str) -> Callable:
+        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            if isinstance(output, torch.Tensor) and output.is_floating_point():
+                ranges[name] = max(ranges.get(name, 0.0), float(output.detach().abs().amax()))
+
+        return hook
+
+    original_dtype = decoder.dtype
+    handles = [m.register_forward_hook(record(n)) for n, m in decoder.named_modules() if n and not list(m.children())]
+    try:
+        decoder.float()
+        with torch.no_grad():
+            decoder(z.float())
+    finally:
+        for h in handles:
+            h.remove()
+        decoder.to(original_dtype)
+    return ranges
+
+
+def fp16_headroom(decoder: nn.Module, z: torch.Tensor) -> tuple[float, str]:
+    """(65504 / largest fp32 activation, the layer that has it): > 1 means no layer overflows fp16 on ``z``."""
+    ranges = activation_ranges(decoder, z)
+    layer, peak = max(ranges.items(), key=lambda kv: kv[1])
+    return FP16_MAX / max(peak, 1e-30), layer
+
+
+def _unwrap(decoder: Any) -> Any:
+    return decoder.decoder if isinstance(decoder, OptimizedDecoder) else decoder
+
+
+class OptimizedDecoder(nn.Module):
+    """A decoder whose every call path (``__call__``, ``forward``, ``decode``) runs the compiled core.
+
+    Attributes it does not define (``latent_space``, ``upsample_factor``,
+    ``config``, ...) are read from the wrapped decoder.
+    """
+
+    def __init__(self, decoder: LatentDecoder, channels_last: bool, compile: bool, compile_kwargs: dict | None = None):
+        super().__init__()
+        self.decoder = decoder
+        self.channels_last = channels_last
+        self.compile_requested = compile
+        # Image decoders share LatentDecoder.forward: compiling decode_layers keeps check_latents in eager.
+        # Decoders that override forward (video) are compiled whole; their NaN scan is skipped inside the graph,
+        # which is why check_latents runs here first.
+        overrides_forward = type(decoder).forward is not LatentDecoder.forward
+        self._eager_core: Callable = decoder.forward if overrides_forward else self._layers_and_clamp
+        self._core: Callable = self._eager_core
+        self.compiled = False
+        self._first_call_pending = False
+        if compile:
+            try:
+                self._core = torch.compile(self._eager_core, **(compile_kwargs or {}))
+                self.compiled = True
+                self._first_call_pending = True
+            except Exception as e:  # e.g. a Python version dynamo does not support
+                self._fall_back(e)
+
+    def _layers_and_clamp(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder.decode_layers(z).clamp(0, 1)
+
+    def _fall_back(self, error: BaseException) -> None:
+        warnings.warn(
+            f"torch.compile is unavailable here ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
+            "decoding in eager mode instead (still correct, just not compiled). On CPU, inductor needs a working "
+            "C++ compiler (g++/clang); pass compile=False to silence this warning.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        self._core = self._eager_core
+        self.compiled = False
+        self._first_call_pending = False
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        z = self.decoder.check_latents(z)
+        if self.channels_last and z.ndim == 4:
+            z = z.contiguous(memory_format=torch.channels_last)
+        if self._first_call_pending:
+            # Inductor compiles lazily: a missing compiler or a lowering bug surfaces at the first call.
+            try:
+                out = self._core(z)
+            except Exception as e:
+                self._fall_back(e)
+                out = self._core(z)
+            self._first_call_pending = False
+            return out
+        return self._core(z)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self(z)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            decoder = self._modules.get("decoder")
+            if decoder is None:
+                raise
+            return getattr(decoder, name)
+
+    def extra_repr(self) -> str:
+        return f"compiled={self.compiled}, channels_last={self.channels_last}"
+
+
+def optimize(
+    decoder: LatentDecoder,
+    channels_last: bool = True,
+    compile: bool = True,
+    dtype: str | torch.dtype | None = None,
+    **compile_kwargs: Any,
+) -> OptimizedDecoder:
+    """Prepare a decoder for fast inference: eval mode, optional dtype, channels_last weights, torch.compile.
+
+    The decoder is converted in place (like ``module.to``) and wrapped; the
+    wrapper takes the same latents and returns the same RGB [0, 1]. When
+    torch.compile is unavailable or fails at the first call (no C++ compiler,
+    an inductor error), it warns and runs eagerly instead of crashing.
+    ``compile_kwargs`` go to ``torch.compile`` (e.g. ``mode="max-autotune"``).
+    """
+    if isinstance(decoder, OptimizedDecoder):
+        decoder = decoder.decoder
+    if not isinstance(decoder, LatentDecoder):
+        raise TypeError(f"optimize expects a fastdec LatentDecoder, got {type(decoder).__name__}")
+    decoder.eval().requires_grad_(False)
+    torch_dtype = parse_dtype(dtype)
+    if torch_dtype is not None:
+        decoder.to(torch_dtype)
+    if channels_last and not decoder.is_video:
+        decoder.to(memory_format=torch.channels_last)
+    return OptimizedDecoder(decoder, channels_last=channels_last and not decoder.is_video, compile=compile,
+                            compile_kwargs=compile_kwargs)

@@ -1,0 +1,68 @@
+"""fastdec bench --pipeline: whole-pipeline time with the original VAE decoder vs fast decoders."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fastdec.bench_pipeline import DecodeTimer, build_sdxl_pipeline, time_pipeline
+from fastdec.cli import main
+
+
+def test_pipeline_bench_end_to_end_json(tmp_path, capsys):
+    out = tmp_path / "pipe.json"
+    status = main(["bench", "--pipeline", "--sizes", "64", "--steps", "2", "--repeats", "1", "--warmup", "0",
+                   "--decoders", "tae-64", "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert status == 0
+    assert "illustrative" in printed and "decoder share" in printed and "fastdec.swap_decoder" in printed
+    payload = json.loads(out.read_text())
+    assert payload["kind"] == "pipeline" and payload["pipeline_config"] == "tiny" and payload["illustrative"] is True
+    assert payload["steps"] == 2 and payload["sizes"] == [64]
+    rows = {r["name"]: r for r in payload["rows"]}
+    assert list(rows) == ["SDXL VAE (original)", "tae-64"]
+    original, fast = rows["SDXL VAE (original)"], rows["tae-64"]
+    assert original["speedup"] == pytest.approx(1.0) and original["decode_speedup"] == pytest.approx(1.0)
+    for row in (original, fast):
+        assert 0 < row["decode_s"] < row["total_s"]
+        assert row["decoder_share"] == pytest.approx(row["decode_s"] / row["total_s"])
+        assert row["image_size"] == [64, 64]
+    assert fast["speedup"] == pytest.approx(original["total_s"] / fast["total_s"])
+    # the same denoising in both runs: only the decoder differs
+    assert fast["latent_digest"] == original["latent_digest"]
+    assert payload["system"]["torch"] == torch.__version__
+
+
+def test_decode_timer_sees_every_decode_and_swap_changes_the_decoder():
+    from fastdec import create_decoder, restore_decoder, swap_decoder
+    from fastdec.pipelines import FastVAE
+
+    pipe = build_sdxl_pipeline("tiny")
+    original_vae = pipe.vae
+    torch.manual_seed(0)
+    swap_decoder(pipe, create_decoder("tae-64", "sdxl").eval())
+    assert isinstance(pipe.vae, FastVAE)
+    result = time_pipeline(pipe, size=64, steps=1, seed=0, warmup=1, repeats=2, device="cpu")
+    assert len(result["decode_runs_s"]) == 2 and len(result["total_runs_s"]) == 2
+    assert result["same_latents_every_run"]
+    assert "decode" not in pipe.vae.__dict__  # the timing wrapper is removed afterwards
+    restore_decoder(pipe)
+    assert pipe.vae is original_vae
+
+    timer = DecodeTimer("cpu")
+    timer.install(pipe.vae)
+    with torch.inference_mode():
+        pipe.vae.decode(torch.zeros(1, 4, 4, 4))
+    timer.remove(pipe.vae)
+    assert len(timer.seconds) == 1 and timer.seconds[0] > 0
+
+
+def test_pipeline_bench_refuses_real_configs_on_cpu(capsys):
+    assert main(["bench", "--pipeline", "--pipeline-config", "real", "--device", "cpu"]) == 2
+    assert "needs --device cuda" in capsys.readouterr().err
+
+
+def test_pipeline_bench_unknown_decoder(capsys):
+    assert main(["bench", "--pipeline", "--decoders", "no-such-decoder"]) == 2
+    assert "unknown decoder 'no-such-decoder'" in capsys.readouterr().err

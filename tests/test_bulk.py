@@ -1,0 +1,281 @@
+"""fastdec decode-batch: sharding over processes, crash/resume, corrupt files, decoder identity."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from fastdec import create_decoder, load_decoder, save_decoder
+from fastdec.bulk import (
+    MANIFEST_NAME,
+    TEMP_SUFFIX,
+    WorkItem,
+    batches_by_shape,
+    build_work_list,
+    check_key,
+    find_latent_files,
+    shard_for_rank,
+    to_uint8,
+    write_latent_shard,
+)
+from fastdec.cli import main
+
+ACCELERATE = Path(sys.executable).parent / "accelerate"
+N_LATENTS = 200
+
+
+def _tiny_decoder(seed: int):
+    torch.manual_seed(seed)
+    return create_decoder("tae-64", "sdxl", width=8, stage_blocks=(1, 1, 1), final_blocks=1).eval()
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> dict:
+    """200 latents (4x8x8) in every supported layout, and two tiny decoders."""
+    root = tmp_path_factory.mktemp("bulk")
+    latents_dir = root / "latents"
+    latents_dir.mkdir()
+    g = torch.Generator().manual_seed(0)
+    latents: dict[str, torch.Tensor] = {}
+
+    def fresh(n: int) -> torch.Tensor:
+        return torch.randn(n, 4, 8, 8, generator=g) * 1.5
+
+    for shard in range(3):  # one tensor per key
+        z = fresh(50)
+        shard_latents = {f"img_{shard}_{i:03d}": z[i] for i in range(50)}
+        write_latent_shard(latents_dir / f"shard{shard}.safetensors", shard_latents)
+        latents.update(shard_latents)
+    stacked = fresh(25)  # stacked tensor + names in metadata
+    names = [f"stacked_{i:02d}" for i in range(25)]
+    save_file({"latents": stacked}, str(latents_dir / "stacked.safetensors"),
+              metadata={"fastdec_keys": json.dumps({"latents": names})})
+    latents.update(zip(names, stacked))
+    pt = fresh(15)  # .pt with latents + keys
+    pt_names = [f"pt_{i:02d}" for i in range(15)]
+    torch.save({"latents": pt, "keys": pt_names}, latents_dir / "more.pt")
+    latents.update(zip(pt_names, pt))
+    npy = fresh(10)  # stacked .npy: names are stem_00000...
+    np.save(latents_dir / "arr.npy", npy.numpy())
+    latents.update({f"arr_{i:05d}": npy[i] for i in range(10)})
+    assert len(latents) == N_LATENTS
+
+    decoder_a, decoder_b = _tiny_decoder(1), _tiny_decoder(2)
+    save_decoder(decoder_a, root / "a.safetensors")
+    save_decoder(decoder_b, root / "b.safetensors")
+    return {"root": root, "latents_dir": latents_dir, "latents": latents,
+            "a": root / "a.safetensors", "b": root / "b.safetensors"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(args: list[str], processes: int = 2, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`accelerate launch` on CPU processes (torchrun underneath; --multi_gpu is accelerate's multi-process mode)."""
+    cmd = [str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+           "-m", "fastdec", "decode-batch", *args, "--no-progress", "--threads", "1"]
+    full_env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1",
+                **(env or {})}
+    return subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=240)
+
+
+def _images(out: Path) -> dict[str, np.ndarray]:
+    arrays = {}
+    for path in sorted(out.glob("*.png")):
+        with Image.open(path) as image:
+            arrays[path.stem] = np.asarray(image.convert("RGB")).copy()  # a truncated file fails here
+    return arrays
+
+
+def _hidden(out: Path) -> list[str]:
+    return sorted(p.name for p in out.iterdir() if p.name.startswith("."))
+
+
+@pytest.fixture(scope="module")
+def single_process_run(workspace) -> dict[str, np.ndarray]:
+    """The reference: one plain process, in this interpreter."""
+    out = workspace["root"] / "single"
+    assert main(["decode-batch", "--latents", str(workspace["latents_dir"]), "--decoder", str(workspace["a"]),
+                 "--out", str(out), "--batch", "8", "--no-progress"]) == 0
+    return _images(out)
+
+
+def test_single_process_matches_direct_decoding(workspace, single_process_run):
+    decoder = load_decoder(workspace["a"]).eval()
+    assert sorted(single_process_run) == sorted(workspace["latents"])
+    worst = 0
+    with torch.inference_mode():
+        for key, z in list(workspace["latents"].items())[::10]:  # every 10th: one-at-a-time decoding is slow here
+            expected = to_uint8(decoder(z[None]))[0]
+            assert single_process_run[key].shape == (64, 64, 3)
+            # batched vs one-at-a-time convolutions may differ in the last float bit -> at most 1/255 after rounding
+            worst = max(worst, int(np.abs(expected.astype(int) - single_process_run[key]).max()))
+    assert worst <= 1
+
+
+def test_two_processes_decode_each_latent_once_identically(workspace, single_process_run):
+    out = workspace["root"] / "two"
+    stats = workspace["root"] / "two_stats.json"
+    result = _launch(["--latents", str(workspace["latents_dir"]), "--decoder", str(workspace["a"]), "--out", str(out),
+                      "--batch", "8", "--stats-json", str(stats)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    images = _images(out)
+    assert sorted(images) == sorted(single_process_run)  # exactly the 200 names
+    for key, expected in single_process_run.items():
+        np.testing.assert_array_equal(images[key], expected, err_msg=key)
+    report = json.loads(stats.read_text())
+    assert report["processes"] == 2 and report["decoded"] == N_LATENTS and report["failed"] == 0
+    per_rank = [r["images"] for r in report["per_process"]]
+    assert sum(per_rank) == N_LATENTS and min(per_rank) > 0
+    assert "images/s total on 2 process(es)" in result.stdout
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    assert len(manifest["images"]) == N_LATENTS
+    assert _hidden(out) == []  # no temp, per-rank manifest or progress files left
+
+
+def test_crash_then_resume_completes_exactly_once(workspace, single_process_run):
+    out = workspace["root"] / "crash"
+    args = ["--latents", str(workspace["latents_dir"]), "--decoder", str(workspace["a"]), "--out", str(out),
+            "--batch", "8"]
+    crashed = _launch(args, env={"FASTDEC_TEST_CRASH_AFTER": "30"})
+    assert crashed.returncode != 0
+    done_before = len(list(out.glob("*.png")))
+    assert 30 <= done_before < N_LATENTS
+    assert any(name.endswith(TEMP_SUFFIX) for name in _hidden(out))  # the "killed mid-write" leftover
+
+    stats = workspace["root"] / "crash_stats.json"
+    resumed = _launch([*args, "--stats-json", str(stats)])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "temp file(s) left by an interrupted run" in resumed.stderr
+    report = json.loads(stats.read_text())
+    assert report["skipped"] == done_before and report["decoded"] == N_LATENTS - done_before
+    images = _images(out)  # every file opens and decodes fully
+    assert sorted(images) == sorted(single_process_run)
+    for key, expected in single_process_run.items():
+        np.testing.assert_array_equal(images[key], expected, err_msg=key)
+    assert _hidden(out) == []
+    assert len(json.loads((out / MANIFEST_NAME).read_text())["images"]) == N_LATENTS
+
+
+def test_corrupt_files_are_reported_skipped_and_fail_the_run(workspace, tmp_path, capsys):
+    latents = tmp_path / "latents"
+    latents.mkdir()
+    g = torch.Generator().manual_seed(3)
+    write_latent_shard(latents / "good.safetensors", {f"g{i}": torch.randn(4, 8, 8, generator=g) for i in range(6)})
+    (latents / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    good = latents / "good.safetensors"
+    (latents / "truncated.safetensors").write_bytes(good.read_bytes()[:-100])
+    np.save(latents / "wrong_channels.npy", np.zeros((16, 8, 8), np.float32))
+    nan = torch.randn(4, 8, 8)
+    nan[0, 0, 0] = float("nan")
+    write_latent_shard(latents / "nan.safetensors", {"has_nan": nan, "fine": torch.randn(4, 8, 8)})
+    out = tmp_path / "out"
+    status = main(["decode-batch", "--latents", str(latents), "--decoder", str(workspace["a"]), "--out", str(out),
+                   "--no-progress"])
+    err = capsys.readouterr().err
+    assert status == 1
+    assert sorted(p.stem for p in out.glob("*.png")) == sorted([f"g{i}" for i in range(6)] + ["fine"])
+    for name in ("broken.safetensors", "truncated.safetensors", "wrong_channels.npy", "has_nan"):
+        assert name in err, name
+    assert "expects 4 latent channels" in err and "NaN" in err
+    assert "4 latent(s) or file(s) FAILED" in err
+
+
+def test_other_decoder_or_settings_refused_unless_overwrite(workspace, tmp_path, capsys):
+    latents = tmp_path / "latents"
+    g = torch.Generator().manual_seed(4)
+    zs = {f"k{i}": torch.randn(4, 8, 8, generator=g) for i in range(5)}
+    write_latent_shard(latents / "s.safetensors", zs)
+    out = tmp_path / "out"
+    base = ["decode-batch", "--latents", str(latents), "--out", str(out), "--no-progress"]
+    assert main([*base, "--decoder", str(workspace["a"])]) == 0
+    capsys.readouterr()
+
+    assert main([*base, "--decoder", str(workspace["b"])]) == 2
+    err = capsys.readouterr().err
+    assert "another decoder or settings" in err and "decoder weights" in err and "--overwrite" in err
+    assert main([*base, "--decoder", str(workspace["a"]), "--vae-space"]) == 2
+    assert "vae_space: False -> True" in capsys.readouterr().err
+
+    assert main([*base, "--decoder", str(workspace["a"])]) == 0  # same decoder: resumes, nothing to do
+    assert "5 already done" in capsys.readouterr().err
+
+    assert main([*base, "--decoder", str(workspace["b"]), "--overwrite"]) == 0
+    decoder_b = load_decoder(workspace["b"]).eval()
+    with torch.inference_mode():
+        expected = to_uint8(decoder_b(torch.stack([zs[k] for k in sorted(zs)])))
+    images = _images(out)
+    for key, array in zip(sorted(zs), expected):
+        assert np.abs(images[key].astype(int) - array).max() <= 1
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    assert manifest["decoder"]["source"] == str(workspace["b"]) and len(manifest["images"]) == 5
+
+
+def test_vae_space_latents_are_converted(workspace, tmp_path):
+    decoder = load_decoder(workspace["a"]).eval()
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn(3, 4, 8, 8, generator=g)
+    raw = decoder.latent_space.decoder_to_vae(z)
+    write_latent_shard(tmp_path / "raw.safetensors", {f"r{i}": raw[i] for i in range(3)})
+    out = tmp_path / "out"
+    assert main(["decode-batch", "--latents", str(tmp_path / "raw.safetensors"), "--decoder", str(workspace["a"]),
+                 "--out", str(out), "--vae-space", "--no-progress"]) == 0
+    with torch.inference_mode():
+        expected = to_uint8(decoder(z)).astype(int)
+        unconverted = to_uint8(decoder(raw)).astype(int)
+    images = _images(out)
+    for i in range(3):
+        assert np.abs(images[f"r{i}"] - expected[i]).max() <= 1
+        assert np.abs(images[f"r{i}"] - unconverted[i]).mean() > 1  # the conversion did something
+
+
+def test_lossy_formats_write_openable_images(workspace, tmp_path):
+    write_latent_shard(tmp_path / "s.safetensors", {"q": torch.randn(4, 8, 8)})
+    for image_format, suffix in (("webp", ".webp"), ("jpeg", ".jpg")):
+        out = tmp_path / image_format
+        assert main(["decode-batch", "--latents", str(tmp_path / "s.safetensors"), "--decoder", str(workspace["a"]),
+                     "--out", str(out), "--format", image_format, "--quality", "90", "--no-progress"]) == 0
+        with Image.open(out / f"q{suffix}") as image:
+            assert image.format == image_format.upper() and image.size == (64, 64)
+
+
+@pytest.mark.parametrize("n,world", [(0, 3), (7, 3), (200, 2), (5, 8), (101, 4)])
+def test_shards_are_disjoint_and_complete(n, world):
+    items = list(range(n))
+    shards = [shard_for_rank(items, r, world) for r in range(world)]
+    assert sorted(x for s in shards for x in s) == items
+    assert max(map(len, shards)) - min(map(len, shards)) <= 1
+
+
+def test_batches_group_equal_shapes():
+    items = [WorkItem("f", f"t{i}", -1, f"k{i}", (4, 8, 8) if i % 3 else (4, 16, 8)) for i in range(10)]
+    batches = batches_by_shape(items, 3)
+    assert all(len({it.shape for it in b}) == 1 and len(b) <= 3 for b in batches)
+    assert sorted(it.key for b in batches for it in b) == sorted(it.key for it in items)
+
+
+def test_work_list_names_duplicates_and_bad_keys(tmp_path):
+    write_latent_shard(tmp_path / "a.safetensors", {"x": torch.zeros(4, 8, 8), "y": torch.zeros(4, 8, 8)})
+    write_latent_shard(tmp_path / "b.safetensors", {"x": torch.zeros(4, 8, 8)})
+    items, failures = build_work_list(find_latent_files(str(tmp_path / "*.safetensors")))
+    assert [i.key for i in items] == ["x", "y"]
+    assert len(failures) == 1 and "duplicate" in failures[0].reason and failures[0].file.endswith("b.safetensors")
+    with pytest.raises(ValueError, match="cannot be an image file name"):
+        check_key("../escape")
+    with pytest.raises(ValueError, match=r"\(C, h, w\)"):
+        write_latent_shard(tmp_path / "c.safetensors", {"batch": torch.zeros(2, 4, 8, 8)})
+    with pytest.raises(FileNotFoundError, match="no latent files"):
+        find_latent_files(str(tmp_path / "nothing*.npy"))

@@ -1,0 +1,160 @@
+"""Image/video folders, crops and the latent cache."""
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from _train_helpers import make_images, tiny_encoder_file
+
+from fastdec.cache import CachedCrops, LatentCache, build_cache
+from fastdec.data import Crop, DataError, ImageFolder
+from fastdec.teachers import load_teacher
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models on a shared 2-core machine: one thread avoids OpenMP barrier stalls under load."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+
+def test_corrupt_image_is_skipped_with_one_warning(tmp_path):
+    folder = make_images(tmp_path / "data", 3)
+    (folder / "sub").mkdir()
+    make_images(folder / "sub", 1, seed=1, suffix=".jpg")  # recursive, and JPEG
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    (folder / "notes.txt").write_text("not an image")
+    with pytest.warns(UserWarning, match="broken.png") as record:
+        data = ImageFolder(folder, resolution=32)
+    assert len([w for w in record if "broken.png" in str(w.message)]) == 1
+    assert len(data) == 4 and [p.name for p in data.skipped] == ["broken.png"]
+
+
+def test_empty_and_all_bad_folders_are_clear_errors(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="empty.*no image files"):
+        ImageFolder(tmp_path / "empty", resolution=32)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "a.jpg").write_bytes(b"nope")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(DataError, match="bad.*1 image files, none readable"):
+            ImageFolder(bad, resolution=32)
+    with pytest.raises(DataError, match="does not exist"):
+        ImageFolder(tmp_path / "missing", resolution=32)
+    with pytest.raises(DataError, match="multiple of"):
+        ImageFolder(make_images(tmp_path / "ok", 1), resolution=36)
+
+
+def test_crops_are_deterministic_and_load_the_right_pixels(tmp_path):
+    from PIL import Image
+
+    folder = make_images(tmp_path / "data", 2, size=(40, 56))
+    data = ImageFolder(folder, resolution=32)
+    crops = data.random_crops(per_file=5, seed=3)
+    assert crops == data.random_crops(per_file=5, seed=3) and crops != data.random_crops(per_file=5, seed=4)
+    assert {c.flip for c in crops} == {True, False}
+    for crop in crops:
+        pixels = data.load(crop)
+        reference = np.asarray(Image.open(data.files[crop.file]).convert("RGB"))[
+            crop.top:crop.top + 32, crop.left:crop.left + 32]
+        if crop.flip:
+            reference = reference[:, ::-1]
+        assert pixels.shape == (3, 32, 32)
+        torch.testing.assert_close(pixels, torch.from_numpy(reference.copy()).permute(2, 0, 1).float() / 255)
+    # images smaller than the crop are upscaled (shorter side = resolution), not dropped
+    small = ImageFolder(make_images(tmp_path / "small", 1, size=(20, 30)), resolution=32)
+    assert small.sizes == [(48, 32)] and small.load(small.center_crops()[0]).shape == (3, 32, 32)
+
+
+def _teacher(tmp_path):
+    return load_teacher(tiny_encoder_file(tmp_path / "weights" / "taesdxl_encoder.pth"))
+
+
+def test_cache_is_aligned_and_reused(tmp_path):
+    teacher = _teacher(tmp_path)
+    data = ImageFolder(make_images(tmp_path / "data", 5), resolution=32)
+    cache = build_cache(data, teacher, tmp_path / "cache", per_file=3, seed=0, batch_size=4, shard_size=4,
+                        progress=False)
+    assert len(cache) == 15 and len(list(cache.folder.glob("shard_*.safetensors"))) == 4
+    pairs = CachedCrops(cache, data)
+    for j in range(len(cache)):
+        pixels, latent, index = pairs[j]
+        assert index == j and latent.shape == (4, 4, 4)
+        # the stored latent is the teacher's encoding of exactly these pixels (fp16 storage)
+        torch.testing.assert_close(latent, teacher.encode(pixels[None])[0], rtol=2e-3, atol=2e-3)
+
+    calls = []
+    original = teacher.encode
+    teacher.encode = lambda x: calls.append(len(x)) or original(x)
+    again = build_cache(data, teacher, tmp_path / "cache", per_file=3, seed=0, progress=False)
+    assert again.folder == cache.folder and calls == []  # reused: nothing encoded
+    other = build_cache(data, teacher, tmp_path / "cache", per_file=3, seed=1, progress=False)
+    assert other.folder != cache.folder and sum(calls) == 15  # different crops -> a new cache
+
+
+def test_interrupted_cache_build_resumes(tmp_path):
+    teacher = _teacher(tmp_path)
+    data = ImageFolder(make_images(tmp_path / "data", 6), resolution=32)
+    reference = build_cache(data, teacher, tmp_path / "clean", per_file=2, shard_size=4, progress=False)
+
+    original, calls = teacher.encode, []
+
+    def failing_encode(x):
+        calls.append(len(x))
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # the user pressed Ctrl-C during the third batch
+        return original(x)
+
+    teacher.encode = failing_encode
+    with pytest.raises(KeyboardInterrupt):
+        build_cache(data, teacher, tmp_path / "cache", per_file=2, batch_size=2, shard_size=4, progress=False)
+    folder = next((tmp_path / "cache").iterdir())
+    index = json.loads((folder / "index.json").read_text())
+    assert not index["complete"] and index["next"] == 4 and len(index["shards"]) == 1
+    with pytest.raises(DataError, match="incomplete"):
+        LatentCache(folder)
+    teacher.encode, calls[:] = (lambda x: calls.append(len(x)) or original(x)), []
+    resumed = build_cache(data, teacher, tmp_path / "cache", per_file=2, batch_size=2, shard_size=4, progress=False)
+    assert sum(calls) == 8  # only the 8 crops not yet stored
+    assert resumed.crops == reference.crops
+    for j in range(len(resumed)):
+        torch.testing.assert_close(resumed.latent(j), reference.latent(j))
+
+
+def test_undecodable_file_is_skipped_once_during_caching(tmp_path):
+    folder = make_images(tmp_path / "data", 4)
+    data = ImageFolder(folder, resolution=32)
+    # the file passed the scan but cannot be decoded when its crops are encoded (replaced, truncated on disk)
+    good = (folder / "img_003.png").read_bytes()
+    (folder / "img_003.png").write_bytes(good[: len(good) // 2])
+    with pytest.warns(UserWarning, match="img_003.png") as record:
+        cache = build_cache(data, _teacher(tmp_path), tmp_path / "cache", per_file=3, progress=False)
+    assert len([w for w in record if "img_003" in str(w.message)]) == 1  # one warning, not one per crop
+    assert len(cache) == 9 and cache.index["skipped_files"] == [3]
+    assert all(c.file != 3 for c in cache.crops)
+
+
+def test_crop_round_trips_through_json():
+    crop = Crop(3, 10, 20, 64, True, 5)
+    assert Crop.from_list(json.loads(json.dumps(crop.to_list()))) == crop
+
+
+def test_frame_folder_clips(tmp_path):
+    pytest.importorskip("fastdec.video", reason="fastdec.video (helper 'video') is not built yet")
+    from fastdec.data import VideoFolder
+
+    make_images(tmp_path / "videos" / "clip_a", 6, size=(40, 48))
+    data = VideoFolder(tmp_path / "videos", resolution=32, frames=4)
+    assert len(data) == 1
+    crops = data.random_crops(per_file=2, seed=0)
+    assert all(0 <= c.start <= 2 for c in crops)
+    clip = data.load(crops[0])
+    assert clip.shape == (4, 3, 32, 32) and 0 <= clip.min() and clip.max() <= 1

@@ -1,0 +1,340 @@
+"""fastdec.metrics against reference implementations (scikit-image, numpy/scipy two-pass statistics)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy import linalg, stats
+from skimage import data, filters
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+from fastdec import metrics as M
+
+
+def _photos():
+    return {"astronaut": data.astronaut(), "coffee": data.coffee(), "chelsea": data.chelsea()}
+
+
+def _perturbed(image: np.ndarray, seed: int) -> list[tuple[str, np.ndarray]]:
+    """Real photo in [0, 1] and perturbed versions: Gaussian noise, blur, both."""
+    rng = np.random.default_rng(seed)
+    noisy = np.clip(image + rng.normal(0, 0.04, image.shape), 0, 1)
+    blurred = filters.gaussian(image, sigma=1.5, channel_axis=2)
+    both = np.clip(filters.gaussian(image, sigma=0.8, channel_axis=2) + rng.normal(0, 0.02, image.shape), 0, 1)
+    return [("noise", noisy), ("blur", blurred), ("blur+noise", both)]
+
+
+def _t(image: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(image).permute(2, 0, 1)[None].float()
+
+
+@pytest.mark.parametrize("name", ["astronaut", "coffee", "chelsea"])
+def test_psnr_and_ssim_match_scikit_image(name):
+    photo = _photos()[name].astype(np.float64) / 255
+    for kind, pert in _perturbed(photo, seed=len(name)):
+        pert = pert.astype(np.float32).astype(np.float64)  # what the float32 tensor holds
+        ref_psnr = peak_signal_noise_ratio(photo, pert, data_range=1)
+        ref_ssim = structural_similarity(photo, pert, channel_axis=2, gaussian_weights=True, sigma=1.5,
+                                         use_sample_covariance=False, data_range=1)
+        got_psnr = float(M.psnr(_t(pert), _t(photo))[0])
+        got_ssim = float(M.ssim(_t(pert), _t(photo))[0])
+        assert got_psnr == pytest.approx(ref_psnr, abs=1e-3), (name, kind)
+        assert got_ssim == pytest.approx(ref_ssim, abs=1e-3), (name, kind)
+
+
+def test_metrics_are_per_image_and_ordered():
+    photo = data.astronaut()[:256, :256].astype(np.float64) / 255
+    (_, noisy), (_, blurred), _ = _perturbed(photo, seed=0)
+    target = torch.cat([_t(photo), _t(photo)])
+    pred = torch.cat([_t(noisy), _t(blurred)])
+    assert M.psnr(pred, target).shape == (2,)
+    assert M.ssim(pred, target).shape == (2,)
+    ms = M.ms_ssim(pred, target)
+    assert ms.shape == (2,) and ((ms > 0) & (ms < 1)).all()
+    assert float(M.ms_ssim(target, target)[0]) == pytest.approx(1.0, abs=1e-5)
+    assert torch.isinf(M.psnr(target, target)).all()
+
+
+def test_ms_ssim_rejects_small_images_with_the_fix():
+    x = torch.rand(1, 3, 128, 256)
+    with pytest.raises(M.MetricUnavailable, match=r"at least 176 px.*--resolution"):
+        M.ms_ssim(x, x)
+    assert M.ms_ssim_min_size() == 176
+    with pytest.raises(M.MetricUnavailable):
+        M.ms_ssim(torch.rand(1, 3, 200, 175), torch.rand(1, 3, 200, 175))
+    y = torch.rand(1, 3, 176, 180)
+    assert float(M.ms_ssim(y, y)[0]) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_shape_mismatch_names_the_fix():
+    with pytest.raises(ValueError, match="crop both"):
+        M.psnr(torch.rand(1, 3, 16, 16), torch.rand(1, 3, 16, 24))
+
+
+def test_mean_ci_is_the_student_t_interval():
+    values = np.random.default_rng(1).normal(30, 2, size=37)
+    ci = M.mean_ci(values)
+    low, high = stats.t.interval(0.95, len(values) - 1, loc=values.mean(), scale=stats.sem(values))
+    assert ci.mean == pytest.approx(values.mean())
+    assert (ci.low, ci.high) == pytest.approx((low, high), rel=1e-12)
+    assert ci.n == 37
+    with pytest.raises(ValueError, match="non-finite"):
+        M.mean_ci([1.0, float("inf")])
+
+
+def test_lpips_without_weights_says_how_to_get_them(tmp_path):
+    with pytest.raises(M.MetricUnavailable, match="--lpips-weights"):
+        M.LPIPS(tmp_path / "missing.pth")
+
+
+def _alexnet_features() -> torch.nn.Sequential:
+    """torchvision's AlexNet ``features`` layout (indices matter: the checkpoint keys use them)."""
+    nn = torch.nn
+    return nn.Sequential(
+        nn.Conv2d(3, 64, 11, 4, 2), nn.ReLU(), nn.MaxPool2d(3, 2), nn.Conv2d(64, 192, 5, padding=2), nn.ReLU(),
+        nn.MaxPool2d(3, 2), nn.Conv2d(192, 384, 3, padding=1), nn.ReLU(), nn.Conv2d(384, 256, 3, padding=1),
+        nn.ReLU(), nn.Conv2d(256, 256, 3, padding=1), nn.ReLU(), nn.MaxPool2d(3, 2),
+    )
+
+
+def test_lpips_loads_a_local_backbone(tmp_path, monkeypatch):
+    """torchvision is not installed here: a stand-in builds the same AlexNet layout, and the local
+    state dict (random weights) must land in torchmetrics' LPIPS slices."""
+    import sys
+    import types
+
+    import torchmetrics.functional.image.lpips as tm_lpips
+
+    monkeypatch.setitem(sys.modules, "torchvision", types.ModuleType("torchvision"))
+    monkeypatch.setattr(tm_lpips, "_get_tv_model_features", lambda net, pretrained=False: _alexnet_features())
+    torch.manual_seed(0)
+    state = {f"features.{k}": v for k, v in _alexnet_features().state_dict().items()}
+    state["classifier.1.weight"] = torch.zeros(2, 2)  # a full torchvision checkpoint has more than features
+    torch.save(state, tmp_path / "alexnet.pth")
+    lpips = M.LPIPS(tmp_path / "alexnet.pth")
+    loaded = lpips.model.state_dict()
+    torch.testing.assert_close(loaded["net.slice1.0.weight"], state["features.0.weight"])
+    torch.testing.assert_close(loaded["net.slice5.10.weight"], state["features.10.weight"])
+    x = torch.rand(2, 3, 64, 64)
+    gen = torch.Generator().manual_seed(0)
+    small = (x + 0.02 * torch.randn(x.shape, generator=gen)).clamp(0, 1)
+    large = (x + 0.2 * torch.randn(x.shape, generator=gen)).clamp(0, 1)
+    assert lpips(x, x).abs().max() < 1e-6
+    d_small, d_large = lpips(small, x), lpips(large, x)
+    assert d_small.shape == (2,) and (d_large > d_small).all() and (d_small > 0).all()
+    torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "other.pth")
+    with pytest.raises(M.MetricUnavailable, match="not a torchvision alex state dict"):
+        M.LPIPS(tmp_path / "other.pth")
+
+
+# ----------------------------------------------------------------------------- Fréchet statistics
+def _two_pass(x: np.ndarray, y: np.ndarray) -> float:
+    mu1, mu2 = x.mean(0), y.mean(0)
+    s1, s2 = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
+    covmean = linalg.sqrtm(s1 @ s2).real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+
+
+def _features(seed: int, n: int, dim: int = 24, shift: float = 0.0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    mixing = rng.normal(size=(dim, dim)) / np.sqrt(dim)
+    # a large common offset: an uncentred E[xx^T] (or a naive one-pass sum) would go badly wrong here
+    return rng.normal(size=(n, dim)) @ mixing + 50.0 + shift
+
+
+def _stream(x: np.ndarray, batch_sizes=(1, 7, 64, 3)) -> M.FrechetStats:
+    stats_, i, k = M.FrechetStats(), 0, 0
+    while i < len(x):
+        b = batch_sizes[k % len(batch_sizes)]
+        stats_.update(torch.from_numpy(x[i:i + b]))
+        i, k = i + b, k + 1
+    return stats_
+
+
+def test_streamed_frechet_equals_two_pass():
+    x, y = _features(0, 500), _features(1, 400, shift=0.3)
+    sx, sy = _stream(x), _stream(y)
+    assert sx.count == 500
+    np.testing.assert_allclose(sx.mean, x.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(sx.covariance, np.cov(x, rowvar=False), rtol=1e-9, atol=1e-12)
+    expected = _two_pass(x, y)
+    assert expected > 1.0
+    assert sx.frechet_distance(sy) == pytest.approx(expected, rel=1e-6)
+
+
+def test_merging_shards_equals_the_union():
+    x = _features(2, 301)
+    y = _features(3, 250, shift=0.5)
+    a, b = _stream(x[:120]), _stream(x[120:], batch_sizes=(50,))
+    merged = a.merge(b)
+    whole = _stream(x, batch_sizes=(301,))
+    assert merged.count == 301
+    np.testing.assert_allclose(merged.mean, whole.mean, rtol=1e-12)
+    np.testing.assert_allclose(merged.m2, whole.m2, rtol=1e-9)
+    assert merged.frechet_distance(_stream(y)) == pytest.approx(_two_pass(x, y), rel=1e-6)
+    # merging an empty shard changes nothing; merging into an empty one copies
+    assert M.FrechetStats().merge(merged).count == 301
+    assert merged.merge(M.FrechetStats()).count == 301
+
+
+def test_identical_sets_give_zero_and_singular_covariances_are_handled():
+    x = _features(4, 200)
+    assert abs(_stream(x).frechet_distance(_stream(x[::-1].copy()))) < 1e-6
+    few = _features(5, 10, dim=24)  # 10 samples in 24 dimensions: singular covariances
+    other = _features(6, 12, dim=24, shift=1.0)
+    value = _stream(few).frechet_distance(_stream(other))
+    assert np.isfinite(value) and value > 0
+
+
+def test_stats_save_load_and_gather(tmp_path):
+    from accelerate import Accelerator
+
+    x = _features(7, 64)
+    s = _stream(x)
+    back = M.FrechetStats.load(s.save(tmp_path / "stats.npz"))
+    np.testing.assert_array_equal(back.m2, s.m2)
+    assert back.count == 64
+    gathered = s.gather(Accelerator(cpu=True))  # one process: the gather is the identity
+    np.testing.assert_allclose(gathered.mean, s.mean)
+    with pytest.raises(ValueError, match="dimension"):
+        s.update(np.zeros((2, 5)))
+    with pytest.raises(ValueError, match="NaN"):
+        M.FrechetStats().update(np.full((2, 3), np.nan))
+
+
+# ----------------------------------------------------------------------------- flicker
+def _clip(frames: int = 8, size: int = 32) -> torch.Tensor:
+    """A smooth moving gradient kept inside [0.25, 0.75] so added noise never clips."""
+    y, x = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
+    clip = torch.stack([0.5 + 0.25 * torch.sin(6 * x + 0.3 * t + c) * torch.cos(4 * y)
+                        for t in range(frames) for c in range(3)]).view(frames, 3, size, size)
+    return clip.double()
+
+
+def test_flicker_zero_for_perfect_reconstruction_and_grows_with_noise():
+    clip = _clip()
+    assert M.flicker_score(clip, clip) == 0.0
+    gen = torch.Generator().manual_seed(0)
+    previous = 0.0
+    for sigma in (0.005, 0.02, 0.05):
+        noisy = clip + sigma * torch.randn(clip.shape, generator=gen, dtype=torch.float64)
+        value = M.flicker_score(noisy, clip)
+        assert value > previous
+        previous = value
+
+
+def test_temporally_smooth_error_flickers_less_at_equal_psnr():
+    clip = _clip()
+    gen = torch.Generator().manual_seed(1)
+    pattern = 0.02 * torch.randn(clip.shape[1:], generator=gen, dtype=torch.float64)
+    independent = 0.02 * torch.randn(clip.shape, generator=gen, dtype=torch.float64)
+    # rescale each frame's noise to the same energy as the fixed pattern: identical per-frame PSNR
+    independent *= pattern.norm() / independent.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    smooth, flickering = clip + pattern, clip + independent
+    assert torch.allclose(M.psnr(smooth, clip).double(), M.psnr(flickering, clip).double(), atol=1e-4)
+    assert M.flicker_score(smooth, clip) == pytest.approx(0.0, abs=1e-12)
+    assert M.flicker_score(flickering, clip) > 0.01
+
+
+# ----------------------------------------------------------------------------- feature extractors
+class TinyRandomExtractor:
+    """Stands in for VideoMAE: a fixed random 3D conv + pooling."""
+
+    name = "tiny"
+    num_frames = 4
+
+    def __init__(self):
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Conv3d(3, 16, 3, padding=1), torch.nn.ReLU(),
+                                       torch.nn.AdaptiveAvgPool3d(1), torch.nn.Flatten())
+
+    @torch.no_grad()
+    def __call__(self, clips: torch.Tensor) -> torch.Tensor:
+        return self.net(clips.permute(0, 2, 1, 3, 4).float())
+
+
+def test_fvd_with_a_tiny_extractor():
+    extractor = TinyRandomExtractor()
+    assert isinstance(extractor, M.FeatureExtractor)
+    gen = torch.Generator().manual_seed(0)
+    real = torch.rand(40, 4, 3, 16, 16, generator=gen)
+    degraded = (real + 0.3 * torch.randn(real.shape, generator=gen)).clamp(0, 1)
+    s_real = M.FrechetStats().update(extractor(real))
+    assert abs(s_real.frechet_distance(M.FrechetStats().update(extractor(real)))) < 1e-6
+    assert s_real.frechet_distance(M.FrechetStats().update(extractor(degraded))) > 1e-4
+
+
+def _tiny_videomae(folder):
+    from transformers import VideoMAEConfig, VideoMAEModel
+
+    config = VideoMAEConfig(image_size=32, patch_size=16, num_frames=4, tubelet_size=2, hidden_size=32,
+                            num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    torch.manual_seed(0)
+    VideoMAEModel(config).save_pretrained(folder)
+    return folder
+
+
+def test_videomae_extractor_from_a_local_folder(tmp_path):
+    extractor = M.VideoMAEExtractor(_tiny_videomae(tmp_path / "videomae"))
+    assert isinstance(extractor, M.FeatureExtractor) and extractor.num_frames == 4
+    feats = extractor(torch.rand(3, 4, 3, 40, 48))
+    assert feats.shape == (3, 32) and torch.isfinite(feats).all()
+    with pytest.raises(ValueError, match="4-frame clips"):
+        extractor(torch.rand(1, 8, 3, 32, 32))
+    assert isinstance(M.load_feature_extractor(f"videomae:{tmp_path / 'videomae'}"), M.VideoMAEExtractor)
+
+
+def test_videomae_loader_errors_name_the_problem(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found.*config.json"):
+        M.VideoMAEExtractor(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="not a VideoMAE checkpoint folder"):
+        M.VideoMAEExtractor(tmp_path / "empty")
+    weights = tmp_path / "weights.pth"
+    weights.write_bytes(b"not a folder")
+    with pytest.raises(ValueError, match="not a VideoMAE checkpoint folder"):
+        M.VideoMAEExtractor(weights)
+    wrong = tmp_path / "wrong"
+    wrong.mkdir()
+    (wrong / "config.json").write_text('{"model_type": "vit"}')
+    with pytest.raises(ValueError, match="model_type='vit'"):
+        M.VideoMAEExtractor(wrong)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((_tiny_videomae(tmp_path / "ok") / "config.json").read_text())
+    with pytest.raises((ValueError, OSError), match="broken"):
+        M.VideoMAEExtractor(broken)  # config without weights
+    with pytest.raises(ValueError, match="unknown feature extractor"):
+        M.load_feature_extractor("clip:/x")
+
+
+class _ScriptedInception(torch.nn.Module):
+    def forward(self, x: torch.Tensor, return_features: bool = True) -> torch.Tensor:
+        return x.float().mean(dim=(2, 3)).repeat(1, 4)
+
+
+class _ScriptedI3D(torch.nn.Module):
+    def forward(self, x: torch.Tensor, rescale: bool = False, resize: bool = False,
+                return_features: bool = False) -> torch.Tensor:
+        if rescale:
+            x = x / 255 * 2 - 1
+        return x.mean(dim=(2, 3, 4)).repeat(1, 2)
+
+
+def test_torchscript_extractors(tmp_path):
+    torch.jit.script(_ScriptedInception()).save(str(tmp_path / "inception.pt"))
+    torch.jit.script(_ScriptedI3D()).save(str(tmp_path / "i3d.pt"))
+    clips = torch.rand(2, 10, 3, 8, 8)
+    inception = M.load_feature_extractor(f"inception:{tmp_path / 'inception.pt'}")
+    assert inception(clips).shape == (2, 12)
+    i3d = M.load_feature_extractor(f"i3d:{tmp_path / 'i3d.pt'}")
+    feats = i3d(clips)
+    assert feats.shape == (2, 6)
+    torch.testing.assert_close(feats[:, :3], clips.mean(dim=(1, 3, 4)) * 2 - 1, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="at least 9 frames"):
+        i3d(torch.rand(1, 8, 3, 8, 8))
+    with pytest.raises(FileNotFoundError, match="i3d TorchScript file"):
+        M.TorchScriptExtractor(tmp_path / "missing.pt")
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="not a TorchScript module"):
+        M.TorchScriptExtractor(tmp_path / "junk.pt")

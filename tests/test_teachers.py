@@ -1,0 +1,111 @@
+"""Teachers: TAESD-family encoders (real TAEF2 weights) and diffusers VAEs (tiny random configs)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fastdec.metrics import psnr
+from fastdec.teachers import DiffusersTeacher, TAETeacher, TeacherError, load_teacher, space_for_vae
+
+TINY_KL = dict(block_out_channels=(8, 8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 4,
+               up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, norm_num_groups=4)
+
+
+def test_taef2_teacher_gives_flux2_latents_and_decodes(taef2_encoder_path, taef2_decoder_path, astronaut):
+    teacher = load_teacher(taef2_encoder_path, decoder=taef2_decoder_path)
+    assert isinstance(teacher, TAETeacher)
+    assert teacher.latent_space.name == "flux2" and teacher.spatial_factor == 8 and teacher.has_decoder
+    image = astronaut[..., 128:384, 128:384]
+    z = teacher.encode(image)
+    assert z.shape == (1, 32, 32, 32) and z.dtype == torch.float32
+    quality = float(psnr(teacher.decode(z), image))
+    print(f"TAEF2 teacher round trip on a 256 px astronaut crop: {quality:.2f} dB")
+    assert quality > 27
+
+
+def test_teacher_without_decoder_says_how_to_add_one(taef2_encoder_path):
+    teacher = load_teacher(taef2_encoder_path)
+    assert not teacher.has_decoder
+    with pytest.raises(TeacherError, match="teacher-decoder"):
+        teacher.decode(torch.zeros(1, 32, 4, 4))
+    with pytest.raises(ValueError, match="multiple of"):
+        teacher.encode(torch.rand(1, 3, 30, 30))
+
+
+def _save_pipeline_vae(vae, root):
+    vae.save_pretrained(root / "vae")
+    (root / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
+    return root
+
+
+def test_autoencoderkl_pipeline_folder_teacher_matches_diffusers(tmp_path):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(**TINY_KL, latent_channels=4, scaling_factor=0.13025).eval()
+    teacher = load_teacher(_save_pipeline_vae(vae, tmp_path / "pipe"))  # a pipeline folder: its vae/ is used
+    assert isinstance(teacher, DiffusersTeacher)
+    assert teacher.latent_space.name == "sdxl" and teacher.latent_space.scaling_factor == pytest.approx(0.13025)
+    images = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        raw = vae.encode(images * 2 - 1).latent_dist.mode()
+        reference_rgb = (vae.decode(raw).sample + 1) / 2
+    z = teacher.encode(images)
+    torch.testing.assert_close(z, raw * 0.13025, rtol=1e-5, atol=1e-5)  # decoder space = scaled
+    torch.testing.assert_close(teacher.decode(z), reference_rgb.clamp(0, 1), rtol=1e-4, atol=1e-4)
+
+
+def test_vae_classes_map_to_their_latent_spaces(tmp_path):
+    from diffusers import AutoencoderDC, AutoencoderKLFlux2, AutoencoderKLTemporalDecoder
+
+    torch.manual_seed(0)
+    flux2 = AutoencoderKLFlux2(**TINY_KL, latent_channels=32)
+    flux2.save_pretrained(tmp_path / "flux2")
+    teacher = load_teacher(tmp_path / "flux2")
+    assert teacher.latent_space.name == "flux2"
+    images = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        raw = flux2.eval().encode(images * 2 - 1).latent_dist.mode()
+    torch.testing.assert_close(teacher.encode(images), raw)  # FLUX.2 decoders take raw latents
+
+    svd = AutoencoderKLTemporalDecoder(block_out_channels=(32,) * 4, down_block_types=("DownEncoderBlock2D",) * 4,
+                                       layers_per_block=1, latent_channels=4)
+    svd.save_pretrained(tmp_path / "svd")
+    teacher = load_teacher(tmp_path / "svd")
+    assert teacher.latent_space.name == "svd"
+    frames = teacher.decode(teacher.encode(torch.rand(3, 3, 32, 32)))
+    assert frames.shape == (3, 3, 32, 32) and 0 <= frames.min() and frames.max() <= 1
+
+    dc = AutoencoderDC(latent_channels=32, attention_head_dim=8, encoder_block_out_channels=(8, 8, 16, 16, 32, 64),
+                       decoder_block_out_channels=(8, 8, 16, 16, 32, 64), encoder_layers_per_block=(1,) * 6,
+                       decoder_layers_per_block=(1,) * 6, scaling_factor=0.41407)
+    dc.save_pretrained(tmp_path / "dc")
+    teacher = load_teacher(tmp_path / "dc")
+    assert teacher.latent_space.name == "sana" and teacher.spatial_factor == 32
+    with torch.no_grad():
+        raw = dc.eval().encode(torch.ones(1, 3, 64, 64) * 2 - 1).latent
+    torch.testing.assert_close(teacher.encode(torch.ones(1, 3, 64, 64)), raw * 0.41407, rtol=1e-5, atol=1e-5)
+
+
+def test_space_detection_uses_config_values():
+    space = space_for_vae("AutoencoderKL", {"latent_channels": 16, "scaling_factor": 0.3611, "shift_factor": 0.1159})
+    assert space.name == "flux1"
+    space = space_for_vae("AutoencoderKL", {"latent_channels": 16, "scaling_factor": 1.5305, "shift_factor": 0.0609})
+    assert space.name == "sd3"
+    # an SDXL-derived VAE with per-channel statistics keeps them
+    space = space_for_vae("AutoencoderKL", {"latent_channels": 4, "scaling_factor": 0.5,
+                                            "latents_mean": [0.1] * 4, "latents_std": [2.0] * 4})
+    assert space.latents_mean == (0.1,) * 4
+    with pytest.raises(TeacherError, match="latent-space"):
+        space_for_vae("AutoencoderKL", {"latent_channels": 7})
+
+
+def test_bad_teacher_sources_are_named(tmp_path):
+    with pytest.raises(TeacherError, match="neither a diffusers VAE"):
+        load_teacher(tmp_path / "missing_encoder.pth")
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(TeacherError, match="junk.pth"):
+        load_teacher(junk)

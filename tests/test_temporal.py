@@ -1,0 +1,247 @@
+"""Video decoders: causal streaming == parallel, start == image decoder, flat streaming memory, temporal chunks."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastdec.checkpoints import load_decoder, save_decoder
+from fastdec.latent_spaces import get_latent_space
+from fastdec.models import TAEConfig, TAEDecoder, create_decoder, list_decoders
+from fastdec.models.temporal import (
+    CausalTAEConfig, CausalTAEDecoder, MemBlock, TemporalTAEConfig, TemporalTAEDecoder, chunk_windows,
+)
+
+SD15 = get_latent_space("sd15")
+TINY = dict(latent_channels=4, width=16, stage_blocks=(1, 1, 1), final_blocks=1)
+
+
+def _tiny_causal(seed: int = 0, memory_std: float = 0.1) -> CausalTAEDecoder:
+    torch.manual_seed(seed)
+    decoder = CausalTAEDecoder(CausalTAEConfig(**TINY), SD15).eval()
+    return _randomise_memory(decoder, memory_std)
+
+
+def _randomise_memory(decoder: CausalTAEDecoder, std: float) -> CausalTAEDecoder:
+    # Fresh memory convs are zero: without this the streaming tests could not see a broken state hand-over.
+    for block in decoder.modules():
+        if isinstance(block, MemBlock):
+            torch.nn.init.normal_(block.memory.weight, std=std)
+    return decoder
+
+
+def _tiny_temporal(**overrides) -> TemporalTAEDecoder:
+    torch.manual_seed(0)
+    config = TemporalTAEConfig(**{**TINY, "head_dim": 8, "chunk_size": 4, "chunk_overlap": 1, **overrides})
+    decoder = TemporalTAEDecoder(config, SD15).eval()
+    torch.nn.init.normal_(decoder.temporal_mid.out.weight, std=0.5)
+    return decoder
+
+
+def test_presets_registered_and_shapes():
+    assert {"tae-temporal-192", "tae-causal-64", "tae-causal-192"} <= set(list_decoders(video=True))
+    assert not {"tae-temporal-192", "tae-causal-64"} & set(list_decoders(video=False))
+    z = torch.randn(1, 3, 4, 4, 4)
+    for name in ("tae-causal-64", "tae-temporal-192"):
+        decoder = create_decoder(name, "svd").eval()
+        assert decoder.is_video and decoder.upsample_factor == 8
+        with torch.no_grad():
+            rgb = decoder(z)
+        assert rgb.shape == (1, 3, 3, 32, 32)
+        assert rgb.min() >= 0 and rgb.max() <= 1
+    # FLUX.2 space: the causal decoder keeps TAEF2's GroupNorm branch so TAEF2 weights fit
+    assert create_decoder("tae-causal-64", "flux2").config.use_midblock_gn
+
+
+@pytest.mark.parametrize("use_gn", [False, True])
+def test_causal_from_image_decoder_equals_image_decoder_exactly(use_gn):
+    torch.manual_seed(1)
+    image = TAEDecoder(TAEConfig(**TINY, use_midblock_gn=use_gn), SD15).eval()
+    causal = CausalTAEDecoder.from_image_decoder(image).eval()
+    z = torch.randn(2, 5, 4, 6, 7)
+    with torch.no_grad():
+        expected = image(z.flatten(0, 1)).unflatten(0, (2, 5))
+        assert torch.equal(causal(z), expected)
+        stream = causal.stream()
+        assert torch.equal(torch.cat([stream.push(z[:, t]) for t in range(5)], dim=1), expected)
+
+
+def test_from_image_decoder_rejects_other_decoders():
+    with pytest.raises(TypeError, match="TAE image decoder"):
+        CausalTAEDecoder.from_image_decoder(_tiny_causal())
+
+
+@pytest.mark.parametrize("name", ["tiny", "tae-causal-64", "tae-causal-192"])
+@pytest.mark.parametrize("split", [[1] * 7, [3, 3, 1], [7], [2, 5]], ids=["1-at-a-time", "threes", "all", "2+5"])
+def test_streaming_equals_parallel(name, split):
+    if name == "tiny":
+        decoder = _tiny_causal()
+    else:
+        torch.manual_seed(0)
+        decoder = _randomise_memory(create_decoder(name, "sd15").eval(), 0.02)
+    z = torch.randn(2, sum(split), 4, 3, 4)
+    with torch.no_grad():
+        parallel = decoder(z)
+        stream = decoder.stream()
+        pieces, t = [], 0
+        for k in split:
+            pieces.append(stream.push(z[:, t : t + k]))
+            t += k
+        streamed = torch.cat(pieces, dim=1)
+    assert stream.frames_decoded == z.shape[1]
+    torch.testing.assert_close(streamed, parallel, atol=1e-5, rtol=0)
+    # the memory branch is live: the result differs from decoding each frame with no past
+    with torch.no_grad():
+        independent = torch.cat([decoder(z[:, t : t + 1]) for t in range(z.shape[1])], dim=1)
+    assert (independent[:, 1:] - parallel[:, 1:]).abs().max() > 1e-3
+
+
+def test_causal_depends_on_past_not_future():
+    decoder = _tiny_causal()
+    z = torch.randn(1, 6, 4, 4, 4)
+    perturbed = z.clone()
+    perturbed[:, 3] += 1.0
+    with torch.no_grad():
+        a, b = decoder(z), decoder(perturbed)
+    assert torch.equal(a[:, :3], b[:, :3])  # frames before 3 never see frame 3
+    assert (a[:, 4] - b[:, 4]).abs().max() > 1e-3  # frame 4 does, through memory
+
+
+def test_stream_state_is_one_frame_per_block_and_resets():
+    decoder = _tiny_causal()
+    stream = decoder.stream()
+    z = torch.randn(1, 20, 4, 4, 4)
+    with torch.no_grad():
+        first = stream.push(z[:, :1])
+        one_frame = stream.state_bytes()
+        for t in range(1, 20):
+            stream.push(z[:, t])
+        assert stream.state_bytes() == one_frame == decoder.num_memory_blocks * 16 * 4 * (4 * 4 + 8 * 8 + 16 * 16 + 32 * 32)
+        stream.reset()
+        assert torch.equal(stream.push(z[:, :1]), first)
+
+
+def test_stream_rejects_bad_pushes():
+    stream = _tiny_causal().stream()
+    with torch.no_grad():
+        stream.push(torch.randn(2, 4, 4, 4))  # one frame, 2 clips
+        with pytest.raises(ValueError, match="clip"):
+            stream.push(torch.randn(1, 4, 4, 4))
+        with pytest.raises(ValueError, match="size changed"):
+            stream.push(torch.randn(2, 1, 4, 8, 8))
+        with pytest.raises(ValueError, match="latent channels|channels"):
+            stream.push(torch.randn(2, 1, 16, 4, 4))
+
+
+def test_video_decoder_input_errors():
+    decoder = _tiny_causal()
+    with pytest.raises(ValueError, match="add a time dimension"):
+        decoder(torch.randn(3, 4, 4, 4))
+    with pytest.raises(ValueError, match="NaN"):
+        decoder(torch.full((1, 2, 4, 4, 4), float("nan")))
+
+
+def _peak_bytes_build(mode: str, frames: int):
+    """Builder for fastdec.bench.peak_memory (runs in a fresh process): one whole-video decode."""
+    torch.manual_seed(0)
+    decoder = _randomise_memory(CausalTAEDecoder(CausalTAEConfig(**TINY), SD15).eval(), 0.1)
+    z = torch.randn(1, frames, 4, 16, 16)  # 128 x 128 frames: ~1 MB per 16-channel full-resolution activation
+
+    def run():
+        if mode == "parallel":
+            return decoder(z)
+        stream = decoder.stream()
+        for t in range(frames):
+            stream.push(z[:, t])
+
+    return run
+
+
+def test_streaming_peak_memory_is_flat_in_frame_count():
+    from fastdec.bench import peak_memory
+
+    builder = f"{__name__}:_peak_bytes_build"
+
+    def mb(mode, frames):
+        stats = peak_memory(builder, dict(mode=mode, frames=frames), threads=1, warm_calls=1, timeout=300)
+        assert stats.error is None, stats.error
+        return stats.peak_mb
+
+    stream_8, stream_64 = mb("streaming", 8), mb("streaming", 64)
+    parallel_8, parallel_64 = mb("parallel", 8), mb("parallel", 64)
+    # the probe does see memory that grows with frames (parallel holds every frame's activations)...
+    assert parallel_64 - parallel_8 > 40, (parallel_8, parallel_64)
+    # ...and streaming 8x more frames needs no more than a few MB extra (allocator noise)
+    assert stream_64 - stream_8 < 6, (stream_8, stream_64)
+
+
+@pytest.mark.parametrize("num_frames", [1, 3, 4, 5, 8, 9, 10, 17, 33])
+@pytest.mark.parametrize("chunk_size,overlap", [(4, 1), (8, 2), (5, 0), (3, 1), (8, 3)])
+def test_chunk_windows_cover_every_frame_once_with_context(num_frames, chunk_size, overlap):
+    windows = chunk_windows(num_frames, chunk_size, overlap)
+    kept = [t for w in windows for t in range(w.keep_start, w.keep_stop)]
+    assert kept == list(range(num_frames))
+    for w in windows:
+        assert 0 <= w.start <= w.keep_start < w.keep_stop <= w.stop <= num_frames
+        assert w.stop - w.start == min(chunk_size, num_frames)
+        # every kept frame has `overlap` context frames on both sides unless the clip ends first
+        assert w.keep_start - w.start >= min(overlap, w.keep_start)
+        assert w.stop - w.keep_stop >= min(overlap, num_frames - w.keep_stop)
+
+
+def test_chunk_windows_rejects_impossible_overlap():
+    with pytest.raises(ValueError, match="chunk_size >= 2"):
+        chunk_windows(10, 4, 2)
+    with pytest.raises(ValueError):
+        TemporalTAEConfig(chunk_size=4, chunk_overlap=2)
+
+
+def test_temporal_block_mixes_frames_within_a_chunk():
+    decoder = _tiny_temporal(chunk_size=8)
+    z = torch.randn(1, 6, 4, 4, 4)
+    perturbed = z.clone()
+    perturbed[:, 0] += 1.0
+    with torch.no_grad():
+        a, b = decoder(z), decoder(perturbed)
+    # frame 5 sees frame 0 through temporal attention (a pure per-frame decoder would give exactly 0 here)
+    assert (a[:, 5] - b[:, 5]).abs().max() > 1e-4
+
+
+def test_temporal_starts_as_image_decoder():
+    torch.manual_seed(2)
+    image = TAEDecoder(TAEConfig(**TINY), SD15).eval()
+    temporal = TemporalTAEDecoder.from_image_decoder(image, head_dim=8, chunk_size=4, chunk_overlap=1).eval()
+    z = torch.randn(1, 9, 4, 4, 4)
+    with torch.no_grad():
+        assert torch.equal(temporal(z), image(z[0])[None])
+
+
+def test_chunked_decode_uses_each_windows_context():
+    chunked = _tiny_temporal(chunk_size=4, chunk_overlap=1)
+    whole = _tiny_temporal(chunk_size=64, chunk_overlap=1)
+    z = torch.randn(1, 11, 4, 4, 4)
+    with torch.no_grad():
+        out = chunked(z)
+        assert out.shape[1] == 11
+        # each kept frame equals decoding its window alone (context included) and taking that frame
+        for w in chunked.windows(11):
+            alone = whole(z[:, w.start : w.stop])
+            k0, k1 = w.keep_start - w.start, w.keep_stop - w.start
+            torch.testing.assert_close(out[:, w.keep_start : w.keep_stop], alone[:, k0:k1], atol=1e-6, rtol=0)
+        # when one chunk covers the clip, chunked decoding is one full-clip decode
+        short = z[:, :4]
+        torch.testing.assert_close(chunked(short), whole(short), atol=1e-6, rtol=0)
+        # decode_chunks yields the same frames, in order, window by window
+        firsts, parts = zip(*chunked.decode_chunks(z))
+        assert list(firsts) == [w.keep_start for w in chunked.windows(11)]
+        torch.testing.assert_close(torch.cat(parts, dim=1), out, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("make", [_tiny_causal, _tiny_temporal])
+def test_video_decoders_round_trip_through_checkpoints(tmp_path, make):
+    decoder = make()
+    path = save_decoder(decoder, tmp_path / "video.safetensors")
+    loaded = load_decoder(path).eval()
+    assert type(loaded) is type(decoder) and loaded.config == decoder.config
+    z = torch.randn(1, 5, 4, 4, 4)
+    with torch.no_grad():
+        assert torch.equal(loaded(z), decoder(z))
