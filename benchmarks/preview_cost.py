@@ -43,7 +43,7 @@ def build_unet(config: dict, device: torch.device, dtype: torch.dtype):
 
     with torch.device(device):  # initialise on the device: the SDXL UNet is 2.6B parameters
         unet = UNet2DConditionModel(**config)
-    return unet.to(dtype).eval()
+    return torch.nn.Module.to(unet, dtype=dtype).eval()  # ModelMixin.to warns spuriously on dtype casts
 
 
 def step_inputs(unet, batch: int, latent_size: int, device: torch.device, dtype: torch.dtype) -> dict:

@@ -29,6 +29,9 @@ def test_pipeline_bench_end_to_end_json(tmp_path, capsys):
         assert row["decoder_share"] == pytest.approx(row["decode_s"] / row["total_s"])
         assert row["image_size"] == [64, 64]
     assert fast["speedup"] == pytest.approx(original["total_s"] / fast["total_s"])
+    rest_fixed = original["total_s"] / (original["total_s"] - original["decode_s"] + fast["decode_s"])
+    assert fast["speedup_decode_only"] == pytest.approx(rest_fixed)
+    assert original["speedup_decode_only"] == pytest.approx(1.0)
     # the same denoising in both runs: only the decoder differs
     assert fast["latent_digest"] == original["latent_digest"]
     assert payload["system"]["torch"] == torch.__version__
@@ -47,6 +50,14 @@ def test_decode_timer_sees_every_decode_and_swap_changes_the_decoder():
     assert len(result["decode_runs_s"]) == 2 and len(result["total_runs_s"]) == 2
     assert result["same_latents_every_run"]
     assert "decode" not in pipe.vae.__dict__  # the timing wrapper is removed afterwards
+
+    # NaN latents (random fp16 denoisers overflow) are cleaned before the fast decoder, which would refuse them
+    timer = DecodeTimer("cpu")
+    timer.install(pipe.vae)
+    with torch.inference_mode():
+        image = pipe.vae.decode(torch.full((1, 4, 4, 4), float("nan")), return_dict=False)[0]
+    timer.remove(pipe.vae)
+    assert timer.nonfinite_latents and torch.isfinite(image).all()
     restore_decoder(pipe)
     assert pipe.vae is original_vae
 

@@ -206,7 +206,7 @@ def test_other_decoder_or_settings_refused_unless_overwrite(workspace, tmp_path,
 
     assert main([*base, "--decoder", str(workspace["b"])]) == 2
     err = capsys.readouterr().err
-    assert "another decoder or settings" in err and "decoder weights" in err and "--overwrite" in err
+    assert "another decoder or settings" in err and "(differs in: decoder weights;" in err and "--overwrite" in err
     assert main([*base, "--decoder", str(workspace["a"]), "--vae-space"]) == 2
     assert "vae_space: False -> True" in capsys.readouterr().err
 

@@ -252,3 +252,13 @@ def test_overrides_and_config_errors():
         create_decoder("effvit-attn", "sdxl", depths=(0, 4, 6, 4, 2, 2))
     with pytest.raises(ValueError, match="needs 6 stages.*has 4"):
         create_decoder("effvit-attn", "sana", widths=(8,) * 4, depths=(1,) * 4, block_types=("res",) * 4)
+
+
+def test_channels_last_gives_the_same_picture():
+    torch.manual_seed(0)
+    decoder = create_decoder("effvit-attn", "sdxl").eval()
+    z = torch.randn(1, 4, 6, 8)
+    with torch.no_grad():
+        ref = unclamped(decoder, z)
+        out = unclamped(decoder.to(memory_format=torch.channels_last), z.to(memory_format=torch.channels_last))
+    assert (out - ref).abs().max() < 1e-5

@@ -40,13 +40,13 @@ def _tiny_temporal(**overrides) -> TemporalTAEDecoder:
 def test_presets_registered_and_shapes():
     assert {"tae-temporal-192", "tae-causal-64", "tae-causal-192"} <= set(list_decoders(video=True))
     assert not {"tae-temporal-192", "tae-causal-64"} & set(list_decoders(video=False))
-    z = torch.randn(1, 3, 4, 4, 4)
+    z = torch.randn(1, 3, 4, 2, 2)
     for name in ("tae-causal-64", "tae-temporal-192"):
         decoder = create_decoder(name, "svd").eval()
         assert decoder.is_video and decoder.upsample_factor == 8
         with torch.no_grad():
             rgb = decoder(z)
-        assert rgb.shape == (1, 3, 3, 32, 32)
+        assert rgb.shape == (1, 3, 3, 16, 16)
         assert rgb.min() >= 0 and rgb.max() <= 1
     # FLUX.2 space: the causal decoder keeps TAEF2's GroupNorm branch so TAEF2 weights fit
     assert create_decoder("tae-causal-64", "flux2").config.use_midblock_gn
@@ -70,15 +70,7 @@ def test_from_image_decoder_rejects_other_decoders():
         CausalTAEDecoder.from_image_decoder(_tiny_causal())
 
 
-@pytest.mark.parametrize("name", ["tiny", "tae-causal-64", "tae-causal-192"])
-@pytest.mark.parametrize("split", [[1] * 7, [3, 3, 1], [7], [2, 5]], ids=["1-at-a-time", "threes", "all", "2+5"])
-def test_streaming_equals_parallel(name, split):
-    if name == "tiny":
-        decoder = _tiny_causal()
-    else:
-        torch.manual_seed(0)
-        decoder = _randomise_memory(create_decoder(name, "sd15").eval(), 0.02)
-    z = torch.randn(2, sum(split), 4, 3, 4)
+def _check_streaming_equals_parallel(decoder, z, split):
     with torch.no_grad():
         parallel = decoder(z)
         stream = decoder.stream()
@@ -87,12 +79,24 @@ def test_streaming_equals_parallel(name, split):
             pieces.append(stream.push(z[:, t : t + k]))
             t += k
         streamed = torch.cat(pieces, dim=1)
+        independent = torch.cat([decoder(z[:, t : t + 1]) for t in range(z.shape[1])], dim=1)
     assert stream.frames_decoded == z.shape[1]
     torch.testing.assert_close(streamed, parallel, atol=1e-5, rtol=0)
     # the memory branch is live: the result differs from decoding each frame with no past
-    with torch.no_grad():
-        independent = torch.cat([decoder(z[:, t : t + 1]) for t in range(z.shape[1])], dim=1)
-    assert (independent[:, 1:] - parallel[:, 1:]).abs().max() > 1e-3
+    assert (independent[:, 1:] - parallel[:, 1:]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("split", [[1] * 7, [3, 3, 1], [7], [2, 5]], ids=["1-at-a-time", "threes", "all", "2+5"])
+def test_streaming_equals_parallel(split):
+    _check_streaming_equals_parallel(_tiny_causal(), torch.randn(2, sum(split), 4, 3, 4), split)
+
+
+@pytest.mark.parametrize("name", ["tae-causal-64", "tae-causal-192"])
+def test_streaming_equals_parallel_presets(name):
+    torch.manual_seed(0)
+    decoder = _randomise_memory(create_decoder(name, "sd15").eval(), 0.02)
+    # 2x2 latents keep the full-width presets cheap on a shared 2-core CPU
+    _check_streaming_equals_parallel(decoder, torch.randn(1, 4, 4, 2, 2), [1, 2, 1])
 
 
 def test_causal_depends_on_past_not_future():

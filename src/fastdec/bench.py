@@ -454,6 +454,7 @@ def plot_speedup(rows: Sequence[dict], path: str | os.PathLike, x: str = "gflops
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter
 
     from .checkpoints import atomic_write
 
@@ -484,6 +485,10 @@ def plot_speedup(rows: Sequence[dict], path: str | os.PathLike, x: str = "gflops
             ax.annotate(label, (xv, yv), textcoords="offset points", xytext=(5, 4), fontsize=8)
     ax.set_xscale("log")
     ax.set_yscale("log")
+    plain = FuncFormatter(lambda v, _: f"{v:g}")  # 20 and 0.5, not 2x10^1 and 5x10^-1
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_formatter(plain)
+        axis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
     ax.axhline(1.0, color="grey", lw=0.8, ls="--", zorder=1)
     ax.set_xlabel("GFLOPs per image" if x == "gflops" else "parameters (M)")
     reference = next((r.get("reference") for *_, r in points if r.get("reference")), "baseline")
@@ -556,7 +561,14 @@ def _prepare_baseline(spec: RowSpec) -> PreparedRow:
     # SDXL/SVD pipelines run an fp16 VAE with force_upcast=True in fp32 (it overflows in fp16): time what users get.
     if spec.upcast and dtype == torch.float16 and vae.config.get("force_upcast", False):
         dtype, note = torch.float32, "fp16 requested; force_upcast decodes in fp32 as diffusers pipelines do"
-    vae = vae.to(device=spec.device, dtype=dtype)
+    from diffusers.utils import logging as diffusers_logging
+
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # to() warns about from_pretrained(torch_dtype=...): moot without weights
+    try:
+        vae = vae.to(device=spec.device, dtype=dtype)
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
     if spec.channels_last:
         vae = vae.to(memory_format=torch.channels_last)
     factor = 8  # all three VAEs: 3 (AutoencoderKL) or 3 (AutoencoderTiny) 2x upsamplings
@@ -790,6 +802,7 @@ def run_bench(cfg: BenchConfig, console=None) -> dict[str, Any]:
     Raises :class:`BenchError` for bad requests; a backend that fails is recorded as skipped, not raised.
     """
     from rich.console import Console
+    from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     console = console or Console(stderr=True)
@@ -810,12 +823,12 @@ def run_bench(cfg: BenchConfig, console=None) -> dict[str, Any]:
                       TimeElapsedColumn(), console=console, transient=False) as progress:
             task = progress.add_task("fastdec bench", total=len(rows_plan))
             for spec in rows_plan:
-                label = f"{spec.name} [{spec.backend}] {spec.size}px"
+                label = f"{spec.name} ({spec.backend}) {spec.size}px"  # () not []: rich reads [x] as markup
                 progress.update(task, description=f"{label}: building")
                 reason = unavailable.get(spec.backend)
                 if reason:
                     skipped.append(Skip(spec.name, spec.backend, reason))
-                    progress.console.print(f"[yellow]skip[/] {label}: {reason}")
+                    progress.console.print(f"[yellow]skip[/] {escape(label)}: {escape(reason)}")
                     progress.advance(task)
                     continue
                 try:
@@ -843,10 +856,10 @@ def run_bench(cfg: BenchConfig, console=None) -> dict[str, Any]:
                     reason = _short_error(e)
                     if spec.backend in ("eager", "channels_last"):
                         failed.append(Skip(spec.name, spec.backend, reason))
-                        progress.console.print(f"[red]FAILED[/] {label}: {reason}")
+                        progress.console.print(f"[red]FAILED[/] {escape(label)}: {escape(reason)}")
                     else:
                         skipped.append(Skip(spec.name, spec.backend, reason))
-                        progress.console.print(f"[yellow]skip[/] {label}: {reason}")
+                        progress.console.print(f"[yellow]skip[/] {escape(label)}: {escape(reason)}")
                     progress.advance(task)
                     continue
                 row: dict[str, Any] = {
@@ -865,6 +878,8 @@ def run_bench(cfg: BenchConfig, console=None) -> dict[str, Any]:
                 }
                 del prepared
                 gc.collect()
+                if torch.device(spec.device).type == "cuda":
+                    torch.cuda.empty_cache()  # hand the memory back so the probe process gets it
                 if cfg.memory:
                     progress.update(task, description=f"{label}: peak memory (isolated process)")
                     mem = peak_memory("fastdec.bench:build_row_callable", dataclasses.asdict(spec),
@@ -873,10 +888,10 @@ def run_bench(cfg: BenchConfig, console=None) -> dict[str, Any]:
                     row["peak_mem_mb"], row["peak_mem_method"] = mem.peak_mb, mem.method
                     if mem.error:
                         row["peak_mem_error"] = mem.error
-                        progress.console.print(f"[yellow]memory[/] {label}: {mem.error}")
+                        progress.console.print(f"[yellow]memory[/] {escape(label)}: {escape(mem.error)}")
                 results.append(row)
                 progress.console.print(
-                    f"[green]done[/] {label}: {_fmt_ms(timing.median_s)} ms median of {timing.n}"
+                    f"[green]done[/] {escape(label)}: {_fmt_ms(timing.median_s)} ms median of {timing.n}"
                     + (f", {row['peak_mem_mb']:.0f} MB peak" if row["peak_mem_mb"] is not None else ""))
                 progress.advance(task)
             progress.update(task, description="fastdec bench: done")
@@ -935,7 +950,10 @@ def print_report(payload: dict[str, Any], console=None) -> None:
     caption = (f"{s.get('gpu') or s['cpu']} ({s['cpu_count']} logical CPUs) | torch {s['torch']} | "
                f"diffusers {s['diffusers']} | fastdec {s['fastdec']} | dtype {s['dtype']} | "
                f"channels_last {cfg['channels_last']} | median of {cfg['repeats']} after {cfg['warmup']} warm-up")
-    console.print(render_table(payload["rows"], title, caption=caption))
+    columns = [key for key, *_ in TABLE_COLUMNS]
+    if all(r.get("frames", 1) == 1 for r in payload["rows"]):
+        columns.remove("frames")
+    console.print(render_table(payload["rows"], title, columns=columns, caption=caption))
     if payload.get("reference"):
         console.print(f"speed-up = {payload['reference']} time per image / row time per image (same size, same run, "
                       "same latents). peak MB = working memory of one decode beyond the weights "
@@ -943,11 +961,11 @@ def print_report(payload: dict[str, Any], console=None) -> None:
                       + ". GFLOPs per call from torch.utils.flop_counter.")
     notes = [r for r in payload["rows"] if r.get("note")]
     for r in notes:
-        console.print(f"note: {r['name']} [{r['backend']}] {r['size']}px: {r['note']}")
+        console.print(f"note: {r['name']} ({r['backend']}) {r['size']}px: {r['note']}", markup=False)
     for skip in payload["skipped"]:
-        console.print(f"skipped: {skip['name']} [{skip['backend']}]: {skip['reason']}")
+        console.print(f"skipped: {skip['name']} ({skip['backend']}): {skip['reason']}", markup=False)
     for fail in payload.get("failed", []):
-        console.print(f"[red]FAILED[/]: {fail['name']} [{fail['backend']}]: {fail['reason']}")
+        console.print(f"FAILED: {fail['name']} ({fail['backend']}): {fail['reason']}", markup=False, style="red")
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
@@ -969,7 +987,11 @@ def _dispatch(module_name: str, function: str, flag: str, args: argparse.Namespa
         print(f"fastdec bench: error: {flag} needs {module_name}, which is not part of this fastdec install; "
               "run `fastdec bench` without it for the image decoders", file=sys.stderr)
         return 2
-    return int(getattr(module, function)(args) or 0)
+    try:
+        return int(getattr(module, function)(args) or 0)
+    except BenchError as e:
+        print(f"fastdec bench {flag}: error: {e}", file=sys.stderr)
+        return 2
 
 
 def bench_command(args: argparse.Namespace) -> int:

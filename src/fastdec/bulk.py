@@ -280,7 +280,8 @@ def decoder_identity(decoder: Any, settings: Mapping[str, Any], source: str = ""
         "weights_sha256": weights_hash(decoder),
         "settings": dict(settings),
     }
-    identity["id"] = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    identity = json.loads(json.dumps(identity, default=str))  # as a manifest stores it (tuples -> lists), to compare
+    identity["id"] = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
     identity["source"] = source
     return identity
 
@@ -509,7 +510,7 @@ class _Progress:
             self.bar.close()
 
 
-def _load_decoder(args: argparse.Namespace, device: torch.device) -> tuple[Any, str]:
+def _load_decoder(args: argparse.Namespace) -> tuple[Any, str]:
     from .checkpoints import load_decoder
     from .models import create_decoder, list_decoders
 
@@ -547,7 +548,7 @@ def run_decode_batch(args: argparse.Namespace) -> int:
     out = Path(args.out).expanduser()
     dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]
 
-    decoder, source = _load_decoder(args, state.device)
+    decoder, source = _load_decoder(args)
     settings = {"format": args.format, "quality": args.quality if args.format != "png" else None,
                 "vae_space": bool(args.vae_space), "dtype": args.dtype}
     identity = decoder_identity(decoder, settings, source)

@@ -12,6 +12,7 @@ import csv
 import io
 import json
 import math
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -263,12 +264,24 @@ def _digits(metric: str) -> int:
 
 
 # ----------------------------------------------------------------------------- writing
+def _atomic(path: Path, write: Callable[[str], Any]) -> Path:
+    """atomic_write, with the permissions of a normally created file (mkstemp makes them 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+
+    def write_shared(tmp: str) -> None:
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~umask)
+
+    return atomic_write(path, write_shared, suffix=path.suffix)
+
+
 def _write_text(path: Path, text: str) -> Path:
     def write(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8", newline="") as f:
             f.write(text)
 
-    return atomic_write(path, write, suffix=path.suffix)
+    return _atomic(path, write)
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]], columns: Sequence[str]) -> Path:
@@ -294,7 +307,7 @@ def _save_figure(fig, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     try:
-        return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight"), suffix=".png")
+        return _atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight"))
     finally:
         plt.close(fig)
 

@@ -16,6 +16,7 @@ patchified and batch-normalised with the VAE's ``bn`` statistics.
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import os
 from pathlib import Path
@@ -85,8 +86,12 @@ def _spaces_compatible(decoder_space: LatentSpace, vae_space: LatentSpace) -> bo
     return decoder_space.name == vae_space.name or frozenset({decoder_space.name, vae_space.name}) in _SAME_STATISTICS
 
 
-def check_decoder_fits(decoder: LatentDecoder, vae_space: LatentSpace, what: str = "pipeline VAE") -> None:
-    """Raise a ValueError naming the problem and the fix when ``decoder`` cannot decode ``vae_space`` latents."""
+def check_decoder_fits(
+    decoder: LatentDecoder, vae_space: LatentSpace, what: str = "pipeline VAE", allow_other_statistics: bool = False
+) -> None:
+    """Raise a ValueError naming the problem and the fix when ``decoder`` cannot decode ``vae_space`` latents.
+
+    ``allow_other_statistics`` accepts a decoder of another space with the same shape (a fine-tuned VAE)."""
     ds = decoder.latent_space
     suggestion = f"use a {vae_space.name} decoder, e.g. fastdec.create_decoder('tae-64', '{vae_space.name}') or a checkpoint trained for it"
     if ds.channels != vae_space.channels:
@@ -97,7 +102,7 @@ def check_decoder_fits(decoder: LatentDecoder, vae_space: LatentSpace, what: str
         raise ValueError(
             f"decoder upsamples {ds.spatial_factor}x ({ds.name}), {what} is {vae_space.spatial_factor}x: {suggestion}"
         )
-    if not _spaces_compatible(ds, vae_space):
+    if not allow_other_statistics and not _spaces_compatible(ds, vae_space):
         raise ValueError(
             f"decoder was made for {ds.name} latents, {what} is {vae_space.name} (same channel count, different "
             f"statistics: the picture would be wrong): {suggestion}. If this VAE really shares the decoder's latent "
@@ -106,17 +111,21 @@ def check_decoder_fits(decoder: LatentDecoder, vae_space: LatentSpace, what: str
 
 
 # ----------------------------------------------------------------------------- encoder view
+def _refuse_offloaded(vae: nn.Module) -> None:
+    if hasattr(vae, "_hf_hook"):
+        raise RuntimeError(
+            "the pipeline's VAE has accelerate offload hooks: call swap_decoder(pipe, ...) before "
+            "pipe.enable_model_cpu_offload() / enable_sequential_cpu_offload()"
+        )
+
+
 def _encoder_view(vae: nn.Module) -> nn.Module:
     """A shallow copy of a diffusers VAE that shares its encoder weights and lacks its decoder.
 
     ``encode`` then runs the VAE's own code (real ``AutoencoderKLOutput`` with ``latent_dist``),
     while ``FastVAE``'s state dict and device moves carry only the encoder half.
     """
-    if hasattr(vae, "_hf_hook"):
-        raise RuntimeError(
-            "the pipeline's VAE has accelerate offload hooks: call swap_decoder(pipe, ...) before "
-            "pipe.enable_model_cpu_offload() / enable_sequential_cpu_offload()"
-        )
+    _refuse_offloaded(vae)
     view = copy.copy(vae)
     view._modules = dict(vae._modules)
     view._parameters = dict(vae._parameters)
@@ -253,17 +262,17 @@ class FastVAE(ModelMixin, AutoencoderMixin, ConfigMixin):
         fast.encoder_vae = encoder
         if fast.bn is not None:
             fast.bn.load_state_dict(bn_source.state_dict())
-        reference = next(iter(decoder.parameters()))
-        if fast.bn is not None:
-            fast.bn.to(device=reference.device, dtype=reference.dtype)
+            # statistics only: eval mode so that nothing can update them
+            reference = next(iter(decoder.parameters()))
+            fast.bn.to(device=reference.device, dtype=reference.dtype).eval()
         return fast
 
     # -- properties --------------------------------------------------------------------
     @property
     def latent_space(self) -> LatentSpace:
         """The decoder's latent space with the original VAE's scaling/shift/mean/std (what ``decode`` converts with)."""
-        values = {k: self.config[k] for k in ("scaling_factor", "shift_factor", "latents_mean", "latents_std", "batch_norm_eps")}
-        return self.decoder.latent_space.with_vae_config(values)
+        keys = ("scaling_factor", "shift_factor", "latents_mean", "latents_std", "batch_norm_eps")
+        return self.decoder.latent_space.with_vae_config({k: self.config[k] for k in keys})
 
     @property
     def has_encoder(self) -> bool:
@@ -406,21 +415,18 @@ def swap_decoder(
     path or a Hub id); returns the pipeline. The original VAE is kept for :func:`restore_decoder`; its decoder
     half is moved to the CPU meanwhile, so it holds no accelerator memory.
 
-    ``keep_encoder=False`` drops the original encoder (text-to-image only). ``force=True`` skips the check
-    that the decoder's latent space is the VAE's (same channel count still required).
+    ``keep_encoder=False`` drops the original encoder (text-to-image only). ``force=True`` accepts a decoder
+    made for another latent space of the same shape (a fine-tuned VAE); channels and spatial factor must match.
     """
     current = getattr(pipe, "vae", None)
     if current is None:
         raise ValueError(f"{type(pipe).__name__} has no vae component to swap")
+    _refuse_offloaded(current)
     original = getattr(pipe, _ORIGINAL_VAE_ATTR, None)
     source = original if original is not None else current
     vae_space = detect_latent_space(source)
     decoder = _as_decoder(decoder_or_path, vae_space)
-    if force:
-        if decoder.latent_space.channels != vae_space.channels:
-            check_decoder_fits(decoder, vae_space)
-    else:
-        check_decoder_fits(decoder, vae_space)
+    check_decoder_fits(decoder, vae_space, allow_other_statistics=force)
     if not keep_encoder and type(pipe).__name__.startswith("StableVideoDiffusion"):
         raise ValueError(
             "StableVideoDiffusionPipeline encodes its conditioning image with vae.encode: swap with keep_encoder=True"
@@ -464,6 +470,13 @@ def _unpack_tokens(tokens: torch.Tensor, height: int, width: int) -> torch.Tenso
     if height * width != seq:
         raise ValueError(f"packed latents have {seq} tokens, not {height}x{width}: pass the pipeline's height/width")
     return tokens.transpose(1, 2).reshape(b, d, height, width)
+
+
+def _takes_args(fn: Callable, count: int) -> bool:
+    try:
+        return len(inspect.signature(fn).parameters) == count
+    except (TypeError, ValueError):
+        return False
 
 
 def _to_pil(rgb: torch.Tensor) -> list:
@@ -524,7 +537,13 @@ class PreviewCallback:
         """Pipeline-space latents (as in ``callback_kwargs``) -> the decoder's input."""
         space = self.decoder.latent_space
         if latents.ndim == 3:
-            grid = _unpack_tokens(latents, *self._latent_grid(pipe, latents.shape[1]))
+            grid_h, grid_w = self._latent_grid(pipe, latents.shape[1])
+            unpack = getattr(pipe, "_unpack_latents", None)
+            if space.batch_norm_eps is None and unpack is not None and _takes_args(unpack, 4):
+                # FLUX.1-family pipelines: their own unpacking, given the pixel size it implies
+                scale = int(pipe.vae_scale_factor)
+                return unpack(latents, grid_h * 2 * scale, grid_w * 2 * scale, scale)
+            grid = _unpack_tokens(latents, grid_h, grid_w)
             bn = getattr(getattr(pipe, "vae", None), "bn", None)
             if space.batch_norm_eps is not None:
                 if not isinstance(bn, nn.BatchNorm2d):

@@ -1,7 +1,7 @@
 """Tiled decoding with an overlap computed from the decoder's receptive field.
 
-The receptive field is measured, not guessed: a float64 copy of the decoder
-gets strictly positive weights (so every ReLU is active and no path cancels),
+The receptive field is measured, not guessed: a copy of the decoder
+(float32, so the convs are fast) gets strictly positive weights (so every ReLU is active and no path cancels),
 and the gradient of one latent cell's output block with respect to the
 latents is non-zero exactly on the latent pixels that output depends on.
 The result depends only on the architecture, so it is cached per config.
@@ -43,7 +43,7 @@ class ReceptiveField:
 
 
 _CACHE: dict[str, ReceptiveField] = {}
-_PROBE_LENGTHS = (48, 96, 192)  # latent pixels; a local field reaching the border of the longest is treated as global
+_PROBE_LENGTHS = (48, 96)  # latent pixels; a local field reaching the border of the longest is treated as global
 
 
 def _torch_decoder(decoder: Any) -> nn.Module:
@@ -85,7 +85,7 @@ class _DetachedStatsGroupNorm(nn.Module):
 
 
 def _positive_probe_copy(decoder: nn.Module, detach_norm_stats: bool) -> nn.Module:
-    probe = copy.deepcopy(decoder).to(device="cpu", dtype=torch.float64).eval()
+    probe = copy.deepcopy(decoder).to(device="cpu", dtype=torch.float32).eval()
     with torch.no_grad():
         for module in probe.modules():
             for name, p in module.named_parameters(recurse=False):
@@ -93,9 +93,11 @@ def _positive_probe_copy(decoder: nn.Module, detach_norm_stats: bool) -> nn.Modu
                     # a small positive scale and a large shift keep normalised activations positive (ReLUs active)
                     p.fill_(0.01 if name == "weight" else 1.0)
                 elif p.ndim >= 2:
-                    # all weights 1/sqrt(fan_in): activations grow and single far paths shrink by the same factor per
-                    # layer, so both stay inside float64 for 100+ layers and far dependencies never underflow to 0
-                    p.fill_(p[0].numel() ** -0.5)
+                    # taps of 1/(in_channels * sqrt(kernel area)): a 3x3 layer multiplies the centre by ~3 and a
+                    # single far path by ~1/3, so both stay inside float32 for ~70 layers (no overflow, and far
+                    # dependencies never underflow to an exact 0); 1x1 layers keep the scale
+                    area = p[0, 0].numel()
+                    p.fill_(1.0 / (p.shape[1] * area ** 0.5))
                 else:
                     p.fill_(0.1)
     if detach_norm_stats:
@@ -116,7 +118,7 @@ def _axis_radius(probe: nn.Module, length: int, axis: int) -> tuple[int, bool]:
     shape[axis] = length
     generator = torch.Generator().manual_seed(0)
     # positive inputs away from zero: every activation stays positive, so no ReLU hides a dependency
-    z = (torch.rand(*shape, generator=generator, dtype=torch.float64) + 0.5).requires_grad_(True)
+    z = (torch.rand(*shape, generator=generator, dtype=torch.float32) + 0.5).requires_grad_(True)
     out = probe.decode_layers(z)
     c, s = length // 2, _STRIP // 2
     cy, cx = (c, s) if axis == 2 else (s, c)
@@ -154,14 +156,16 @@ def measure_receptive_field(decoder: Any) -> ReceptiveField:
         raise TypeError(f"cannot measure the receptive field of {type(decoder).__name__}: expected a fastdec decoder")
     key = _cache_key(decoder)
     if key not in _CACHE:
-        # the local (conv) path first, with GroupNorm statistics detached; then the real module at that probe
-        # length: if it reaches further, some layer mixes the whole image
-        local_radius, local_unbounded, length = _probe(decoder, True, _PROBE_LENGTHS)
-        _, unbounded, _ = _probe(decoder, False, (length,))
-        if not unbounded:
-            field = ReceptiveField(local_radius, False)
-        else:
-            field = ReceptiveField(local_radius, True, _global_layer_names(decoder), not local_unbounded)
+        radius, unbounded, length = _probe(decoder, False, _PROBE_LENGTHS[:1])
+        field = ReceptiveField(radius, False)
+        if unbounded:
+            # either a large local field or image-wide mixing: measure the local (conv) path with GroupNorm
+            # statistics detached, then check whether the real module reaches further at that probe length
+            local_radius, local_unbounded, length = _probe(decoder, True, _PROBE_LENGTHS)
+            if not local_unbounded:
+                _, unbounded, _ = _probe(decoder, False, (length,))
+            field = ReceptiveField(local_radius, unbounded, _global_layer_names(decoder) if unbounded else (),
+                                   not local_unbounded)
         _CACHE[key] = field
     return _CACHE[key]
 

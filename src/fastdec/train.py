@@ -424,6 +424,9 @@ def train(config: TrainConfig) -> Path:
             accelerator.unwrap_model(discriminator).load_state_dict(state["discriminator"])
             disc_optimizer.load_state_dict(state["disc_optimizer"])
         step = state["step"]
+        if state.get("cache_key") != cache.key:
+            warnings.warn(f"{resume_from} was trained on other data or crops (latent cache {state.get('cache_key')}, "
+                          f"now {cache.key}): weights and optimizer resume, the data order starts afresh", stacklevel=2)
         set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
         rows = read_csv(out / "metrics.csv", step)
         if is_main:
@@ -578,8 +581,10 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=help_text)
             continue
         convert = int if kind.startswith("int") else float if kind.startswith("float") else str
-        parser.add_argument(flag, type=convert, default=argparse.SUPPRESS,
-                            help=f"{help_text} (default: {f.default})".strip())
+        default = f" (default: {f.default})" if f.default not in (None, "") else ""
+        choices = ["auto", "no", "fp16", "bf16"] if f.name == "mixed_precision" else None
+        parser.add_argument(flag, type=convert, default=argparse.SUPPRESS, choices=choices,
+                            help=f"{help_text}{default}".strip())
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -71,12 +71,17 @@ def make_block(kind: str, width: int, config: EffViTConfig) -> nn.Module:
 
 
 class EffViTDecoder(LatentDecoder):
+    """Latents (N, C, h, w) -> RGB in [0, 1] (N, 3, f*h, f*w), f the latent space's spatial factor."""
+
     architecture = "effvit"
     config_class = EffViTConfig
 
     def __init__(self, config: EffViTConfig, latent_space: LatentSpace):
         super().__init__(config, latent_space)
         entry = latent_space.spatial_factor.bit_length() - 1  # 8 -> 3, 32 -> 5
+        if 2**entry != latent_space.spatial_factor:
+            raise ValueError(f"EffViTDecoder upsamples by powers of 2; '{latent_space.name}' has spatial factor "
+                             f"{latent_space.spatial_factor}")
         if len(config.widths) <= entry:
             raise ValueError(
                 f"latent space '{latent_space.name}' is {latent_space.spatial_factor}x smaller than the image, so "

@@ -1,0 +1,208 @@
+"""`fastdec bench` and its measuring harness (tiny sizes: the whole file runs in well under 2 minutes)."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+from fastdec import bench
+from fastdec.bench import (
+    SDXL_VAE_CONFIG, BenchConfig, RowSpec, count_flops, count_parameters, peak_memory, plot_speedup,
+    prepare_row, render_table, run_bench, time_callable, write_json,
+)
+from fastdec.cli import main
+
+ROW_FIELDS = {"name", "kind", "backend", "size", "median_s", "speedup", "peak_mem_mb", "params", "gflops"}
+TINY = ["--sizes", "64", "--repeats", "1", "--warmup", "0"]
+
+
+# ----------------------------------------------------------------------------- builders for the memory probe
+def allocating_builder(megabytes: int):
+    """Probe builder: one call holds a ``megabytes`` MiB tensor (written, so its pages are resident)."""
+    def call():
+        return torch.ones(megabytes * 2**20 // 4).sum()
+
+    return call, lambda: torch.ones(16).sum()
+
+
+# ----------------------------------------------------------------------------- harness
+def test_conv_flops_equal_analytic_count():
+    n, c_in, c_out, k, h, w = 2, 8, 16, 3, 10, 12
+    conv = nn.Conv2d(c_in, c_out, k, padding=1)
+    x = torch.randn(n, c_in, h, w)
+    assert count_flops(lambda: conv(x)) == 2 * n * c_out * c_in * k * k * h * w
+    strided = nn.Conv2d(c_in, c_out, k, stride=2, padding=1)  # output 5 x 6
+    assert count_flops(lambda: strided(x)) == 2 * n * c_out * c_in * k * k * 5 * 6
+
+
+def test_time_callable_excludes_warmup_and_takes_the_median():
+    durations = iter([0.5, 0.01, 0.05, 0.03])  # the first (0.5 s) is the warm-up
+    calls = []
+
+    def fn():
+        calls.append(1)
+        time.sleep(next(durations))
+
+    stats = time_callable(fn, warmup=1, repeats=3)
+    assert len(calls) == 4 and stats.n == 3
+    assert max(stats.runs) < 0.4, "the warm-up run leaked into the timed runs"
+    assert stats.median_s == sorted(stats.runs)[1]
+    assert 0.03 <= stats.median_s < 0.2
+    assert stats.p10_s <= stats.median_s <= stats.p90_s
+    with pytest.raises(ValueError, match="repeats"):
+        time_callable(fn, warmup=0, repeats=0)
+
+
+def test_count_parameters_counts_shared_weights_once():
+    shared = nn.Linear(4, 4)
+    model = nn.Sequential(shared, nn.ReLU(), shared)
+    assert count_parameters(model) == 20
+    assert count_parameters([model, shared]) == 20
+
+
+def test_peak_memory_isolated_process_sees_the_allocation():
+    builder = f"{__name__}:allocating_builder"
+    big = peak_memory(builder, {"megabytes": 64}, threads=1)
+    small = peak_memory(builder, {"megabytes": 1}, threads=1)
+    assert big.error is None and small.error is None, (big.error, small.error)
+    assert 60 <= big.peak_mb <= 80, big
+    assert small.peak_mb < 10, small
+    assert "isolated process" in big.method
+    failed = peak_memory(f"{__name__}:no_such_builder", {}, threads=1)
+    assert failed.peak_mb is None and "AttributeError" in failed.error
+
+
+def test_write_json_is_strict_and_atomic(tmp_path):
+    path = write_json(tmp_path / "sub" / "out.json", {"a": float("nan"), "b": [1.5, float("inf")], "d": torch.float16})
+    assert json.loads(path.read_text()) == {"a": None, "b": [1.5, None], "d": "torch.float16"}
+    assert [p.name for p in path.parent.iterdir()] == ["out.json"]  # no temp file left behind
+
+
+def test_render_table_shows_present_columns():
+    from rich.console import Console
+
+    rows = [{"name": "a", "median_s": 0.5, "speedup": 2.0, "my_metric": 3}]
+    console = Console(width=200, record=True)
+    console.print(render_table(rows, "title", columns=["name", "median_s", "speedup", "my_metric"]))
+    text = console.export_text()
+    assert "500" in text and "2.0x" in text and "my_metric" in text
+
+
+# ----------------------------------------------------------------------------- baselines
+def _spec(**overrides) -> RowSpec:
+    fields = dict(name="sdxl-vae", kind="baseline", backend="eager", size=64, batch=1, frames=1, latent_space="sdxl",
+                  dtype="fp32", device="cpu", channels_last=False, seed=0, baseline="sdxl")
+    return RowSpec(**{**fields, **overrides})
+
+
+def test_sdxl_baseline_is_the_real_config_and_fp16_follows_force_upcast():
+    from diffusers import AutoencoderKL
+
+    prepared = prepare_row(_spec())
+    vae = AutoencoderKL(**SDXL_VAE_CONFIG)
+    assert count_parameters(prepared.modules) == count_parameters([vae.decoder, vae.post_quant_conv])
+    assert prepared.latent_shape == (1, 4, 8, 8)
+    # an SDXL pipeline in fp16 decodes with the VAE upcast to fp32 (force_upcast=True): the row must too
+    assert prepare_row(_spec(dtype="fp16")).run_dtype == "fp32"
+    assert prepare_row(_spec(dtype="fp16", upcast=False)).run_dtype == "fp16"
+
+
+def test_svd_baseline_decodes_frames_as_one_clip():
+    prepared = prepare_row(_spec(name="svd-vae", baseline="svd", frames=2))
+    assert prepared.images == 2 and prepared.latent_shape == (2, 4, 8, 8)
+    with torch.inference_mode():
+        out = prepared.fn()
+    assert out.shape == (2, 3, 64, 64) and 0 <= out.min() and out.max() <= 1
+
+
+# ----------------------------------------------------------------------------- the command
+def test_bench_end_to_end_json_fields_speedup_and_plot(tmp_path, capsys):
+    out_json, out_png = tmp_path / "bench.json", tmp_path / "bench.png"
+    rc = main(["bench", *TINY, "--decoders", "tae-64", "tae-192", "--baselines", "sdxl", "tiny",
+               "--json", str(out_json), "--plot", str(out_png)])
+    assert rc == 0
+    stdout = capsys.readouterr().out
+    assert "speed-up" in stdout and "tae-192" in stdout and "torch" in stdout
+
+    payload = json.loads(out_json.read_text())
+    for key in ("cpu", "torch_threads", "torch", "device", "dtype"):
+        assert key in payload["system"]
+    rows = {r["name"]: r for r in payload["rows"]}
+    assert list(rows) == ["sdxl-vae", "autoencoder-tiny", "tae-64", "tae-192"]
+    assert payload["reference"] == "sdxl-vae"
+    for row in rows.values():
+        assert ROW_FIELDS <= set(row), ROW_FIELDS - set(row)
+        assert row["size"] == 64 and row["median_s"] > 0 and row["gflops"] > 0
+        assert row["peak_mem_mb"] is not None and row["peak_mem_mb"] >= 0, row.get("peak_mem_error")
+        assert math.isclose(row["speedup"], rows["sdxl-vae"]["median_s"] / row["median_s"], rel_tol=1e-9)
+    assert rows["sdxl-vae"]["speedup"] == 1.0
+    from fastdec import create_decoder
+
+    assert rows["tae-64"]["params"] == count_parameters(create_decoder("tae-64", "sdxl"))
+    # TAE-64 is TAESD's layout: the same parameters and FLOPs as diffusers' AutoencoderTiny decoder
+    assert rows["tae-64"]["params"] == rows["autoencoder-tiny"]["params"]
+    assert math.isclose(rows["tae-64"]["gflops"], rows["autoencoder-tiny"]["gflops"], rel_tol=1e-6)
+    assert rows["sdxl-vae"]["gflops"] > 10 * rows["tae-64"]["gflops"]
+
+    from PIL import Image
+
+    with Image.open(out_png) as image:
+        image.verify()
+        assert image.format == "PNG" and image.size[0] > 400
+
+
+def test_console_script_in_a_subprocess(tmp_path):
+    script = Path(sys.executable).with_name("fastdec")
+    if not script.exists():
+        pytest.skip("the fastdec console script is not installed next to this interpreter")
+    out_json = tmp_path / "b.json"
+    done = subprocess.run([str(script), "bench", *TINY, "--decoders", "tae-64", "--baselines", "sdxl", "--no-memory",
+                           "--json", str(out_json)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "tae-64" in done.stdout and "sdxl-vae" in done.stdout
+    rows = json.loads(out_json.read_text())["rows"]
+    assert [r["name"] for r in rows] == ["sdxl-vae", "tae-64"] and rows[1]["speedup"] > 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--decoders", "tae-65"], "unknown decoder 'tae-65': choose from"),
+    (["--sizes", "100"], "multiple of 8"),
+    (["--latent-space", "sdxxl"], "unknown latent space 'sdxxl'"),
+    (["--decoders", "missing.safetensors"], "not found"),
+])
+def test_bad_requests_give_clear_errors(argv, message, capsys):
+    assert main(["bench", "--repeats", "1", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_missing_backend_module_skips_its_rows(monkeypatch):
+    monkeypatch.setitem(sys.modules, "fastdec.runtime", None)  # as if the runtime module were not installed
+    payload = run_bench(BenchConfig(sizes=[64], decoders=["tae-64"], baselines=["none"], backends=["eager", "compile"],
+                                    repeats=1, warmup=0, memory=False))
+    assert [(r["name"], r["backend"]) for r in payload["rows"]] == [("tae-64", "eager")]
+    assert payload["rows"][0]["speedup"] is None  # no baseline in the run: no speed-up, not a made-up one
+    (skip,) = payload["skipped"]
+    assert skip["backend"] == "compile" and "fastdec.runtime" in skip["reason"]
+
+
+@pytest.mark.parametrize("flag, module", [("--video", "fastdec.bench_video"), ("--pipeline", "fastdec.bench_pipeline")])
+def test_video_and_pipeline_dispatch_explain_a_missing_module(flag, module, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, module, None)
+    assert main(["bench", flag]) == 2
+    assert f"{flag} needs {module}" in capsys.readouterr().err
+
+
+def test_plot_needs_speedups(tmp_path):
+    with pytest.raises(ValueError, match="nothing to plot"):
+        plot_speedup([{"name": "a", "speedup": None, "gflops": 1.0}], tmp_path / "p.png")
+    rows = [{"name": "a", "size": 64, "speedup": 1.0, "gflops": 10.0, "params": 1e6, "images": 1},
+            {"name": "b", "size": 64, "speedup": 8.0, "gflops": 1.0, "params": 1e5, "images": 1}]
+    assert plot_speedup(rows, tmp_path / "p.png", x="params").stat().st_size > 1000

@@ -1,0 +1,226 @@
+"""fastdec.video (PyAV/PIL IO) and the `fastdec decode-video` command."""
+from __future__ import annotations
+
+import os
+import shutil
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from conftest import shared_path
+
+from fastdec.cli import main
+from fastdec.video import VideoError, VideoWriter, read_video, video_info, write_video
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    mse = ((a.float() - b.float()) ** 2).mean()
+    return float(10 * torch.log10(255**2 / mse))
+
+
+def _listing(folder) -> list[str]:
+    return sorted(os.listdir(folder))
+
+
+@pytest.fixture
+def realshort():
+    return shared_path("data", "video", "clips", "realshort.mp4")
+
+
+def test_video_info_of_clips(realshort):
+    info = video_info(realshort)
+    assert (info.num_frames, info.height, info.width) == (36, 240, 320)
+    assert info.fps == pytest.approx(30.02, abs=0.01)
+    dog = video_info(shared_path("data", "video", "clips", "01_dog.mp4"))
+    assert (dog.num_frames, dog.height, dog.width) == (289, 720, 1280)
+
+
+def test_h264_round_trip(realshort, tmp_path):
+    frames = read_video(realshort, start=0, num_frames=16)
+    assert frames.shape == (16, 3, 240, 320) and frames.dtype == torch.uint8
+    out = write_video(frames, tmp_path / "clip.mp4", fps=30)
+    info = video_info(out)
+    assert (info.num_frames, info.height, info.width, info.fps) == (16, 240, 320, 30.0)
+    again = read_video(out)
+    assert again.shape == frames.shape
+    assert psnr(again, frames) > 35
+    assert _listing(tmp_path) == ["clip.mp4"]  # no temporary files left
+
+
+def test_random_access_equals_sequential_decode(realshort):
+    full = read_video(realshort)
+    assert full.shape[0] == 36
+    assert torch.equal(read_video(realshort, start=29, num_frames=7), full[29:])
+    # a long clip: the reader seeks to a keyframe instead of decoding from the start
+    dog = shared_path("data", "video", "clips", "01_dog.mp4")
+    from fastdec.video import iter_video
+
+    sequential = torch.cat(list(iter_video(dog, 0, 103, chunk=8)))[100:]
+    assert torch.equal(read_video(dog, start=100, num_frames=3), sequential)
+
+
+def test_frame_folder(tmp_path):
+    folder = shared_path("data", "video", "frames", "davis_tennis")
+    info = video_info(folder)
+    assert (info.num_frames, info.height, info.width, info.fps) == (70, 480, 854, None)
+    frames = read_video(folder, start=5, num_frames=3)
+    from PIL import Image
+
+    expected = np.asarray(Image.open(folder / "00006.jpg").convert("RGB"))
+    assert torch.equal(frames[1].permute(1, 2, 0), torch.from_numpy(expected))
+    with pytest.raises(VideoError, match="70 frames"):
+        read_video(folder, start=68, num_frames=3)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(VideoError, match="no image frames"):
+        read_video(empty)
+
+
+def test_gif_and_odd_sizes(tmp_path):
+    torch.manual_seed(0)
+    frames = torch.rand(5, 3, 33, 47)
+    gif = write_video(frames, tmp_path / "a.gif", fps=10)
+    back = read_video(gif)
+    assert back.shape == (5, 3, 33, 47)
+    assert psnr(back, frames * 255) > 15  # palette quantisation of noise is coarse; gradients in real video fare better
+    with pytest.warns(UserWarning, match="even sizes"):
+        mp4 = write_video(frames, tmp_path / "odd.mp4")
+    info = video_info(mp4)
+    assert (info.num_frames, info.height, info.width) == (5, 34, 48)
+
+
+def test_corrupt_and_truncated_files_raise_video_error(realshort, tmp_path):
+    garbage = tmp_path / "garbage.mp4"
+    garbage.write_bytes(b"not a video" * 100)
+    with pytest.raises(VideoError, match="garbage.mp4"):
+        read_video(garbage)
+    data = realshort.read_bytes()
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(data[: len(data) // 2])  # index (moov) at the end: unreadable
+    with pytest.raises(VideoError, match="cut.mp4"):
+        video_info(cut)
+    # index at the start (+faststart): the header promises frames the file no longer holds
+    ours = write_video(read_video(realshort, 0, 16), tmp_path / "ours.mp4", fps=30)
+    data = ours.read_bytes()
+    cut2 = tmp_path / "cut2.mp4"
+    cut2.write_bytes(data[: len(data) * 6 // 10])
+    with pytest.raises(VideoError, match="cut2.mp4"):
+        read_video(cut2)
+    with pytest.raises(VideoError, match="does not exist"):
+        read_video(tmp_path / "missing.mp4")
+    with pytest.raises(VideoError, match="36 frames"):
+        read_video(realshort, start=30, num_frames=10)
+
+
+def test_failed_writes_leave_no_file(tmp_path):
+    frames = torch.rand(4, 3, 16, 16)
+    bad = frames.clone()
+    bad[2, 0, 0, 0] = float("nan")
+    with pytest.raises(VideoError, match="NaN"):
+        write_video(bad, tmp_path / "nan.mp4")
+    with pytest.raises(VideoError, match="permute"):
+        write_video(frames.permute(0, 2, 3, 1), tmp_path / "hwc.mp4")
+    with pytest.raises(RuntimeError, match="crash"):
+        with VideoWriter(tmp_path / "crash.mp4") as writer:
+            writer.write(frames)
+            raise RuntimeError("crash mid-video")
+    assert _listing(tmp_path) == []
+    # an existing file is left as it was when a rewrite fails
+    keep = write_video(frames, tmp_path / "keep.mp4")
+    before = keep.read_bytes()
+    with pytest.raises(VideoError):
+        with VideoWriter(keep) as writer:
+            writer.write(frames)
+            writer.write(torch.rand(1, 3, 8, 8))  # size change
+    assert keep.read_bytes() == before and _listing(tmp_path) == ["keep.mp4"]
+    with pytest.raises(VideoError, match=".mp4 or .gif"):
+        write_video(frames, tmp_path / "x.avi")
+
+
+# ----------------------------------------------------------------------------- decode-video CLI
+def _tiny(kind: str):
+    from fastdec.models import TAEConfig, TAEDecoder
+    from fastdec.models.temporal import CausalTAEDecoder, TemporalTAEDecoder
+
+    from fastdec.latent_spaces import get_latent_space
+
+    torch.manual_seed(0)
+    image = TAEDecoder(TAEConfig(latent_channels=4, width=16, stage_blocks=(1, 1, 1)), get_latent_space("svd"))
+    # biases so the random decoder's output is not all clamped to 0: the comparison below needs real pixels
+    with torch.no_grad():
+        image.layers[-1].bias.fill_(0.5)
+    if kind == "image":
+        return image.eval()
+    if kind == "causal":
+        decoder = CausalTAEDecoder.from_image_decoder(image)
+        for name, p in decoder.named_parameters():
+            if name.endswith("memory.weight"):
+                torch.nn.init.normal_(p, std=0.05)
+        return decoder.eval()
+    decoder = TemporalTAEDecoder.from_image_decoder(image, head_dim=8, chunk_size=4, chunk_overlap=1)
+    torch.nn.init.normal_(decoder.temporal_mid.out.weight, std=0.2)
+    return decoder.eval()
+
+
+@pytest.mark.parametrize("kind,fmt", [("causal", ".pt"), ("temporal", ".npy"), ("image", ".safetensors")])
+def test_decode_video_cli_latents(tmp_path, kind, fmt, capsys):
+    from safetensors.torch import save_file
+
+    from fastdec.checkpoints import save_decoder
+
+    decoder = _tiny(kind)
+    ckpt = save_decoder(decoder, tmp_path / "dec.safetensors")
+    torch.manual_seed(1)
+    z = torch.randn(9, 4, 8, 8) * 0.5
+    path = tmp_path / f"lat{fmt}"
+    if fmt == ".pt":
+        torch.save(z, path)
+    elif fmt == ".npy":
+        np.save(path, z[None].numpy())
+    else:
+        save_file({"latents": z}, str(path))
+    out = tmp_path / "out.mp4"
+    assert main(["decode-video", str(path), "--decoder", str(ckpt), "--out", str(out), "--chunk", "2", "--quiet"]) == 0
+    video = read_video(out)
+    assert video.shape == (9, 3, 64, 64)
+    with torch.no_grad():
+        expected = decoder(z[None])[0] if decoder.is_video else decoder(z)
+    assert psnr(video, expected * 255) > 30  # equal up to H.264
+    assert "wrote 9 frames" in capsys.readouterr().err
+
+
+def test_decode_video_cli_errors(tmp_path, realshort, capsys):
+    from fastdec.checkpoints import save_decoder
+
+    ckpt = save_decoder(_tiny("causal"), tmp_path / "dec.safetensors")
+    out = tmp_path / "out.mp4"
+    assert main(["decode-video", str(realshort), "--decoder", str(ckpt), "--out", str(out)]) == 2
+    assert "--teacher" in capsys.readouterr().err
+    torch.save(torch.randn(2, 3, 9, 4, 8, 8), tmp_path / "bad.pt")
+    assert main(["decode-video", str(tmp_path / "bad.pt"), "--decoder", str(ckpt), "--out", str(out)]) == 2
+    assert "(T, C, h, w)" in capsys.readouterr().err
+    torch.save(torch.randn(3, 16, 8, 8), tmp_path / "c16.pt")
+    assert main(["decode-video", str(tmp_path / "c16.pt"), "--decoder", str(ckpt), "--out", str(out)]) == 2
+    assert "16" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_decode_video_cli_reconstructs_through_teacher(tmp_path, realshort, taef2_encoder_path, taef2_decoder_path):
+    """Reconstruct mode with the real TAEF2 pair: a causal decoder made from TAEF2's decoder keeps its quality."""
+    from fastdec.checkpoints import load_decoder, save_decoder
+    from fastdec.models.temporal import CausalTAEDecoder
+
+    causal = CausalTAEDecoder.from_image_decoder(load_decoder(taef2_decoder_path))
+    ckpt = save_decoder(causal, tmp_path / "taef2-causal.safetensors")
+    clip = tmp_path / "clip.mp4"
+    shutil.copy(realshort, clip)
+    out = tmp_path / "recon.mp4"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rc = main(["decode-video", str(clip), "--decoder", str(ckpt), "--teacher", str(taef2_encoder_path),
+                   "--out", str(out), "--num-frames", "2", "--quiet"])
+    assert rc == 0
+    recon, original = read_video(out), read_video(realshort, 0, 2)
+    assert recon.shape == original.shape == (2, 3, 240, 320)
+    assert psnr(recon, original) > 27  # TAEF2 alone: ~31 dB on images; plus one H.264 pass
