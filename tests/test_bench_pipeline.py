@@ -16,7 +16,7 @@ def test_pipeline_bench_end_to_end_json(tmp_path, capsys):
                    "--decoders", "tae-64", "--json", str(out)])
     printed = capsys.readouterr().out
     assert status == 0
-    assert "illustrative" in printed and "decoder share" in printed and "fastdec.swap_decoder" in printed
+    assert "illustrative" in printed and "fastdec.swap_decoder" in printed and "tae-64" in printed
     payload = json.loads(out.read_text())
     assert payload["kind"] == "pipeline" and payload["pipeline_config"] == "tiny" and payload["illustrative"] is True
     assert payload["steps"] == 2 and payload["sizes"] == [64]
@@ -32,6 +32,10 @@ def test_pipeline_bench_end_to_end_json(tmp_path, capsys):
     rest_fixed = original["total_s"] / (original["total_s"] - original["decode_s"] + fast["decode_s"])
     assert fast["speedup_decode_only"] == pytest.approx(rest_fixed)
     assert original["speedup_decode_only"] == pytest.approx(1.0)
+    for row in (original, fast):
+        assert 0 < row["decode_cpu_s"] < row["total_cpu_s"]
+        assert row["decoder_share_cpu"] == pytest.approx(row["decode_cpu_s"] / row["total_cpu_s"])
+    assert fast["speedup_cpu"] == pytest.approx(original["total_cpu_s"] / fast["total_cpu_s"])
     # the same denoising in both runs: only the decoder differs
     assert fast["latent_digest"] == original["latent_digest"]
     assert payload["system"]["torch"] == torch.__version__

@@ -221,3 +221,18 @@ def test_video_end_to_end_with_flicker_and_fvd(tmp_path, taef2_encoder_path, tae
                            teacher_decoder=str(taef2_decoder_path), frames=3, resolution=48)
     assert small["settings"]["shapes"] == ["3x48x48"]
     assert main(["eval"]) == 2
+
+
+def test_video_decoders_get_the_whole_clip():
+    """Video decoders decode (1, T, C, h, w) at once; image decoders frame by frame, in chunks."""
+    from fastdec.evaluate import _decode_frames, _Decoder
+
+    torch.manual_seed(0)
+    video = create_decoder("tae-causal-64", "flux2", width=8, stage_blocks=(1, 1, 1), final_blocks=0).eval()
+    z = torch.randn(5, 32, 4, 6)
+    with torch.no_grad():
+        got = _decode_frames(_Decoder("v", "v", video, is_video=True), z, batch=2)
+        torch.testing.assert_close(got, video(z[None])[0])
+        image = create_decoder("tae-64", "flux2", width=8, stage_blocks=(1, 1, 1), final_blocks=0).eval()
+        torch.testing.assert_close(_decode_frames(_Decoder("i", "i", image), z, batch=2), image(z))
+    assert got.shape == (5, 3, 32, 48)

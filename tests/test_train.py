@@ -83,7 +83,7 @@ def test_mismatched_latent_channels_fail_before_any_work(tiny_setup, tmp_path, c
     args[4] = "tae-64"
     assert cli_main(args + ["--init", str(sd3_decoder)]) == 2
     assert "--init" in capsys.readouterr().out and not (tmp_path / "c2").exists()
-    # TAEF2 teacher (FLUX.2, 32 channels) with an SDXL decoder
+    # a teacher file that does not exist is named in the error
     assert cli_main(["train", "--teacher", str(Path(tiny_setup["teacher"]).parent / "missing.pth"), "--data", "x",
                      "--out", str(tmp_path / "run")]) == 2
     assert "missing.pth" in capsys.readouterr().out
@@ -219,14 +219,15 @@ def test_video_decoder_trains_on_clips(tiny_setup, tmp_path):
 
 
 @pytest.mark.slow
-def test_real_flux2_training_raises_validation_psnr(taef2_encoder_path, tmp_path):
+def test_real_flux2_training_raises_validation_psnr(taef2_encoder_path, taef2_decoder_path, tmp_path):
     """200 CPU steps of tae-64 in the FLUX.2 space on BSDS crops: validation PSNR must rise clearly."""
     from conftest import shared_path
 
     train_dir, val_dir = shared_path("data", "images", "train"), shared_path("data", "images", "val")
     torch.manual_seed(0)
     start = time.perf_counter()
-    config = _run(teacher=str(taef2_encoder_path), decoder="tae-64", data=str(train_dir), val=str(val_dir),
+    config = _run(teacher=str(taef2_encoder_path), teacher_decoder=str(taef2_decoder_path), decoder="tae-64",
+                  data=str(train_dir), val=str(val_dir),
                   resolution=64, crops_per_image=1, steps=200, batch_size=8, lr=2e-3, warmup=20, ema=0.99,
                   val_every=200, val_count=16, ckpt_every=1000, log_every=50, workers=0,
                   cache_dir=str(tmp_path / "cache"), out=str(tmp_path / "run"))
@@ -234,5 +235,16 @@ def test_real_flux2_training_raises_validation_psnr(taef2_encoder_path, tmp_path
     before = float(rows[0]["val_psnr"])
     after = float([r for r in rows if r.get("val_psnr")][-1]["val_psnr"])
     print(f"FLUX.2 tae-64, 200 steps at 64 px: val PSNR {before:.2f} dB (untrained) -> {after:.2f} dB "
-          f"in {time.perf_counter() - start:.0f} s")
-    assert after > before + 8  # measured: 5.9 -> 18.6 dB after 300 steps
+          f"in {time.perf_counter() - start:.0f} s; the TAEF2 decoder on the same crops: "
+          f"{float(rows[0]['teacher_val_psnr']):.2f} dB")
+    assert after > before + 8  # measured here: 6.4 -> 18.5 dB (TAEF2 decoder: 26.6 dB)
+
+
+def test_gradient_accumulation_equals_a_bigger_batch(tiny_setup, tmp_path):
+    base = {**tiny_setup, "val": None}
+    _run(**base | {"batch_size": 2}, grad_accum=1, steps=3, out=str(tmp_path / "big"))
+    _run(**base | {"batch_size": 1}, grad_accum=2, steps=3, out=str(tmp_path / "accum"))
+    a = load_file(str(tmp_path / "big" / "decoder.safetensors"))
+    b = load_file(str(tmp_path / "accum" / "decoder.safetensors"))
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5)

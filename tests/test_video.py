@@ -14,6 +14,16 @@ from fastdec.cli import main
 from fastdec.video import VideoError, VideoWriter, read_video, video_info, write_video
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # The dev machine's 2 cores are shared by several test runs: two OpenMP threads then spin on each other
+    # (15x slower for these tiny models). One thread keeps this file fast; restored afterwards.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     mse = ((a.float() - b.float()) ** 2).mean()
     return float(10 * torch.log10(255**2 / mse))
@@ -67,7 +77,7 @@ def test_frame_folder(tmp_path):
     frames = read_video(folder, start=5, num_frames=3)
     from PIL import Image
 
-    expected = np.asarray(Image.open(folder / "00006.jpg").convert("RGB"))
+    expected = np.array(Image.open(folder / "00006.jpg").convert("RGB"))
     assert torch.equal(frames[1].permute(1, 2, 0), torch.from_numpy(expected))
     with pytest.raises(VideoError, match="70 frames"):
         read_video(folder, start=68, num_frames=3)

@@ -354,6 +354,8 @@ def system_info(device: str | torch.device = "cpu", dtype: str | None = None) ->
         "device": str(device),
         "dtype": dtype,
     }
+    if hasattr(os, "getloadavg"):
+        info["load_avg_1m"] = round(os.getloadavg()[0], 2)  # > cpu_count: other processes share the CPUs
     if device.type == "cuda" and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda
@@ -454,7 +456,7 @@ def plot_speedup(rows: Sequence[dict], path: str | os.PathLike, x: str = "gflops
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from matplotlib.ticker import FuncFormatter
+    from matplotlib.ticker import FuncFormatter, LogLocator
 
     from .checkpoints import atomic_write
 
@@ -487,6 +489,7 @@ def plot_speedup(rows: Sequence[dict], path: str | os.PathLike, x: str = "gflops
     ax.set_yscale("log")
     plain = FuncFormatter(lambda v, _: f"{v:g}")  # 20 and 0.5, not 2x10^1 and 5x10^-1
     for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))  # labels even within one decade
         axis.set_major_formatter(plain)
         axis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
     ax.axhline(1.0, color="grey", lw=0.8, ls="--", zorder=1)
@@ -571,7 +574,7 @@ def _prepare_baseline(spec: RowSpec) -> PreparedRow:
         diffusers_logging.set_verbosity(verbosity)
     if spec.channels_last:
         vae = vae.to(memory_format=torch.channels_last)
-    factor = 8  # all three VAEs: 3 (AutoencoderKL) or 3 (AutoencoderTiny) 2x upsamplings
+    factor = 8  # all three VAEs upsample 8x (three 2x stages)
     if spec.size % factor:
         raise BenchError(f"size {spec.size} is not a multiple of {factor} ({base.name} latents are 1/{factor} "
                          "of the image): pick e.g. 256 or 512")
@@ -813,6 +816,7 @@ def run_bench(cfg: BenchConfig, console=None) -> dict[str, Any]:
         raise BenchError("nothing to benchmark: no decoders and no baselines selected")
     unavailable = {b: _backend_unavailable(b) for b in cfg.backends}
     started = time.perf_counter()
+    load_at_start = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
     results: list[dict[str, Any]] = []
     failed: list[Skip] = []
     eager_flops: dict[tuple[str, int], int | None] = {}
@@ -899,11 +903,13 @@ def run_bench(cfg: BenchConfig, console=None) -> dict[str, Any]:
         workdir.cleanup()
 
     reference = _add_speedups(results)
+    system = system_info(cfg.device, cfg.dtype)
+    system["load_avg_1m_start"] = load_at_start
     return {
         "benchmark": "fastdec bench (image decoders)",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "wall_s": time.perf_counter() - started,
-        "system": system_info(cfg.device, cfg.dtype),
+        "system": system,
         "settings": dataclasses.asdict(cfg),
         "reference": reference,
         "speedup_definition": (f"{reference} seconds per image / row seconds per image, same size, same run "
@@ -959,6 +965,11 @@ def print_report(payload: dict[str, Any], console=None) -> None:
                       "same latents). peak MB = working memory of one decode beyond the weights "
                       + ("(CUDA max allocated)" if s["device"].startswith("cuda") else "(peak RSS, isolated process)")
                       + ". GFLOPs per call from torch.utils.flop_counter.")
+    loads = [x for x in (s.get("load_avg_1m_start"), s.get("load_avg_1m")) if x is not None]
+    if s["device"].startswith("cpu") and loads and max(loads) > (s["cpu_count"] or 1):
+        console.print(f"warning: the machine was busy (1-min load average up to {max(loads):.1f} on {s['cpu_count']} "
+                      "CPUs): other processes slowed these rows, unequally; rerun on a quiet machine before quoting "
+                      "numbers", style="yellow", markup=False)
     notes = [r for r in payload["rows"] if r.get("note")]
     for r in notes:
         console.print(f"note: {r['name']} ({r['backend']}) {r['size']}px: {r['note']}", markup=False)

@@ -99,7 +99,8 @@ def build_sdxl_pipeline(config: str = "tiny", device: str = "cpu", dtype: torch.
         force_zeros_for_empty_prompt=False,
     )
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device=device, dtype=dtype)
+    # built in float32; a no-op cast would only make diffusers warn about keeping modules in float32
+    return pipe.to(device=device) if dtype == torch.float32 else pipe.to(device=device, dtype=dtype)
 
 
 # ----------------------------------------------------------------------------- timing
@@ -109,6 +110,7 @@ class DecodeTimer:
     def __init__(self, device: str | torch.device):
         self.device = device
         self.seconds: list[float] = []
+        self.cpu_seconds: list[float] = []  # process CPU time (all threads), a second view on a shared host
         self.latent_digests: list[str] = []
         self.nonfinite_latents = False
 
@@ -123,10 +125,11 @@ class DecodeTimer:
                 self.nonfinite_latents = True
                 z = torch.nan_to_num(z, nan=0.0, posinf=1e3, neginf=-1e3)
             synchronize(self.device)
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             out = original(z, *args, **kwargs)
             synchronize(self.device)
             self.seconds.append(time.perf_counter() - start)
+            self.cpu_seconds.append(time.process_time() - cpu_start)
             return out
 
         vae.decode = timed_decode  # instance attribute: the class and other pipelines are untouched
@@ -140,17 +143,19 @@ def time_pipeline(pipe: Any, size: int, steps: int, seed: int, warmup: int, repe
     timer = DecodeTimer(device)
     timer.install(pipe.vae)
     totals: list[float] = []
+    cpu_totals: list[float] = []
     try:
         with torch.inference_mode():
             for run in range(warmup + repeats):
                 generator = torch.Generator("cpu").manual_seed(seed)
                 synchronize(device)
-                start = time.perf_counter()
+                start, cpu_start = time.perf_counter(), time.process_time()
                 image = pipe(PROMPT, height=size, width=size, num_inference_steps=steps, generator=generator,
                              output_type="pil").images[0]
                 synchronize(device)
                 if run >= warmup:
                     totals.append(time.perf_counter() - start)
+                    cpu_totals.append(time.process_time() - cpu_start)
     finally:
         timer.remove(pipe.vae)
     if len(timer.seconds) != warmup + repeats:
@@ -159,6 +164,7 @@ def time_pipeline(pipe: Any, size: int, steps: int, seed: int, warmup: int, repe
     return {
         "total_s": float(np.median(totals)), "decode_s": float(np.median(decodes)),
         "total_runs_s": totals, "decode_runs_s": decodes, "image_size": list(image.size),
+        "total_cpu_s": float(np.median(cpu_totals)), "decode_cpu_s": float(np.median(timer.cpu_seconds[warmup:])),
         "latent_digest": timer.latent_digests[-1], "same_latents_every_run": len(set(timer.latent_digests)) == 1,
         "nonfinite_latents": timer.nonfinite_latents,
     }
@@ -227,32 +233,55 @@ def run_pipeline_bench(args: argparse.Namespace) -> int:
             if config == "tiny" else
             "SDXL-base configs (UNet, both text encoders, VAE) with random weights: timing as the released model")
     console.print(f"fastdec bench --pipeline: {note}. {steps} steps, {device}, {args.dtype}, "
-                  f"{repeats} timed run(s) after {args.warmup} warm-up; swapped with fastdec.swap_decoder")
+                  f"{repeats} timed round(s) after {args.warmup} warm-up, every decoder once per round (interleaved); "
+                  "swapped with fastdec.swap_decoder")
     start_wall = time.perf_counter()
     pipe = build_sdxl_pipeline(config, device=device, dtype=dtype, seed=args.seed)
     rows: list[dict[str, Any]] = []
+    variants: list[tuple[str, Any]] = [("SDXL VAE (original)", None)]
+    variants += [(name, decoder.to(device=device, dtype=dtype).eval()) for name, decoder in decoders]
     for size in sizes:
-        base = time_pipeline(pipe, size, steps, args.seed, args.warmup, repeats, device)
-        rows.append({"name": "SDXL VAE (original)", "size": size, **base})
-        for name, decoder in decoders:
-            decoder = decoder.to(device=device, dtype=dtype).eval()
-            restore, how = _swap(pipe, decoder)
-            try:
-                result = time_pipeline(pipe, size, steps, args.seed, args.warmup, repeats, device)
-            finally:
-                restore(pipe)
-            if result["latent_digest"] != base["latent_digest"]:
+        # Round-robin: each round runs every variant once, so a machine that gets busier or quieter during the
+        # benchmark shifts all rows alike instead of whichever variant happened to run then.
+        runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in variants}
+        for _ in range(args.warmup + repeats):
+            for name, decoder in variants:
+                restore = None
+                if decoder is not None:
+                    restore, _how = _swap(pipe, decoder)
+                try:
+                    runs[name].append(time_pipeline(pipe, size, steps, args.seed, 0, 1, device))
+                finally:
+                    if restore is not None:
+                        restore(pipe)
+        base_digest = runs[variants[0][0]][-1]["latent_digest"]
+        for name, decoder in variants:
+            timed = runs[name][args.warmup:]
+            digests = {r["latent_digest"] for r in runs[name]}
+            if digests != {base_digest}:
                 raise RuntimeError(f"{name}: the pipeline produced different latents than with its own VAE: "
                                    "the comparison would not be like for like")
-            rows.append({"name": name, "size": size, "swap": how, **result})
+            totals = [r["total_runs_s"][0] for r in timed]
+            decodes = [r["decode_runs_s"][0] for r in timed]
+            cpu_totals = [r["total_cpu_s"] for r in timed]
+            cpu_decodes = [r["decode_cpu_s"] for r in timed]
+            rows.append({
+                "name": name, "size": size, "swap": None if decoder is None else "fastdec.swap_decoder",
+                "total_s": float(np.median(totals)), "decode_s": float(np.median(decodes)),
+                "total_runs_s": totals, "decode_runs_s": decodes, "image_size": timed[-1]["image_size"],
+                "total_cpu_s": float(np.median(cpu_totals)), "decode_cpu_s": float(np.median(cpu_decodes)),
+                "latent_digest": base_digest, "nonfinite_latents": any(r["nonfinite_latents"] for r in runs[name]),
+            })
     for row in rows:
         row["rest_s"] = row["total_s"] - row["decode_s"]
         row["decoder_share"] = row["decode_s"] / row["total_s"]
+        row["decoder_share_cpu"] = row["decode_cpu_s"] / row["total_cpu_s"]
     for row in rows:
         reference = next(r for r in rows if r["size"] == row["size"])
         row["speedup"] = reference["total_s"] / row["total_s"]
         row["decode_speedup"] = reference["decode_s"] / row["decode_s"]
         row["saved_pct"] = 100 * (1 - row["total_s"] / reference["total_s"])
+        row["speedup_cpu"] = reference["total_cpu_s"] / row["total_cpu_s"]
         # the speed-up with everything but the decode held at the original run's time: on a busy machine the
         # denoising time of separate runs wanders, and this isolates what the decoder changed
         row["speedup_decode_only"] = reference["total_s"] / (reference["rest_s"] + row["decode_s"])
@@ -260,19 +289,28 @@ def run_pipeline_bench(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     table = Table(title=f"whole-pipeline time, SDXL ({config}), {steps} steps, median of {repeats}")
-    for header in ("decoder", "px", "pipeline s", "decode s", "rest s", "decoder share", "pipeline speed-up",
-                   "time saved", "speed-up, rest fixed", "decode speed-up"):
+    on_cpu = torch.device(device).type == "cpu"
+    columns = [("decoder", lambda r: r["name"]), ("px", lambda r: str(r["size"])),
+               ("pipeline s", lambda r: f"{r['total_s']:.2f}"), ("decode s", lambda r: f"{r['decode_s']:.2f}"),
+               ("decoder share", lambda r: f"{100 * r['decoder_share']:.1f}%"),
+               ("pipeline speed-up", lambda r: f"{r['speedup']:.2f}x"),
+               ("speed-up, rest fixed", lambda r: f"{r['speedup_decode_only']:.2f}x"),
+               ("decode speed-up", lambda r: f"{r['decode_speedup']:.1f}x")]
+    if on_cpu:  # CPU seconds of this process: a second view when other jobs share the cores
+        columns += [("CPU s", lambda r: f"{r['total_cpu_s']:.2f}"),
+                    ("decoder share (CPU)", lambda r: f"{100 * r['decoder_share_cpu']:.1f}%"),
+                    ("speed-up (CPU)", lambda r: f"{r['speedup_cpu']:.2f}x")]
+    for header, _ in columns:
         table.add_column(header, justify="left" if header == "decoder" else "right")
     for r in rows:
-        table.add_row(r["name"], str(r["size"]), f"{r['total_s']:.3f}", f"{r['decode_s']:.3f}", f"{r['rest_s']:.3f}",
-                      f"{100 * r['decoder_share']:.1f}%", f"{r['speedup']:.2f}x", f"{r['saved_pct']:.1f}%",
-                      f"{r['speedup_decode_only']:.2f}x", f"{r['decode_speedup']:.1f}x")
+        table.add_row(*(fmt(r) for _, fmt in columns))
     console.print(table)
     if any(r["nonfinite_latents"] for r in rows):
         console.print("note: the random-weight denoiser produced NaN/inf latents (fp16 overflow); they were replaced "
                       "by finite values before every decode, the same for every row: timings stand, images are noise")
     console.print("'speed-up, rest fixed' = original pipeline time / (original time without its decode + this "
-                  "decode): the decoder's effect alone; 'pipeline speed-up' also carries run-to-run noise of the rest")
+                  "decode): the decoder's effect alone; 'pipeline speed-up' also carries run-to-run noise of the rest"
+                  + ("; CPU columns: this process's CPU time (all threads)" if on_cpu else ""))
     if config == "tiny":
         console.print("note: the UNet is a tiny stand-in, so the decoder's share (and the speed-up) is illustrative; "
                       "run on a GPU (--device cuda, real SDXL configs) for representative numbers")

@@ -160,6 +160,8 @@ class OnnxDecoder:
         # same thread count torch uses (respects OMP_NUM_THREADS / torch.set_num_threads); one op at a time
         options.intra_op_num_threads = intra_op_threads or torch.get_num_threads()
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        # idle workers sleep instead of spinning: spinning threads starve torch and other processes on shared CPUs
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(self.path), options, providers=list(providers or _default_providers()))
         meta = self.session.get_modelmeta().custom_metadata_map
         missing = [k for k in ("latent_space", "upsample_factor") if k not in meta]
@@ -211,8 +213,8 @@ def _load_any_decoder(source: str, latent_space: str | None, quiet: bool = False
 
     if source in list_decoders():
         if not quiet:
-            print(f"note: '{source}' is a preset: exporting it with RANDOM weights (for benchmarking); "
-                  "pass a trained checkpoint path to export a usable decoder")
+            print(f"note: '{source}' is a preset: using it with RANDOM weights (for benchmarking); "
+                  "pass a trained checkpoint path for real images")
         return create_decoder(source, latent_space or "sdxl")
     return load_decoder(source, latent_space=latent_space)
 

@@ -54,7 +54,8 @@ def _torch_decoder(decoder: Any) -> nn.Module:
 
 def _cache_key(decoder: nn.Module) -> str:
     config = decoder.config_dict() if hasattr(decoder, "config_dict") else repr(getattr(decoder, "config", ""))
-    return json.dumps([type(decoder).__module__, type(decoder).__qualname__, config], sort_keys=True, default=str)
+    factor = getattr(decoder, "upsample_factor", None)
+    return json.dumps([type(decoder).__module__, type(decoder).__qualname__, config, factor], sort_keys=True, default=str)
 
 
 def _global_layer_names(decoder: nn.Module) -> tuple[str, ...]:
@@ -158,7 +159,11 @@ def measure_receptive_field(decoder: Any) -> ReceptiveField:
     if key not in _CACHE:
         radius, unbounded, length = _probe(decoder, False, _PROBE_LENGTHS[:1])
         field = ReceptiveField(radius, False)
-        if unbounded:
+        attention = [n for n in _global_layer_names(decoder) if "attention" in n.lower()]
+        if unbounded and attention:
+            # attention mixes the whole image and has no local path to isolate: no further probing helps
+            field = ReceptiveField(radius, True, _global_layer_names(decoder), False)
+        elif unbounded:
             # either a large local field or image-wide mixing: measure the local (conv) path with GroupNorm
             # statistics detached, then check whether the real module reaches further at that probe length
             local_radius, local_unbounded, length = _probe(decoder, True, _PROBE_LENGTHS)

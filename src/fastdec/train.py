@@ -359,6 +359,7 @@ def train(config: TrainConfig) -> Path:
 
     # 1. teacher and student, checked against each other before any work ---------------------------
     teacher = load_teacher(config.teacher, decoder=config.teacher_decoder, latent_space=config.latent_space)
+    set_seed(config.seed)  # the student's initialisation must not depend on what the teacher loading drew
     decoder = build_student(config, teacher.latent_space)
     check_compatible(teacher, decoder)
     if config.frames and not decoder.is_video:

@@ -11,7 +11,7 @@ Two ways to make a TAE decoder see time:
 * ``CausalTAEDecoder`` (presets ``tae-causal-64``, ``tae-causal-192``,
   TAEHV-style): every residual block also sees its own input at the previous
   frame through a ``memory`` conv. Nothing looks ahead, so the same weights
-  decode all frames at once (``decoder(z)``, fastest) or stream them
+  decode all frames in one call (``decoder(z)``; memory grows with T) or stream them
   (``decoder.stream()``: push latent frames, get RGB frames back; state is one
   frame of features per block, whatever the video length).
 

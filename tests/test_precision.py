@@ -1,0 +1,165 @@
+"""fp16/bf16 decoding matches fp32, never overflows, and optimize() compiles (or falls back) without changing results."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastdec
+from fastdec import create_decoder, list_decoders
+from fastdec.runtime import OptimizedDecoder, fp16_headroom, optimize, parse_dtype
+
+IMAGE_PRESETS = list_decoders(video=False)
+# Stated tolerances (max |diff| on [0, 1] RGB vs fp32). fp16 keeps 11 mantissa bits, bf16 8: bf16 errors are ~8x larger.
+TOLERANCE = {torch.float16: 1e-2, torch.bfloat16: 5e-2}
+MEAN_TOLERANCE = {torch.float16: 1e-3, torch.bfloat16: 5e-3}
+
+
+@pytest.mark.parametrize("preset", IMAGE_PRESETS)
+def test_presets_decode_in_half_precision(preset):
+    torch.manual_seed(0)
+    decoder = create_decoder(preset, "sdxl").eval()
+    z = torch.randn(1, decoder.latent_channels, 8, 8)
+    with torch.no_grad():
+        reference = decoder(z)
+        for dtype in (torch.float16, torch.bfloat16):
+            decoder.to(dtype)
+            out = decoder(z)  # fp32 latents are cast, not rejected
+            assert out.dtype == dtype
+            assert (out.float() - reference).abs().max() <= TOLERANCE[dtype], (preset, dtype)
+            extreme = decoder(10 * torch.randn_like(z).sign())
+            assert torch.isfinite(extreme).all(), (preset, dtype)
+            decoder.float()
+
+
+@pytest.fixture(scope="module")
+def taef2_real():
+    from skimage import data
+
+    from conftest import shared_path
+
+    decoder_path = shared_path("weights", "taef2_decoder.pth")
+    encoder = fastdec.load_encoder(shared_path("weights", "taef2_encoder.pth"))
+    image = torch.from_numpy(data.astronaut()).permute(2, 0, 1)[None].float() / 255
+    with torch.no_grad():
+        z = encoder(image[:, :, 128:384, 128:384])
+    return decoder_path, z
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_trained_taef2_half_precision_matches_fp32(taef2_real, dtype):
+    path, z = taef2_real
+    reference_decoder = fastdec.load_decoder(path)
+    decoder = fastdec.load_decoder(path, dtype=dtype)
+    with torch.no_grad():
+        reference, out = reference_decoder(z), decoder(z)
+        diff = (out.float() - reference).abs()
+        assert diff.max() <= TOLERANCE[dtype] and diff.mean() <= MEAN_TOLERANCE[dtype], (diff.max(), diff.mean())
+        for extreme in (torch.full_like(z, 10), torch.full_like(z, -10), 10 * torch.randn_like(z).sign(), z * 10):
+            assert torch.isfinite(decoder(extreme)).all()
+
+
+def test_trained_taef2_has_fp16_headroom_on_extreme_latents(taef2_real):
+    # The input Clamp (tanh, |z| <= 3) bounds every activation: the largest is ~75, ~900x below fp16's 65504.
+    path, z = taef2_real
+    decoder = fastdec.load_decoder(path)
+    for extreme in (10 * torch.randn_like(z).sign(), torch.full_like(z, -10), z * 10):
+        headroom, layer = fp16_headroom(decoder, extreme)
+        assert headroom > 100, f"{layer} comes within {headroom:.0f}x of fp16 overflow"
+
+
+def test_other_input_dtypes_are_cast():
+    decoder = create_decoder("tae-64", "sdxl").eval()
+    z = torch.randn(1, 4, 8, 8)
+    with torch.no_grad():
+        reference = decoder(z)
+        for dtype in (torch.float16, torch.bfloat16, torch.float64):
+            out = decoder(z.to(dtype))
+            assert out.dtype == torch.float32
+            assert (out - reference).abs().max() < 2e-2
+        with pytest.raises(TypeError, match="floating point"):
+            decoder(z.to(torch.int32))
+
+
+def test_parse_dtype():
+    assert parse_dtype("fp16") is torch.float16 and parse_dtype("bf16") is torch.bfloat16 and parse_dtype(None) is None
+    with pytest.raises(ValueError, match="fp32, fp16, bf16"):
+        parse_dtype("fp8")
+
+
+class _CountingCompile:
+    """Stands in for torch.compile: records that the core was compiled and how often the compiled core runs."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, fn, **kwargs):
+        def compiled(*args):
+            self.calls += 1
+            return fn(*args)
+
+        return compiled
+
+
+def test_optimize_routes_forward_and_decode_through_compiled_core(monkeypatch):
+    counter = _CountingCompile()
+    monkeypatch.setattr(torch, "compile", counter)
+    decoder = create_decoder("tae-64", "sdxl").eval()
+    z = torch.randn(2, 4, 8, 12)
+    with torch.no_grad():
+        reference = decoder(z)
+        fast = optimize(decoder)
+        assert isinstance(fast, OptimizedDecoder) and fast.compiled
+        out_call, out_decode, out_forward = fast(z), fast.decode(z), fast.forward(z)
+    assert counter.calls == 3
+    for out in (out_call, out_decode, out_forward):
+        assert (out - reference).abs().max() < 1e-5
+    assert fast.latent_space.name == "sdxl" and fast.upsample_factor == 8  # delegated attributes
+    with pytest.raises(ValueError, match="latent channels|channels"):
+        fast(torch.randn(1, 16, 8, 8))  # checks still run in eager
+    with pytest.raises(ValueError, match="NaN"):
+        fast(torch.full((1, 4, 8, 8), float("nan")))
+
+
+def test_optimize_falls_back_when_compile_is_unavailable(monkeypatch):
+    def unavailable(*args, **kwargs):
+        raise RuntimeError("Dynamo is not supported on this Python")
+
+    monkeypatch.setattr(torch, "compile", unavailable)
+    decoder = create_decoder("tae-64", "sdxl").eval()
+    z = torch.randn(1, 4, 8, 8)
+    with torch.no_grad():
+        reference = decoder(z)
+        with pytest.warns(RuntimeWarning, match="eager"):
+            fast = optimize(decoder, dtype="fp32")
+        assert not fast.compiled
+        assert (fast(z) - reference).abs().max() < 1e-5
+
+
+def test_optimize_falls_back_when_compiled_core_fails_at_first_call(monkeypatch):
+    def broken_compile(fn, **kwargs):
+        def compiled(*args):
+            raise RuntimeError("InductorError: CppCompileError: no C++ compiler")
+
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    decoder = create_decoder("tae-64", "sdxl").eval()
+    z = torch.randn(1, 4, 8, 8)
+    with torch.no_grad():
+        reference = decoder(z)
+        fast = optimize(decoder)
+        with pytest.warns(RuntimeWarning, match="C\\+\\+ compiler"):
+            out = fast.decode(z)
+        assert (out - reference).abs().max() < 1e-5
+        assert not fast.compiled
+        assert (fast(z) - reference).abs().max() < 1e-5  # later calls stay eager, no second warning needed
+
+
+@pytest.mark.slow
+def test_optimize_really_compiles_on_cpu():
+    decoder = create_decoder("tae-64", "sdxl").eval()
+    z = torch.randn(1, 4, 8, 8)
+    with torch.no_grad():
+        reference = decoder(z)
+        fast = optimize(decoder)
+        assert (fast.decode(z) - reference).abs().max() < 1e-4

@@ -1,0 +1,79 @@
+"""Tiled decoding equals untiled decoding when the overlap covers the measured receptive field."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastdec import create_decoder
+from fastdec.tiling import (ApproximateTilingWarning, GlobalReceptiveFieldError, decode_tiled,
+                            measure_receptive_field, receptive_field, tile_count)
+
+
+def test_receptive_field_matches_a_perturbation_probe():
+    # TAESD layout: 10 3x3 convs at latent scale, 10 at 2x, 10 at 4x, 5 at 8x -> 10 + 5 + 2.5 + 0.625 = 18.1 -> 19 cells
+    decoder = create_decoder("tae-64", "sdxl").double().eval()
+    radius = receptive_field(decoder)
+    assert radius == 19
+    size, c = 2 * radius + 9, radius + 4
+    f = decoder.upsample_factor
+    torch.manual_seed(0)
+    z = torch.randn(1, 4, size, size, dtype=torch.float64)
+    bumped = z.clone()
+    bumped[0, :, c, c] += 5.0
+    with torch.no_grad():
+        changed = (decoder.decode_layers(bumped) - decoder.decode_layers(z)).abs().amax((0, 1)) > 0
+    ys, xs = changed.nonzero(as_tuple=True)
+    reach = int(torch.stack([(ys // f - c).abs(), (xs // f - c).abs()]).max())
+    # random weights can leave the outermost ring dead behind a ReLU, never reach beyond the computed field
+    assert radius - 2 <= reach <= radius
+
+
+@pytest.mark.parametrize("preset", ["tae-64", "effvit-paper"])
+def test_tiled_equals_untiled(preset):
+    torch.manual_seed(0)
+    decoder = create_decoder(preset, "sdxl").eval()
+    overlap = receptive_field(decoder)
+    tile = 2 * overlap + 24
+    z = torch.randn(1, 4, tile + 12, tile + 4)
+    assert tile_count(*z.shape[-2:], tile, overlap) >= 4
+    with torch.no_grad():
+        reference = decoder(z)
+        tiled = decode_tiled(decoder, z, tile=tile)
+        assert tiled.shape == reference.shape
+        assert (tiled - reference).abs().max() <= 1e-5
+        # a small overlap changes pixels: the tiles really are decoded separately
+        short = decode_tiled(decoder, z, tile=tile, overlap=2)
+        assert (short - reference).abs().max() > 1e-5
+
+
+def test_any_channel_count_and_small_inputs():
+    decoder = create_decoder("tae-64", "flux2", use_midblock_gn=False, stage_blocks=(1, 1, 1), final_blocks=0).eval()
+    overlap = receptive_field(decoder)
+    z = torch.randn(2, 32, 2 * overlap + 14, 2 * overlap + 10)
+    with torch.no_grad():
+        assert (decode_tiled(decoder, z, tile=2 * overlap + 6) - decoder(z)).abs().max() <= 1e-5
+        small = torch.randn(1, 32, 4, 4)
+        assert torch.equal(decode_tiled(decoder, small, tile=64), decoder(small))
+    with pytest.raises(ValueError, match="channels"):
+        decode_tiled(decoder, torch.randn(1, 4, 80, 80), tile=64)
+    with pytest.raises(ValueError, match="tile"):
+        decode_tiled(decoder, z, tile=overlap, overlap=overlap)
+
+
+def test_groupnorm_branch_is_flagged_as_global():
+    # TAEF2's mid-block GroupNorm sees the whole image: tiling can only approximate it
+    decoder = create_decoder("tae-64", "flux2", stage_blocks=(1, 1, 1), final_blocks=0).eval()
+    field = measure_receptive_field(decoder)
+    assert field.is_global and field.local_radius_known and any("GroupNorm" in n for n in field.global_layers)
+    with pytest.raises(GlobalReceptiveFieldError, match="global receptive field"):
+        receptive_field(decoder)
+    z = torch.randn(1, 32, 40, 40)
+    with pytest.warns(ApproximateTilingWarning, match="approximate"), torch.no_grad():
+        out = decode_tiled(decoder, z, tile=2 * field.radius + 8)
+    assert out.shape == (1, 3, 320, 320) and torch.isfinite(out).all()
+
+
+def test_attention_preset_is_flagged_as_global():
+    decoder = create_decoder("effvit-attn", "sdxl").eval()
+    with pytest.raises(GlobalReceptiveFieldError, match="Attention"):
+        receptive_field(decoder)
