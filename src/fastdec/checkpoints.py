@@ -34,6 +34,9 @@ class CheckpointError(ValueError):
 
 
 # ----------------------------------------------------------------------------- writing
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 def atomic_write(path: str | os.PathLike, write, suffix: str = "") -> Path:
     """Call ``write(tmp_path)`` then rename over ``path``: readers never see a half-written file."""
     path = Path(path)
@@ -42,6 +45,7 @@ def atomic_write(path: str | os.PathLike, write, suffix: str = "") -> Path:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; outputs should be readable like any file
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -265,15 +265,7 @@ def _digits(metric: str) -> int:
 
 # ----------------------------------------------------------------------------- writing
 def _atomic(path: Path, write: Callable[[str], Any]) -> Path:
-    """atomic_write, with the permissions of a normally created file (mkstemp makes them 0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-
-    def write_shared(tmp: str) -> None:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~umask)
-
-    return atomic_write(path, write_shared, suffix=path.suffix)
+    return atomic_write(path, write, suffix=path.suffix)
 
 
 def _write_text(path: Path, text: str) -> Path:

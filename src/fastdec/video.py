@@ -19,6 +19,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from .checkpoints import _UMASK
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 WRITE_SUFFIXES = (".mp4", ".gif")
 
@@ -259,6 +261,7 @@ def _to_uint8(frames: torch.Tensor) -> np.ndarray:
     return frames.permute(0, 2, 3, 1).contiguous().cpu().numpy()
 
 
+
 class VideoWriter:
     """Write frames incrementally to .mp4 (H.264, yuv420p) or .gif; the file appears only on ``close``.
 
@@ -342,6 +345,7 @@ class VideoWriter:
             for packet in self._stream.encode():
                 self._container.mux(packet)
             self._container.close()
+        os.chmod(self._tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600
         os.replace(self._tmp, self.path)
         self._closed = True
         return self.path
