@@ -23,6 +23,16 @@ def shared_path(*parts: str) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """For files of tiny models: with 2 intra-op threads on a busy 2-core machine, OpenMP hand-offs cost more
+    than the math (measured: a 3x4x4x4 decode took 3.5 s with 2 threads, 0.06 s with 1). Restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def taef2_encoder_path() -> Path:
     return shared_path("weights", "taef2_encoder.pth")

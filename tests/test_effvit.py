@@ -15,14 +15,7 @@ SPACES = ["sd15", "sdxl", "sd3", "flux1", "flux2", "svd", "sana"]
 EFFVIT_PRESETS = ["effvit-paper", "effvit-attn"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # These decodes are tiny: on a shared, oversubscribed CPU a second OpenMP thread spin-waits
-    # for its descheduled peer and makes them 10-50x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def n_params(module: torch.nn.Module) -> int:

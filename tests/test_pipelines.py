@@ -21,14 +21,7 @@ NAMES = ["sd15", "sdxl", "sd3", "flux1", "flux2", "svd"]  # flux2 = Flux2KleinPi
 SIZE = 32
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """These models are tiny: with 2 intra-op threads on a busy machine, thread hand-offs cost more than the
-    math (measured: a 3x4x4x4 decode took 3.5 s with 2 threads, 0.06 s with 1)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def call_kwargs(name: str, steps: int = 2, height: int = SIZE, width: int = SIZE, **extra) -> dict:

@@ -15,14 +15,7 @@ SD15 = get_latent_space("sd15")
 TINY = dict(latent_channels=4, width=16, stage_blocks=(1, 1, 1), final_blocks=1)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The dev machine's 2 cores are shared by several test runs: two OpenMP threads then spin on each other
-    # (15x slower for these tiny models). One thread keeps this file fast; restored afterwards.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny_causal(seed: int = 0, memory_std: float = 0.1) -> CausalTAEDecoder:

@@ -21,13 +21,7 @@ from fastdec.losses import (LossConfigError, PatchDiscriminator, hinge_d_loss, h
 from fastdec.train import GlobalBatches, TrainConfig, TrainError, lr_factor, make_config, train
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one thread avoids OpenMP barrier stalls under load."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 

@@ -14,14 +14,7 @@ from fastdec.cli import main
 from fastdec.video import VideoError, VideoWriter, read_video, video_info, write_video
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The dev machine's 2 cores are shared by several test runs: two OpenMP threads then spin on each other
-    # (15x slower for these tiny models). One thread keeps this file fast; restored afterwards.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
