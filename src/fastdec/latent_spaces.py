@@ -80,19 +80,20 @@ class LatentSpace:
         x = x.view(n, c, p, p, h, w).permute(0, 1, 4, 2, 5, 3)
         return x.reshape(n, c, h * p, w * p)
 
-    def bn_denormalize(self, x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor) -> torch.Tensor:
-        """Pipeline-space FLUX.2 latents (patchified, normalised) -> raw VAE latents."""
+    def _bn_mean_std(self, like: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor):
         if self.batch_norm_eps is None:
             raise ValueError(f"latent space '{self.name}' has no batch-norm statistics")
-        mean = running_mean.view(1, -1, 1, 1).to(x)
-        std = torch.sqrt(running_var.view(1, -1, 1, 1).to(x) + self.batch_norm_eps)
+        mean = running_mean.view(1, -1, 1, 1).to(like)
+        return mean, torch.sqrt(running_var.view(1, -1, 1, 1).to(like) + self.batch_norm_eps)
+
+    def bn_denormalize(self, x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor) -> torch.Tensor:
+        """Pipeline-space FLUX.2 latents (patchified, normalised) -> raw VAE latents."""
+        mean, std = self._bn_mean_std(x, running_mean, running_var)
         return self.unpatchify(x * std + mean)
 
     def bn_normalize(self, raw: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor) -> torch.Tensor:
-        if self.batch_norm_eps is None:
-            raise ValueError(f"latent space '{self.name}' has no batch-norm statistics")
-        mean = running_mean.view(1, -1, 1, 1).to(raw)
-        std = torch.sqrt(running_var.view(1, -1, 1, 1).to(raw) + self.batch_norm_eps)
+        """Raw VAE latents -> pipeline-space FLUX.2 latents (what Flux2Pipeline does after vae.encode)."""
+        mean, std = self._bn_mean_std(raw, running_mean, running_var)
         return (self.patchify(raw) - mean) / std
 
     # -- helpers ---------------------------------------------------------------------

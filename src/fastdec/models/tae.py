@@ -8,6 +8,7 @@ nn.Sequential, so original ``.pth`` state dicts load strictly without renaming.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -31,21 +32,27 @@ class TAEConfig:
         self.stage_blocks = tuple(int(b) for b in self.stage_blocks)
 
 
+def tae_layers(config: TAEConfig, block: Callable[..., nn.Module] = ResBlock) -> nn.Sequential:
+    """The TAESD decoder stack. Video decoders pass their own residual block and so keep the
+    image decoder's layer names: a trained image decoder's weights load into them directly."""
+    w = config.width
+    layers: list[nn.Module] = [Clamp(), conv3x3(config.latent_channels, w), nn.ReLU()]
+    for stage, n_blocks in enumerate(config.stage_blocks):
+        gn = config.use_midblock_gn and stage == 0
+        layers += [block(w, w, use_gn_branch=gn) for _ in range(n_blocks)]
+        layers += [nn.Upsample(scale_factor=2), conv3x3(w, w, bias=False)]
+    layers += [block(w, w) for _ in range(config.final_blocks)]
+    layers.append(conv3x3(w, 3))
+    return nn.Sequential(*layers)
+
+
 class TAEDecoder(LatentDecoder):
     architecture = "tae"
     config_class = TAEConfig
 
     def __init__(self, config: TAEConfig, latent_space: LatentSpace):
         super().__init__(config, latent_space)
-        w = config.width
-        layers: list[nn.Module] = [Clamp(), conv3x3(config.latent_channels, w), nn.ReLU()]
-        for stage, n_blocks in enumerate(config.stage_blocks):
-            gn = config.use_midblock_gn and stage == 0
-            layers += [ResBlock(w, w, use_gn_branch=gn) for _ in range(n_blocks)]
-            layers += [nn.Upsample(scale_factor=2), conv3x3(w, w, bias=False)]
-        layers += [ResBlock(w, w) for _ in range(config.final_blocks)]
-        layers.append(conv3x3(w, 3))
-        self.layers = nn.Sequential(*layers)
+        self.layers = tae_layers(config)
 
     @property
     def upsample_factor(self) -> int:

@@ -31,10 +31,10 @@ import torch.nn.functional as F
 
 from ..latent_spaces import LatentSpace
 from .base import LatentDecoder
-from .blocks import Clamp, ResBlock, conv3x3
+from .blocks import ResBlock, conv3x3
 from .presets import _tae_stages
 from .registry import register_architecture, register_preset
-from .tae import TAEDecoder
+from .tae import TAEConfig, TAEDecoder, tae_layers
 
 _IMAGE_FIELDS = ("latent_channels", "width", "stage_blocks", "final_blocks", "use_midblock_gn")
 
@@ -142,19 +142,15 @@ class TemporalAttention(nn.Module):
 
 
 @dataclass
-class TemporalTAEConfig:
-    latent_channels: int = 4
+class TemporalTAEConfig(TAEConfig):
     width: int = 192
-    stage_blocks: tuple[int, ...] = (3, 3, 3)
-    final_blocks: int = 1
-    use_midblock_gn: bool = False
     head_dim: int = 64
     # frames per temporal-attention window, and context frames on each side that are not output
     chunk_size: int = 8
     chunk_overlap: int = 2
 
     def __post_init__(self):
-        self.stage_blocks = tuple(int(b) for b in self.stage_blocks)
+        super().__post_init__()
         chunk_windows(self.chunk_size + 1, self.chunk_size, self.chunk_overlap)  # validates the pair
 
 
@@ -169,14 +165,7 @@ class TemporalTAEDecoder(LatentDecoder):
         super().__init__(config, latent_space)
         # The same nn.Sequential as TAEDecoder, so image weights load under the same names.
         w = config.width
-        layers: list[nn.Module] = [Clamp(), conv3x3(config.latent_channels, w), nn.ReLU()]
-        for stage, n_blocks in enumerate(config.stage_blocks):
-            gn = config.use_midblock_gn and stage == 0
-            layers += [ResBlock(w, w, use_gn_branch=gn) for _ in range(n_blocks)]
-            layers += [nn.Upsample(scale_factor=2), conv3x3(w, w, bias=False)]
-        layers += [ResBlock(w, w) for _ in range(config.final_blocks)]
-        layers.append(conv3x3(w, 3))
-        self.layers = nn.Sequential(*layers)
+        self.layers = tae_layers(config)
         # after the lowest-resolution residual blocks, before the first upsampling
         self.mid_index = 3 + config.stage_blocks[0]
         self.temporal_mid = TemporalAttention(w, config.head_dim)
@@ -252,15 +241,8 @@ class MemBlock(ResBlock):
 
 
 @dataclass
-class CausalTAEConfig:
-    latent_channels: int = 4
-    width: int = 64
-    stage_blocks: tuple[int, ...] = (3, 3, 3)
-    final_blocks: int = 1
-    use_midblock_gn: bool = False
-
-    def __post_init__(self):
-        self.stage_blocks = tuple(int(b) for b in self.stage_blocks)
+class CausalTAEConfig(TAEConfig):
+    """The image decoder's config: the memory blocks add no settings."""
 
 
 class CausalTAEDecoder(LatentDecoder):
@@ -272,15 +254,7 @@ class CausalTAEDecoder(LatentDecoder):
 
     def __init__(self, config: CausalTAEConfig, latent_space: LatentSpace):
         super().__init__(config, latent_space)
-        w = config.width
-        layers: list[nn.Module] = [Clamp(), conv3x3(config.latent_channels, w), nn.ReLU()]
-        for stage, n_blocks in enumerate(config.stage_blocks):
-            gn = config.use_midblock_gn and stage == 0
-            layers += [MemBlock(w, w, use_gn_branch=gn) for _ in range(n_blocks)]
-            layers += [nn.Upsample(scale_factor=2), conv3x3(w, w, bias=False)]
-        layers += [MemBlock(w, w) for _ in range(config.final_blocks)]
-        layers.append(conv3x3(w, 3))
-        self.layers = nn.Sequential(*layers)
+        self.layers = tae_layers(config, block=MemBlock)
 
     @classmethod
     def from_image_decoder(cls, image_decoder: TAEDecoder) -> "CausalTAEDecoder":
