@@ -258,3 +258,24 @@ def test_video_decoders_round_trip_through_checkpoints(tmp_path, make):
     z = torch.randn(1, 5, 4, 4, 4)
     with torch.no_grad():
         assert torch.equal(loaded(z), decoder(z))
+
+
+def test_bench_video_end_to_end_json(tmp_path):
+    """`fastdec bench --video` on a tiny size: SVD baseline and both causal modes, speed-ups from one run."""
+    import json
+
+    from fastdec.cli import main
+
+    out = tmp_path / "video.json"
+    code = main(["bench", "--video", "--sizes", "32", "--video-frames", "2", "--decoders", "tae-causal-64",
+                 "--repeats", "1", "--warmup", "0", "--threads", "1", "--json", str(out)])
+    assert code == 0
+    report = json.loads(out.read_text())
+    rows = {(r["name"], r["mode"]): r for r in report["rows"]}
+    assert {("tae-causal-64", "parallel"), ("tae-causal-64", "streaming")} <= set(rows)
+    svd = next(r for r in report["rows"] if r["name"] == "svd-vae")
+    for row in rows.values():
+        assert row["per_frame_s"] > 0
+        assert row["peak_mem_mb"] is None or row["peak_mem_mb"] >= 0
+    streaming = rows[("tae-causal-64", "streaming")]
+    assert streaming["speedup"] == pytest.approx(svd["per_frame_s"] / streaming["per_frame_s"], rel=1e-3)

@@ -46,8 +46,9 @@ def _video_presets() -> list[str]:
 
 def build_video_callable(
     name: str, mode: str, size: int, frames: int, seed: int = 0, svd_chunk: int = 8, latent_space: str = "svd"
-) -> Callable[[], Any]:
-    """One whole-clip decode as a zero-argument callable (also the builder of the memory probe's process)."""
+) -> Callable[[], Any] | tuple[Callable[[], Any], Callable[[], Any]]:
+    """One whole-clip decode as a zero-argument callable, or (call, tiny warm-up call) for our decoders
+    (also the builder of the memory probe's process)."""
     from .latent_spaces import get_latent_space
 
     if name == "svd-vae":
@@ -71,20 +72,23 @@ def build_video_callable(
     decoder = create_decoder(name, latent_space).eval()
     h = size // decoder.upsample_factor
     z = make_latents((1, frames, decoder.latent_channels, h, h), seed)
+    # The memory probe's warm-up runs the same mode on a tiny clip: it maps library code and sets up thread
+    # pools without leaving a full-size clip's buffers in the allocator (which would hide the real peak).
+    tiny = make_latents((1, 2, decoder.latent_channels, 2, 2), seed)
     if mode == "streaming":
-        def streaming() -> None:
+        def streaming(latents: torch.Tensor = z) -> None:
             stream = decoder.stream()
-            for t in range(frames):
-                stream.push(z[:, t])
+            for t in range(latents.shape[1]):
+                stream.push(latents[:, t])
 
-        return streaming
+        return streaming, lambda: streaming(tiny)
     if mode == "chunked":
-        def chunked() -> None:
-            for _ in decoder.decode_chunks(z):
+        def chunked(latents: torch.Tensor = z) -> None:
+            for _ in decoder.decode_chunks(latents):
                 pass
 
-        return chunked
-    return lambda: decoder(z)
+        return chunked, lambda: chunked(tiny)
+    return (lambda: decoder(z)), (lambda: decoder(tiny))
 
 
 def _params(name: str) -> int | None:
@@ -140,6 +144,7 @@ def run_video_bench(args: argparse.Namespace) -> int:
                 console.print(f"[{len(rows) + 1}/{total}] {name} {mode}: {size} px, {frames} frames ...")
                 kwargs = dict(name=name, mode=mode, size=size, frames=frames, seed=args.seed, svd_chunk=svd_chunk)
                 fn = build_video_callable(**kwargs)
+                fn = fn[0] if isinstance(fn, tuple) else fn  # (call, tiny warm-up call)
                 # SVD's decoder takes minutes per call on CPU: one untimed run would double the run time.
                 is_svd = name == "svd-vae"
                 stats = time_callable(fn, warmup=0 if is_svd else args.warmup, repeats=1 if is_svd else args.repeats)
