@@ -57,7 +57,25 @@ def _to_tensor(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).float() / 255
 
 
-class ImageFolder:
+class _MediaFolder:
+    """What image and video folders share: their files under ``root``."""
+
+    root: Path
+    files: list[Path]
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def describe(self) -> list[str]:
+        """One line per file (name, size, mtime): part of the cache key, so changed data means a new cache."""
+        lines = []
+        for path in self.files:
+            stat = path.stat()
+            lines.append(f"{path.relative_to(self.root)}:{stat.st_size}:{int(stat.st_mtime)}")
+        return lines
+
+
+class ImageFolder(_MediaFolder):
     """All images under ``root`` (recursive), to be cut into ``resolution``-pixel square crops."""
 
     def __init__(self, root: str | Path, resolution: int, spatial_factor: int = 8):
@@ -92,17 +110,6 @@ class ImageFolder:
     def _skip(self, path: Path, error: Exception) -> None:
         self.skipped.append(path)
         warnings.warn(f"skipping unreadable image '{path}': {type(error).__name__}: {error}", stacklevel=3)
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def describe(self) -> list[str]:
-        """One line per file (name, size, mtime): part of the cache key, so changed data means a new cache."""
-        lines = []
-        for path in self.files:
-            stat = path.stat()
-            lines.append(f"{path.relative_to(self.root)}:{stat.st_size}:{int(stat.st_mtime)}")
-        return lines
 
     def random_crops(self, per_file: int, seed: int) -> list[Crop]:
         """``per_file`` random crops (position and flip) of every file; the same for the same seed."""
@@ -142,7 +149,7 @@ class ImageFolder:
         return _to_tensor(array)
 
 
-class VideoFolder:
+class VideoFolder(_MediaFolder):
     """Videos under ``root``: video files (mp4/webm/...) and folders of frames, cut into clips of
     ``frames`` frames at ``resolution`` px. Reading goes through ``fastdec.video``."""
 
@@ -180,16 +187,6 @@ class VideoFolder:
             found = f"{len(candidates)} videos, none usable" if candidates else "no videos or frame folders"
             raise DataError(f"'{self.root}' has {found} ({', '.join(VIDEO_SUFFIXES)} or folders of frames, "
                             f"at least {frames} frames each)")
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def describe(self) -> list[str]:
-        lines = []
-        for path in self.files:
-            stat = path.stat()
-            lines.append(f"{path.relative_to(self.root)}:{stat.st_size}:{int(stat.st_mtime)}")
-        return lines
 
     def random_crops(self, per_file: int, seed: int) -> list[Crop]:
         crops = []

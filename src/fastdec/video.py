@@ -125,7 +125,8 @@ def _check_range(path: Path, start: int, num_frames: int | None, total: int) -> 
         raise VideoError(f"'{path}' has {total} frames, cannot read {want}")
 
 
-def _iter_file(path: Path, start: int, num_frames: int | None, chunk: int) -> Iterator[torch.Tensor]:
+def _iter_file(path: Path, start: int, num_frames: int | None, chunk: int, seek: bool = True) -> Iterator[torch.Tensor]:
+    """Frames [start, start + num_frames) in chunks; seeks to the keyframe before ``start`` unless ``seek=False``."""
     import av
 
     info = _file_info(path)
@@ -141,7 +142,7 @@ def _iter_file(path: Path, start: int, num_frames: int | None, chunk: int) -> It
             return None
         return round(float((frame.pts - origin) * stream.time_base) * fps)
 
-    sequential = start == 0 or not fps
+    sequential = not seek or start == 0 or not fps
     if not sequential:
         target = origin + int(Fraction(start) / Fraction(fps).limit_denominator(100000) / stream.time_base)
         try:
@@ -160,7 +161,7 @@ def _iter_file(path: Path, start: int, num_frames: int | None, chunk: int) -> It
             if first and not sequential and (index is None or index > start):
                 # the seek overshot or timestamps are unusable: decode from the beginning instead
                 container.close()
-                yield from _iter_sequential(path, start, num_frames, chunk, info)
+                yield from _iter_file(path, start, num_frames, chunk, seek=False)
                 return
             first = False
             position += 1
@@ -183,33 +184,6 @@ def _iter_file(path: Path, start: int, num_frames: int | None, chunk: int) -> It
     )
 
 
-def _iter_sequential(path: Path, start: int, num_frames: int | None, chunk: int, info: VideoInfo) -> Iterator[torch.Tensor]:
-    import av
-
-    container = _open(path)
-    stream = container.streams.video[0]
-    stream.thread_type = "AUTO"
-    wanted = info.num_frames - start if num_frames is None else num_frames
-    got, buffer = 0, []
-    try:
-        for position, frame in enumerate(container.decode(stream)):
-            if position < start:
-                continue
-            buffer.append(frame.to_ndarray(format="rgb24"))
-            got += 1
-            if len(buffer) == chunk or got == wanted:
-                yield torch.from_numpy(np.stack(buffer)).permute(0, 3, 1, 2).contiguous()
-                buffer = []
-            if got == wanted:
-                return
-    except av.FFmpegError as e:
-        raise VideoError(f"'{path}' is corrupt: decoding failed after {start + got} frames ({e})") from e
-    finally:
-        container.close()
-    raise VideoError(f"'{path}' is truncated: header says {info.num_frames} frames, decoding stopped at {start + got}")
-
-
-# ----------------------------------------------------------------------------- public reading API
 def _existing(path: str | os.PathLike) -> Path:
     path = Path(path).expanduser()
     if not path.exists():
