@@ -208,3 +208,37 @@ def test_plot_needs_speedups(tmp_path):
     rows = [{"name": "a", "size": 64, "speedup": 1.0, "gflops": 10.0, "params": 1e6, "images": 1},
             {"name": "b", "size": 64, "speedup": 8.0, "gflops": 1.0, "params": 1e5, "images": 1}]
     assert plot_speedup(rows, tmp_path / "p.png", x="params").stat().st_size > 1000
+
+
+def test_several_dtypes_give_stock_and_like_for_like_speedups():
+    payload = run_bench(BenchConfig(sizes=[64], decoders=["tae-64"], baselines=["sdxl"], dtypes=["fp32", "bf16"],
+                                    backends=["eager", "channels_last", "onnx"], repeats=1, warmup=0, memory=False))
+    rows = {(r["name"], r["backend"], r["requested_dtype"]): r for r in payload["rows"]}
+    # baselines run eager and channels_last (their fastest form counts), our decoder every backend but bf16 ONNX
+    assert set(rows) == {("sdxl-vae", b, d) for b in ("eager", "channels_last") for d in ("fp32", "bf16")} | {
+        ("tae-64", b, d) for b in ("eager", "channels_last") for d in ("fp32", "bf16")} | {("tae-64", "onnx", "fp32")}
+    assert rows["tae-64", "channels_last", "bf16"]["dtype"] == "bf16"
+    (skip,) = payload["skipped"]
+    assert skip["backend"] == "onnx bf16" and "fp32" in skip["reason"]
+    assert payload["reference"] == "sdxl-vae" and payload["reference_dtype"] == "fp32"
+    stock = rows["sdxl-vae", "eager", "fp32"]["per_image_s"]
+    for (name, backend, dtype), row in rows.items():
+        fastest = min(rows["sdxl-vae", b, dtype]["per_image_s"] for b in ("eager", "channels_last"))
+        assert row["speedup"] == pytest.approx(stock / row["per_image_s"], rel=1e-9)
+        assert row["speedup_same_dtype"] == pytest.approx(fastest / row["per_image_s"], rel=1e-9)
+
+
+def test_channels_last_flag_works_for_the_svd_baseline():
+    """SVD's decoder has 5-D Conv3d weights: channels_last must convert its 2-D convs only, not crash."""
+    prepared = prepare_row(_spec(name="svd-vae", baseline="svd", frames=2, channels_last=True))
+    convs = [m for m in prepared.modules[0].modules() if isinstance(m, nn.modules.conv._ConvNd)]
+    assert any(c.weight.ndim == 5 for c in convs)
+    assert all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs if c.weight.ndim == 4)
+    reference = prepare_row(_spec(name="svd-vae", baseline="svd", frames=2))
+    with torch.inference_mode():
+        assert (prepared.fn() - reference.fn()).abs().max() < 1e-4
+
+
+def test_pipeline_bench_takes_one_dtype(capsys):
+    assert main(["bench", "--pipeline", "--dtype", "fp32", "bf16"]) == 2
+    assert "one dtype at a time" in capsys.readouterr().err

@@ -279,3 +279,43 @@ def test_bench_video_end_to_end_json(tmp_path):
         assert row["peak_mem_mb"] is None or row["peak_mem_mb"] >= 0
     streaming = rows[("tae-causal-64", "streaming")]
     assert streaming["speedup"] == pytest.approx(svd["per_frame_s"] / streaming["per_frame_s"], rel=1e-3)
+
+
+def test_bench_video_dtypes_and_channels_last_compare_like_for_like(tmp_path):
+    """Several dtypes and --channels-last: SVD runs in both layouts, speed-ups use its faster one, per dtype."""
+    import json
+
+    from fastdec.cli import main
+
+    out = tmp_path / "video.json"
+    code = main(["bench", "--video", "--sizes", "32", "--video-frames", "2", "--decoders", "tae-causal-64",
+                 "--dtype", "fp32", "bf16", "--channels-last", "--no-memory",
+                 "--repeats", "1", "--warmup", "0", "--threads", "1", "--json", str(out)])
+    assert code == 0
+    rows = json.loads(out.read_text())["rows"]
+    svd = {(r["dtype"], r["channels_last"]): r for r in rows if r["name"] == "svd-vae"}
+    assert set(svd) == {(d, cl) for d in ("fp32", "bf16") for cl in (False, True)}
+    ours = [r for r in rows if r["name"] == "tae-causal-64"]
+    assert {(r["dtype"], r["mode"]) for r in ours} == {(d, m) for d in ("fp32", "bf16") for m in ("parallel", "streaming")}
+    for r in ours:
+        assert r["channels_last"] is True
+        fastest = {d: min(svd[d, False]["per_frame_s"], svd[d, True]["per_frame_s"]) for d in ("fp32", "bf16")}
+        assert r["speedup"] == pytest.approx(fastest["fp32"] / r["per_frame_s"], rel=1e-6)
+        assert r["speedup_same_dtype"] == pytest.approx(fastest[r["dtype"]] / r["per_frame_s"], rel=1e-6)
+
+
+def test_channels_last_causal_decoder_gives_the_same_frames():
+    """optimize(channels_last=True) on a video decoder: NHWC conv weights, same frames in parallel and streaming."""
+    from fastdec.runtime import optimize
+
+    decoder = _tiny_causal()
+    z = torch.randn(1, 5, 4, 4, 4)
+    with torch.inference_mode():
+        reference = decoder(z)
+        fast = optimize(decoder, channels_last=True, compile=False)
+        convs = [m for m in decoder.modules() if isinstance(m, torch.nn.Conv2d)]
+        assert convs and all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+        stream = fast.stream()
+        streamed = torch.cat([stream.push(z[:, t]) for t in range(z.shape[1])], dim=1)
+        assert (fast(z) - reference).abs().max() < 1e-5
+        assert (streamed - reference).abs().max() < 1e-5

@@ -28,6 +28,16 @@ def test_receptive_field_matches_a_perturbation_probe():
     assert radius - 2 <= reach <= radius
 
 
+def test_receptive_field_is_measured_under_inference_mode_too():
+    """Users decode (and export) under torch.inference_mode(); the measurement differentiates all the same."""
+    from fastdec.tiling import _CACHE
+
+    decoder = create_decoder("tae-64", "sd15").eval()
+    _CACHE.clear()
+    with torch.inference_mode():
+        assert receptive_field(decoder) == 19
+
+
 @pytest.mark.parametrize("preset", ["tae-64", "effvit-paper"])
 def test_tiled_equals_untiled(preset):
     torch.manual_seed(0)

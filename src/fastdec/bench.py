@@ -393,6 +393,8 @@ TABLE_COLUMNS: list[tuple[str, str, Callable[[dict], str], str]] = [
     ("p10_s", "p10–p90 ms", _fmt_range, "right"),
     ("per_image_s", "ms/image", lambda r: _fmt_ms(r["per_image_s"]), "right"),
     ("speedup", "speed-up", lambda r: "-" if r["speedup"] is None else f"{r['speedup']:.1f}x", "right"),
+    ("speedup_same_dtype", "same-dtype speed-up",
+     lambda r: "-" if r.get("speedup_same_dtype") is None else f"{r['speedup_same_dtype']:.1f}x", "right"),
     ("peak_mem_mb", "peak MB", lambda r: _fmt_num(r["peak_mem_mb"], digits=1), "right"),
     ("params", "params M", lambda r: _fmt_num(r["params"], 1e6), "right"),
     ("gflops", "GFLOPs", lambda r: _fmt_num(r["gflops"], digits=1), "right"),
@@ -449,7 +451,9 @@ def write_json(path: str | os.PathLike, payload: Any) -> Path:
 
 
 def plot_speedup(rows: Sequence[dict], path: str | os.PathLike, x: str = "gflops", title: str | None = None) -> Path:
-    """Scatter of speed-up (y) against GFLOPs per image or parameters (x), log-log, one point per row, labelled.
+    """Scatter of speed-up (y) against GFLOPs per image or parameters (x), log-log, one point per row.
+
+    Marker = image size, colour = dtype; the fastest row of each decoder (per size and dtype) is labelled.
 
     Rows need ``speedup`` and ``gflops`` (per call; divided by ``images``) or ``params``; others are left out.
     Written with matplotlib's Agg canvas (no display needed), atomically.
@@ -477,14 +481,26 @@ def plot_speedup(rows: Sequence[dict], path: str | os.PathLike, x: str = "gflops
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     sizes = sorted({r.get("size") for *_, r in points}, key=lambda s: (s is None, s))
-    markers = "osD^v<>p*h"
+    dtypes = list(dict.fromkeys(r.get("requested_dtype") or r.get("dtype") for *_, r in points))
+    markers, colours = "osD^v<>p*h", ["tab:blue", "tab:orange", "tab:green"]
+    # Many backend rows per decoder would bury the labels: name the fastest row of each (decoder, size, dtype)
+    # and show the others as unlabelled points of the same colour.
+    fastest: dict[tuple, tuple[float, float, dict]] = {}
+    for xv, yv, r in points:
+        key = (r["name"], r.get("size"), r.get("requested_dtype") or r.get("dtype"))
+        if key not in fastest or yv > fastest[key][1]:
+            fastest[key] = (xv, yv, r)
     for i, size in enumerate(sizes):
-        pts = [(xv, yv, r) for xv, yv, r in points if r.get("size") == size]
-        ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=markers[i % len(markers)], s=40,
-                   label=f"{size} px" if size is not None else None, zorder=3)
-        for xv, yv, r in pts:
-            label = r["name"] if r.get("backend", "eager") == "eager" else f"{r['name']} ({r['backend']})"
-            ax.annotate(label, (xv, yv), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        for j, dtype in enumerate(dtypes):
+            pts = [(xv, yv) for xv, yv, r in points
+                   if r.get("size") == size and (r.get("requested_dtype") or r.get("dtype")) == dtype]
+            parts = [f"{size} px" if size is not None else None, dtype if len(dtypes) > 1 else None]
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=markers[i % len(markers)], s=40,
+                       color=colours[j % len(colours)], label=", ".join(t for t in parts if t) or None, zorder=3)
+    for xv, yv, r in fastest.values():
+        backend = r.get("backend", "eager")
+        label = r["name"] if backend == "eager" else f"{r['name']} ({backend})"
+        ax.annotate(label, (xv, yv), textcoords="offset points", xytext=(5, 4), fontsize=8)
     ax.set_xscale("log")
     ax.set_yscale("log")
     plain = FuncFormatter(lambda v, _: f"{v:g}")  # 20 and 0.5, not 2x10^1 and 5x10^-1
@@ -498,7 +514,7 @@ def plot_speedup(rows: Sequence[dict], path: str | os.PathLike, x: str = "gflops
     ax.set_ylabel(f"speed-up vs {reference} (same run)")
     ax.set_title(title or "fastdec bench")
     ax.grid(True, which="both", alpha=0.3)
-    if len(sizes) > 1 or sizes[0] is not None:
+    if len(sizes) > 1 or sizes[0] is not None or len(dtypes) > 1:
         ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"), suffix=".png")
@@ -572,8 +588,11 @@ def _prepare_baseline(spec: RowSpec) -> PreparedRow:
         vae = vae.to(device=spec.device, dtype=dtype)
     finally:
         diffusers_logging.set_verbosity(verbosity)
-    if spec.channels_last:
-        vae = vae.to(memory_format=torch.channels_last)
+    channels_last = spec.channels_last or spec.backend == "channels_last"
+    if channels_last:
+        from .runtime import to_channels_last
+
+        to_channels_last(vae)  # not vae.to(memory_format=...): SVD's Conv3d weights are 5-D
     factor = 8  # all three VAEs upsample 8x (three 2x stages)
     if spec.size % factor:
         raise BenchError(f"size {spec.size} is not a multiple of {factor} ({base.name} latents are 1/{factor} "
@@ -585,7 +604,7 @@ def _prepare_baseline(spec: RowSpec) -> PreparedRow:
         # The same decoder-space latents as every other row, mapped to the raw space this VAE's decode() gets.
         z = space.decoder_to_vae(make_latents((batch * frames, vae.config.latent_channels, side, side), spec.seed))
         z = z.to(device=spec.device, dtype=dtype)
-        return z.contiguous(memory_format=torch.channels_last) if spec.channels_last else z
+        return z.contiguous(memory_format=torch.channels_last) if channels_last else z
 
     def decode(raw: torch.Tensor) -> torch.Tensor:
         out = vae.decode(raw, num_frames=frames) if spec.baseline == "svd" else vae.decode(raw)
@@ -661,7 +680,7 @@ class BenchConfig:
     sizes: list[int] = field(default_factory=lambda: list(DEFAULT_SIZES))
     batch: int = 1
     frames: int = 1
-    dtype: str = "fp32"
+    dtypes: list[str] = field(default_factory=lambda: ["fp32"])  # the first is the speed-up reference's dtype
     device: str = "cpu"
     channels_last: bool = False
     decoders: list[str] | None = None       # None: DEFAULT_DECODERS that are registered; ["all"]: every image preset
@@ -727,8 +746,11 @@ def _validate(cfg: BenchConfig) -> None:
             raise BenchError(f"--{name} must be >= 1, got {value}")
     if cfg.warmup < 0:
         raise BenchError(f"--warmup must be >= 0, got {cfg.warmup}")
-    if cfg.dtype not in DTYPES:
-        raise BenchError(f"unknown dtype '{cfg.dtype}': choose from {', '.join(DTYPES)}")
+    if not cfg.dtypes:
+        raise BenchError("no dtype given: pass e.g. --dtype fp32 bf16")
+    for dtype in cfg.dtypes:
+        if dtype not in DTYPES:
+            raise BenchError(f"unknown dtype '{dtype}': choose from {', '.join(DTYPES)}")
     unknown = [b for b in cfg.backends if b not in BACKENDS]
     if unknown:
         raise BenchError(f"unknown backend(s) {unknown}: choose from {', '.join(BACKENDS)}")
@@ -748,24 +770,40 @@ def _validate(cfg: BenchConfig) -> None:
 
 
 def plan_rows(cfg: BenchConfig) -> tuple[list[RowSpec], list[Skip]]:
-    """The rows of a run, in order: per size, baselines, then each decoder x backend."""
+    """The rows of a run, in order: per size and dtype, baselines, then each decoder x backend.
+
+    Baselines get the eager and channels_last backends when those are requested (torch.compile and ONNX
+    are fastdec's runtimes, not what users of the diffusers VAEs run), so a same-dtype speed-up compares
+    each decoder with the baseline's fastest form, not a handicapped one.
+    """
     _validate(cfg)
     decoders, skipped = _resolve_decoders(cfg)
     baselines = list(DEFAULT_BASELINES) if cfg.baselines is None else [b for b in cfg.baselines if b != "none"]
-    common = dict(batch=cfg.batch, frames=cfg.frames, latent_space=cfg.latent_space, dtype=cfg.dtype,
+    common = dict(batch=cfg.batch, frames=cfg.frames, latent_space=cfg.latent_space,
                   device=cfg.device, channels_last=cfg.channels_last, seed=cfg.seed, upcast=cfg.upcast)
+    baseline_backends = [b for b in dict.fromkeys(["eager", *cfg.backends]) if b in ("eager", "channels_last")]
+    if cfg.channels_last:
+        baseline_backends = ["eager"]
     rows: list[RowSpec] = []
     for size in cfg.sizes:
-        for key in dict.fromkeys(baselines):
-            base = BASELINES[key]
-            rows.append(RowSpec(base.name, base.kind, "eager", size, baseline=key, **common))
-        for name, kind, checkpoint in decoders:
-            for backend in dict.fromkeys(cfg.backends):
-                if backend == "channels_last" and cfg.channels_last:
-                    if size == cfg.sizes[0]:
-                        skipped.append(Skip(name, backend, "same as eager with --channels-last"))
-                    continue
-                rows.append(RowSpec(name, kind, backend, size, checkpoint=checkpoint, **common))
+        for dtype in dict.fromkeys(cfg.dtypes):
+            for key in dict.fromkeys(baselines):
+                base = BASELINES[key]
+                for backend in baseline_backends:
+                    rows.append(RowSpec(base.name, base.kind, backend, size, baseline=key, dtype=dtype, **common))
+            for name, kind, checkpoint in decoders:
+                for backend in dict.fromkeys(cfg.backends):
+                    first = size == cfg.sizes[0] and dtype == cfg.dtypes[0]
+                    if backend == "channels_last" and cfg.channels_last:
+                        if first:
+                            skipped.append(Skip(name, backend, "same as eager with --channels-last"))
+                        continue
+                    if backend == "onnx" and dtype == "bf16":
+                        if size == cfg.sizes[0]:
+                            skipped.append(Skip(name, f"{backend} bf16", "ONNX Runtime has no bf16 convolution "
+                                                "kernels on CPU: use fp32 or fp16 for ONNX"))
+                        continue
+                    rows.append(RowSpec(name, kind, backend, size, checkpoint=checkpoint, dtype=dtype, **common))
     return rows, skipped
 
 
@@ -827,7 +865,8 @@ def run_bench(cfg: BenchConfig, console=None) -> dict[str, Any]:
                       TimeElapsedColumn(), console=console, transient=False) as progress:
             task = progress.add_task("fastdec bench", total=len(rows_plan))
             for spec in rows_plan:
-                label = f"{spec.name} ({spec.backend}) {spec.size}px"  # () not []: rich reads [x] as markup
+                dtype_tag = f", {spec.dtype}" if len(cfg.dtypes) > 1 else ""
+                label = f"{spec.name} ({spec.backend}{dtype_tag}) {spec.size}px"  # () not []: rich reads [x] as markup
                 progress.update(task, description=f"{label}: building")
                 reason = unavailable.get(spec.backend)
                 if reason:
@@ -837,10 +876,10 @@ def run_bench(cfg: BenchConfig, console=None) -> dict[str, Any]:
                     continue
                 try:
                     if spec.backend == "onnx":
-                        if spec.name not in onnx_files:
+                        if (spec.name, spec.dtype) not in onnx_files:
                             progress.update(task, description=f"{label}: exporting ONNX")
-                            onnx_files[spec.name] = _export_onnx(spec, Path(workdir.name))
-                        spec.onnx_path = onnx_files[spec.name]
+                            onnx_files[spec.name, spec.dtype] = _export_onnx(spec, Path(workdir.name))
+                        spec.onnx_path = onnx_files[spec.name, spec.dtype]
                     prepared = prepare_row(spec)
                     # compile: the first call compiles; it must never land in the timed runs
                     warmup = max(cfg.warmup, 1) if spec.backend in ("compile", "onnx") else cfg.warmup
@@ -870,7 +909,8 @@ def run_bench(cfg: BenchConfig, console=None) -> dict[str, Any]:
                     "name": spec.name, "kind": spec.kind, "backend": spec.backend, "size": spec.size,
                     "batch": spec.batch, "frames": spec.frames if spec.baseline == "svd" else 1,
                     "images": prepared.images, "latent_shape": list(prepared.latent_shape),
-                    "dtype": prepared.run_dtype, "device": spec.device, "channels_last": spec.channels_last,
+                    "dtype": prepared.run_dtype, "requested_dtype": spec.dtype, "device": spec.device,
+                    "channels_last": spec.channels_last or spec.backend in ("channels_last", "compile"),
                     "median_s": timing.median_s, "p10_s": timing.p10_s, "p90_s": timing.p90_s,
                     "runs_s": timing.runs, "warmup": warmup, "repeats": cfg.repeats,
                     "per_image_s": timing.median_s / prepared.images, "speedup": None,
@@ -902,8 +942,8 @@ def run_bench(cfg: BenchConfig, console=None) -> dict[str, Any]:
     finally:
         workdir.cleanup()
 
-    reference = _add_speedups(results)
-    system = system_info(cfg.device, cfg.dtype)
+    reference = _add_speedups(results, cfg.dtypes[0])
+    system = system_info(cfg.device, "/".join(cfg.dtypes))
     system["load_avg_1m_start"] = load_at_start
     return {
         "benchmark": "fastdec bench (image decoders)",
@@ -912,8 +952,12 @@ def run_bench(cfg: BenchConfig, console=None) -> dict[str, Any]:
         "system": system,
         "settings": dataclasses.asdict(cfg),
         "reference": reference,
-        "speedup_definition": (f"{reference} seconds per image / row seconds per image, same size, same run "
-                               "(= median time ratio when both decode the same number of images)") if reference else None,
+        "reference_dtype": cfg.dtypes[0] if reference else None,
+        "speedup_definition": (f"{reference} (eager, {cfg.dtypes[0]}) seconds per image / row seconds per image, "
+                               "same size, same run (= median time ratio when both decode the same number of images)"
+                               ) if reference else None,
+        "speedup_same_dtype_definition": (f"fastest {reference} row (any backend) in the row's dtype, seconds per "
+                                          "image / row seconds per image, same size, same run") if reference else None,
         "flops_definition": "torch.utils.flop_counter.FlopCounterMode total per call (convs, matmuls, attention; "
                             "2 FLOPs per multiply-accumulate); backend rows reuse the eager count",
         "baselines": {b.name: b.source for b in BASELINES.values()},
@@ -923,16 +967,29 @@ def run_bench(cfg: BenchConfig, console=None) -> dict[str, Any]:
     }
 
 
-def _add_speedups(rows: list[dict[str, Any]]) -> str | None:
-    """Speed-up of each row vs the first baseline row (SDXL by default) at the same size."""
+def _add_speedups(rows: list[dict[str, Any]], reference_dtype: str) -> str | None:
+    """Two speed-ups per row, against the first baseline (SDXL by default) at the same size:
+
+    ``speedup``: vs that baseline as its users run it, eager in ``reference_dtype`` (the first --dtype);
+    ``speedup_same_dtype``: vs the baseline's fastest row (eager or channels_last) in the row's own dtype,
+    the like-for-like figure when a row gains from a lower precision the baseline could use too.
+    """
     reference = next((r["name"] for r in rows if r["kind"] == "baseline"), None)
     if reference is None:
         return None
-    per_size = {r["size"]: r["per_image_s"] for r in rows if r["name"] == reference}
+    ref_rows = [r for r in rows if r["name"] == reference]
+    stock = {r["size"]: r["per_image_s"] for r in ref_rows
+             if r["backend"] == "eager" and r["requested_dtype"] == reference_dtype}
+    fastest: dict[tuple[int, str], float] = {}
+    for r in ref_rows:
+        key = (r["size"], r["requested_dtype"])
+        fastest[key] = min(fastest.get(key, math.inf), r["per_image_s"])
     for r in rows:
-        if r["size"] in per_size:
-            r["speedup"] = per_size[r["size"]] / r["per_image_s"]
+        if r["size"] in stock:
+            r["speedup"] = stock[r["size"]] / r["per_image_s"]
             r["reference"] = reference
+        same = fastest.get((r["size"], r["requested_dtype"]))
+        r["speedup_same_dtype"] = None if same is None else same / r["per_image_s"]
     return reference
 
 
@@ -952,17 +1009,24 @@ def print_report(payload: dict[str, Any], console=None) -> None:
     s, cfg = payload["system"], payload["settings"]
     sizes = ", ".join(str(x) for x in cfg["sizes"])
     threads = f", {s['torch_threads']} torch threads" if s["device"].startswith("cpu") else ""
-    title = f"fastdec bench: {sizes} px, batch {cfg['batch']}, {cfg['dtype']}, {s['device']}{threads}"
+    title = f"fastdec bench: {sizes} px, batch {cfg['batch']}, {'/'.join(cfg['dtypes'])}, {s['device']}{threads}"
     caption = (f"{s.get('gpu') or s['cpu']} ({s['cpu_count']} logical CPUs) | torch {s['torch']} | "
                f"diffusers {s['diffusers']} | fastdec {s['fastdec']} | dtype {s['dtype']} | "
                f"channels_last {cfg['channels_last']} | median of {cfg['repeats']} after {cfg['warmup']} warm-up")
     columns = [key for key, *_ in TABLE_COLUMNS]
     if all(r.get("frames", 1) == 1 for r in payload["rows"]):
         columns.remove("frames")
+    like_for_like = any(r.get("speedup_same_dtype") is not None and r["speedup_same_dtype"] != r["speedup"]
+                        for r in payload["rows"])
+    if not like_for_like:
+        columns.remove("speedup_same_dtype")
     console.print(render_table(payload["rows"], title, columns=columns, caption=caption))
     if payload.get("reference"):
-        console.print(f"speed-up = {payload['reference']} time per image / row time per image (same size, same run, "
-                      "same latents). peak MB = working memory of one decode beyond the weights "
+        reference = f"{payload['reference']} (eager, {payload.get('reference_dtype') or cfg['dtypes'][0]})"
+        same = (f"; same-dtype speed-up = the fastest {payload['reference']} row in the row's dtype / row time"
+                if like_for_like else "")
+        console.print(f"speed-up = {reference} time per image / row time per image (same size, same run, "
+                      f"same latents){same}. peak MB = working memory of one decode beyond the weights "
                       + ("(CUDA max allocated)" if s["device"].startswith("cuda") else "(peak RSS, isolated process)")
                       + ". GFLOPs per call from torch.utils.flop_counter.")
     loads = [x for x in (s.get("load_avg_1m_start"), s.get("load_avg_1m")) if x is not None]
@@ -972,7 +1036,7 @@ def print_report(payload: dict[str, Any], console=None) -> None:
                       "numbers", style="yellow", markup=False)
     notes = [r for r in payload["rows"] if r.get("note")]
     for r in notes:
-        console.print(f"note: {r['name']} ({r['backend']}) {r['size']}px: {r['note']}", markup=False)
+        console.print(f"note: {r['name']} ({r['backend']}, {r['dtype']}) {r['size']}px: {r['note']}", markup=False)
     for skip in payload["skipped"]:
         console.print(f"skipped: {skip['name']} ({skip['backend']}): {skip['reason']}", markup=False)
     for fail in payload.get("failed", []):
@@ -982,7 +1046,7 @@ def print_report(payload: dict[str, Any], console=None) -> None:
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
     return BenchConfig(
         sizes=list(args.sizes) if args.sizes else list(DEFAULT_SIZES), batch=args.batch, frames=args.frames,
-        dtype=args.dtype, device=args.device, channels_last=args.channels_last, decoders=args.decoders,
+        dtypes=list(args.dtype), device=args.device, channels_last=args.channels_last, decoders=args.decoders,
         baselines=args.baselines, backends=list(args.backends or ["eager"]), repeats=args.repeats,
         warmup=args.warmup, latent_space=args.latent_space, seed=args.seed, threads=args.threads,
         memory=not args.no_memory, upcast=not args.no_upcast,
@@ -1043,7 +1107,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help=f"output sizes in pixels (square); default {' '.join(map(str, DEFAULT_SIZES))} (fits 3 min on 2 CPU cores)")
     p.add_argument("--batch", type=int, default=1, help="images per decode call (default 1)")
     p.add_argument("--frames", type=int, default=1, help="frames per SVD decode call (num_frames; default 1 = per frame)")
-    p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="weights and latents dtype (default fp32)")
+    p.add_argument("--dtype", choices=list(DTYPES), nargs="+", default=["fp32"],
+                   help="weights and latents dtype(s); every row runs in each, and speed-up is relative to the "
+                        "baseline in the first (default fp32). On CPUs with AMX/AVX512-BF16, bf16 with "
+                        "--backends channels_last is the fastest")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     p.add_argument("--channels-last", action="store_true", help="run every eager row in channels_last memory format")
     p.add_argument("--decoders", nargs="+", default=None, metavar="NAME",

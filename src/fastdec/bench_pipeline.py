@@ -221,18 +221,22 @@ def run_pipeline_bench(args: argparse.Namespace) -> int:
         if steps < 1 or repeats < 1 or args.warmup < 0:
             raise BenchError("--steps and --repeats must be >= 1 and --warmup >= 0")
         decoders = _decoders(args.decoders)
+        dtypes = [args.dtype] if isinstance(args.dtype, str) else list(args.dtype)
+        if len(dtypes) != 1:
+            raise BenchError(f"--pipeline runs one dtype at a time, got --dtype {' '.join(dtypes)}: pick one")
+        dtype_name = dtypes[0]
     except BenchError as e:
         print(f"fastdec bench --pipeline: error: {e}", file=sys.stderr)
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype_name]
 
     note = ("tiny random SDXL-like pipeline (narrow SDXL-structured UNet, small text encoders, real SDXL VAE "
             "architecture; random weights): the decoder's share here is illustrative, much larger than in real SDXL"
             if config == "tiny" else
             "SDXL-base configs (UNet, both text encoders, VAE) with random weights: timing as the released model")
-    console.print(f"fastdec bench --pipeline: {note}. {steps} steps, {device}, {args.dtype}, "
+    console.print(f"fastdec bench --pipeline: {note}. {steps} steps, {device}, {dtype_name}, "
                   f"{repeats} timed round(s) after {args.warmup} warm-up, every decoder once per round (interleaved); "
                   "swapped with fastdec.swap_decoder")
     start_wall = time.perf_counter()
@@ -317,7 +321,7 @@ def run_pipeline_bench(args: argparse.Namespace) -> int:
     payload = {
         "kind": "pipeline", "pipeline": "sdxl", "pipeline_config": config, "illustrative": config == "tiny",
         "note": note, "steps": steps, "repeats": repeats, "warmup": args.warmup, "sizes": sizes,
-        "system": system_info(device, args.dtype), "rows": rows, "wall_s": time.perf_counter() - start_wall,
+        "system": system_info(device, dtype_name), "rows": rows, "wall_s": time.perf_counter() - start_wall,
     }
     if args.json:
         write_json(args.json, payload)

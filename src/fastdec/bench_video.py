@@ -8,6 +8,12 @@ causal decoders ``parallel`` (all frames in one call) and ``streaming``
 (one frame per push, outputs dropped as a video writer would), the temporal
 decoder ``chunked`` (overlapping windows, outputs dropped per window). Timing
 and the isolated-process memory probe come from ``fastdec.bench``.
+
+Every row runs in each ``--dtype`` (SVD too). ``--channels-last`` puts every
+row's convolutions in NHWC; SVD then runs both ways (its 2-D convs only; its
+Conv3d weights are 5-D) and speed-ups are taken against its faster form. Each
+speed-up is reported twice: against SVD in the first dtype, and against SVD in
+the row's own dtype (like for like).
 """
 from __future__ import annotations
 
@@ -19,7 +25,8 @@ from typing import Any, Callable
 import torch
 
 from .bench import (
-    SVD_VAE_CONFIG, BenchError, make_latents, peak_memory, render_table, system_info, time_callable, write_json,
+    DTYPES, SVD_VAE_CONFIG, BenchError, make_latents, peak_memory, render_table, system_info, time_callable,
+    write_json,
 )
 
 DEFAULT_VIDEO_DECODERS = ("tae-temporal-192", "tae-causal-64", "tae-causal-192")
@@ -45,19 +52,31 @@ def _video_presets() -> list[str]:
 
 
 def build_video_callable(
-    name: str, mode: str, size: int, frames: int, seed: int = 0, svd_chunk: int = 8, latent_space: str = "svd"
+    name: str, mode: str, size: int, frames: int, seed: int = 0, svd_chunk: int = 8, latent_space: str = "svd",
+    dtype: str = "fp32", channels_last: bool = False,
 ) -> Callable[[], Any] | tuple[Callable[[], Any], Callable[[], Any]]:
     """One whole-clip decode as a zero-argument callable, or (call, tiny warm-up call) for our decoders
     (also the builder of the memory probe's process)."""
     from .latent_spaces import get_latent_space
+    from .runtime import to_channels_last
 
+    torch_dtype = DTYPES[dtype]
     if name == "svd-vae":
         import diffusers
+        from diffusers.utils import logging as diffusers_logging
 
         torch.manual_seed(seed)
         vae = diffusers.AutoencoderKLTemporalDecoder(**SVD_VAE_CONFIG).eval()
+        verbosity = diffusers_logging.get_verbosity()
+        diffusers_logging.set_verbosity_error()  # to() warns about from_pretrained(torch_dtype=...): moot here
+        try:
+            vae = vae.to(torch_dtype)
+        finally:
+            diffusers_logging.set_verbosity(verbosity)
+        if channels_last:
+            to_channels_last(vae)
         h = size // 8
-        raw = get_latent_space("svd").decoder_to_vae(make_latents((frames, 4, h, h), seed))
+        raw = get_latent_space("svd").decoder_to_vae(make_latents((frames, 4, h, h), seed)).to(torch_dtype)
 
         def svd() -> torch.Tensor:
             outs = [vae.decode(raw[i : i + svd_chunk], num_frames=raw[i : i + svd_chunk].shape[0]).sample
@@ -69,12 +88,14 @@ def build_video_callable(
     from .models import create_decoder
 
     torch.manual_seed(seed)
-    decoder = create_decoder(name, latent_space).eval()
+    decoder = create_decoder(name, latent_space).eval().to(torch_dtype)
+    if channels_last:
+        to_channels_last(decoder)
     h = size // decoder.upsample_factor
-    z = make_latents((1, frames, decoder.latent_channels, h, h), seed)
+    z = make_latents((1, frames, decoder.latent_channels, h, h), seed).to(torch_dtype)
     # The memory probe's warm-up runs the same mode on a tiny clip: it maps library code and sets up thread
     # pools without leaving a full-size clip's buffers in the allocator (which would hide the real peak).
-    tiny = make_latents((1, 2, decoder.latent_channels, 2, 2), seed)
+    tiny = make_latents((1, 2, decoder.latent_channels, 2, 2), seed).to(torch_dtype)
     if mode == "streaming":
         def streaming(latents: torch.Tensor = z) -> None:
             stream = decoder.stream()
@@ -117,32 +138,40 @@ def run_video_bench(args: argparse.Namespace) -> int:
         with_svd = not args.baselines or "svd" in args.baselines
         if args.baselines and any(b not in ("svd", "none") for b in args.baselines):
             raise BenchError("--video compares with the SVD decoder only: use --baselines svd or --baselines none")
-        if args.device != "cpu" or args.dtype != "fp32" or args.channels_last or (args.backends or ["eager"]) != ["eager"]:
-            raise BenchError("--video runs eager fp32 on CPU only; drop --device/--dtype/--channels-last/--backends")
+        if args.device != "cpu" or (args.backends or ["eager"]) != ["eager"]:
+            raise BenchError("--video runs on CPU in eager mode: drop --device/--backends (use --dtype and "
+                             "--channels-last to change the runtime of every row)")
+        dtypes = list(dict.fromkeys([args.dtype] if isinstance(args.dtype, str) else args.dtype))
+        channels_last = bool(args.channels_last)
         for size in sizes:
             if size <= 0 or size % 8:
                 raise BenchError(f"size {size} must be a positive multiple of 8")
         if any(f < 1 for f in frame_counts) or svd_chunk < 1:
             raise BenchError("--video-frames and --svd-chunk must be >= 1")
-        plan = [(name, mode) for name in decoders for mode in decoder_modes(name)]
+        plan = [(name, mode, channels_last) for name in decoders for mode in decoder_modes(name)]
     except BenchError as e:
         print(f"fastdec bench --video: error: {e}", file=sys.stderr)
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     if with_svd:
-        plan.insert(0, ("svd-vae", "chunks of %d" % svd_chunk))
-    params = {name: _params(name) for name, _ in dict.fromkeys(plan)}
+        # SVD in its stock layout too: a speed-up must never rest on a layout that slows the baseline down
+        plan[:0] = [("svd-vae", "chunks of %d" % svd_chunk, layout) for layout in dict.fromkeys([False, channels_last])]
+    params = {name: _params(name) for name in dict.fromkeys(name for name, *_ in plan)}
     rows: list[dict[str, Any]] = []
     started = time.perf_counter()
-    total = len(plan) * len(sizes) * len(frame_counts) - (len(frame_counts) - len(set(svd_frames) & set(frame_counts))) * len(sizes) * with_svd
+    svd_rows = sum(name == "svd-vae" for name, *_ in plan)
+    svd_skipped = (len(frame_counts) - len(set(svd_frames) & set(frame_counts))) * svd_rows
+    total = (len(plan) * len(frame_counts) - svd_skipped) * len(sizes) * len(dtypes)
     for size in sizes:
         for frames in frame_counts:
-            for name, mode in plan:
+            for dtype, (name, mode, layout) in [(d, row) for d in dtypes for row in plan]:
                 if name == "svd-vae" and frames not in svd_frames:
                     continue
-                console.print(f"[{len(rows) + 1}/{total}] {name} {mode}: {size} px, {frames} frames ...")
-                kwargs = dict(name=name, mode=mode, size=size, frames=frames, seed=args.seed, svd_chunk=svd_chunk)
+                console.print(f"[{len(rows) + 1}/{total}] {name} {mode} ({dtype}, "
+                              f"{'channels_last' if layout else 'eager'}): {size} px, {frames} frames ...")
+                kwargs = dict(name=name, mode=mode, size=size, frames=frames, seed=args.seed, svd_chunk=svd_chunk,
+                              dtype=dtype, channels_last=layout)
                 fn = build_video_callable(**kwargs)
                 fn = fn[0] if isinstance(fn, tuple) else fn  # (call, tiny warm-up call)
                 # SVD's decoder takes minutes per call on CPU: one untimed run would double the run time.
@@ -156,7 +185,8 @@ def run_video_bench(args: argparse.Namespace) -> int:
                     memory = peak_memory("fastdec.bench_video:build_video_callable", kwargs,
                                          threads=torch.get_num_threads(), warm_calls=0 if is_svd else 1)
                 rows.append({
-                    "name": name, "mode": mode, "size": size, "frames": frames, "runs": stats.n,
+                    "name": name, "mode": mode, "size": size, "frames": frames, "dtype": dtype,
+                    "channels_last": layout, "runs": stats.n,
                     "median_s": stats.median_s, "per_frame_s": stats.median_s / frames,
                     "peak_mem_mb": memory.peak_mb if memory else None,
                     "memory_error": memory.error if memory else None,
@@ -167,17 +197,12 @@ def run_video_bench(args: argparse.Namespace) -> int:
                 console.print(f"    {r['per_frame_s'] * 1e3:,.1f} ms/frame, peak {mem}")
                 if args.json:  # partial results survive an interrupted run
                     write_json(args.json, {"rows": rows, "partial": True})
-    for r in rows:
-        svds = [s for s in rows if s["name"] == "svd-vae" and s["size"] == r["size"]]
-        # same frame count when SVD ran it; else the closest: chunked SVD's time per frame does not depend on
-        # the clip length (each chunk of --svd-chunk frames is an independent decode)
-        svd = min(svds, key=lambda s: (abs(s["frames"] - r["frames"]), s["frames"]), default=None)
-        r["speedup"] = svd["per_frame_s"] / r["per_frame_s"] if svd else None
-        r["speedup_vs_frames"] = svd["frames"] if svd else None
+    _add_video_speedups(rows, dtypes[0])
     payload = {
-        "rows": rows, "system": system_info("cpu", "fp32"), "wall_s": time.perf_counter() - started,
-        "settings": {"sizes": sizes, "frames": frame_counts, "svd_frames": svd_frames, "svd_chunk": svd_chunk, "repeats": args.repeats,
-                     "warmup": args.warmup, "seed": args.seed, "decoders": decoders},
+        "rows": rows, "system": system_info("cpu", "/".join(dtypes)), "wall_s": time.perf_counter() - started,
+        "settings": {"sizes": sizes, "frames": frame_counts, "svd_frames": svd_frames, "svd_chunk": svd_chunk,
+                     "repeats": args.repeats, "warmup": args.warmup, "seed": args.seed, "decoders": decoders,
+                     "dtypes": dtypes, "channels_last": channels_last},
     }
     print_video_report(payload, console)
     if args.json:
@@ -186,28 +211,52 @@ def run_video_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_video_speedups(rows: list[dict[str, Any]], reference_dtype: str) -> None:
+    """``speedup``: SVD in ``reference_dtype`` per frame / row per frame; ``speedup_same_dtype``: the same
+    against SVD in the row's dtype. SVD's faster memory layout counts; both at the same size and frame count
+    when SVD ran it, else the closest: chunked SVD's time per frame does not depend on the clip length (each
+    chunk is an independent decode)."""
+    def svd_row(r: dict[str, Any], dtype: str) -> dict[str, Any] | None:
+        svds = [s for s in rows if s["name"] == "svd-vae" and s["size"] == r["size"] and s["dtype"] == dtype]
+        return min(svds, key=lambda s: (abs(s["frames"] - r["frames"]), s["frames"], s["per_frame_s"]), default=None)
+
+    for r in rows:
+        svd, same = svd_row(r, reference_dtype), svd_row(r, r["dtype"])
+        r["speedup"] = svd["per_frame_s"] / r["per_frame_s"] if svd else None
+        r["speedup_vs_frames"] = svd["frames"] if svd else None
+        r["speedup_same_dtype"] = same["per_frame_s"] / r["per_frame_s"] if same else None
+
+
 def print_video_report(payload: dict[str, Any], console) -> None:
     s = payload["system"]
+    settings = payload["settings"]
+    dtypes = settings.get("dtypes", ["fp32"])
     display = []
     for r in payload["rows"]:
         mem = r["peak_mem_mb"]
+        same = r.get("speedup_same_dtype")
         display.append({
-            "decoder": r["name"], "mode": r["mode"], "px": str(r["size"]), "frames": str(r["frames"]),
-            "runs": str(r["runs"]), "clip s": f"{r['median_s']:.2f}", "ms/frame": f"{r['per_frame_s'] * 1e3:,.1f}",
+            "decoder": r["name"], "mode": r["mode"], "dtype": r.get("dtype", "fp32"),
+            "layout": "channels_last" if r.get("channels_last") else "NCHW", "px": str(r["size"]),
+            "frames": str(r["frames"]), "runs": str(r["runs"]), "clip s": f"{r['median_s']:.2f}",
+            "ms/frame": f"{r['per_frame_s'] * 1e3:,.1f}",
             "speed-up": "-" if r["speedup"] is None else f"{r['speedup']:.1f}x"
             + ("" if r["speedup_vs_frames"] in (None, r["frames"]) else f" (vs {r['speedup_vs_frames']})"),
+            **({"same-dtype speed-up": "-" if same is None else f"{same:.1f}x"} if len(dtypes) > 1 else {}),
             "peak MB": "-" if mem is None else f"{mem:,.0f}",
             "MB/frame": "-" if mem is None else f"{mem / r['frames']:,.1f}",
             "params M": f"{r['params'] / 1e6:.1f}",
         })
     columns = list(display[0]) if display else []
-    title = f"fastdec bench --video: {', '.join(map(str, payload['settings']['sizes']))} px, fp32, cpu, " \
-            f"{s['torch_threads']} torch threads"
+    title = f"fastdec bench --video: {', '.join(map(str, settings['sizes']))} px, {'/'.join(dtypes)}, eager, " \
+            f"cpu, {s['torch_threads']} torch threads"
     caption = f"{s['cpu']} ({s['cpu_count']} logical CPUs) | torch {s['torch']} | diffusers {s['diffusers']}"
     console.print(render_table(display, title, columns=columns, caption=caption))
+    same = "; same-dtype speed-up: against SVD in the row's dtype" if len(dtypes) > 1 else ""
     console.print(
-        "speed-up = SVD decoder time per frame / row time per frame (same size, same frame count, same latents). "
-        f"SVD decodes in chunks of {payload['settings']['svd_chunk']} frames (decode_chunk_size) and is timed once "
+        f"speed-up = SVD decoder ({dtypes[0]}, faster layout) time per frame / row time per frame (same size, same "
+        f"frame count, same latents){same}. "
+        f"SVD decodes in chunks of {settings['svd_chunk']} frames (decode_chunk_size) and is timed once "
         "(no warm-up). peak MB = working memory of one whole-clip decode beyond the weights (peak RSS, isolated "
         "process). streaming = one frame per push, frames dropped after decoding."
     )

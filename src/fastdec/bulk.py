@@ -553,6 +553,10 @@ def run_decode_batch(args: argparse.Namespace) -> int:
                 "vae_space": bool(args.vae_space), "dtype": args.dtype}
     identity = decoder_identity(decoder, settings, source)
     decoder = decoder.to(device=state.device, dtype=dtype)
+    if args.channels_last:
+        from .runtime import to_channels_last
+
+        to_channels_last(decoder)
 
     ids = gather_object([identity["id"]]) if world > 1 else [identity["id"]]
     if len(set(ids)) != 1:
@@ -746,7 +750,10 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--latent-space", default=None, help="latent space when the checkpoint cannot tell (sd15 vs sdxl)")
     p.add_argument("--vae-space", action="store_true",
                    help="latents are raw VAE latents (what vae.decode takes), not decoder/diffusion space")
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                   help="decoder precision (bfloat16 is several times faster on CPUs with AMX/AVX512-BF16)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                   help="run the convolutions in channels_last (NHWC) memory format (default on: faster on CPU and GPU)")
     p.add_argument("--overwrite", action="store_true", help="decode everything again, even with another decoder")
     p.add_argument("--writers", type=int, default=4, help="image encoding/writing threads per process (default 4)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads per process (default: torch's choice)")

@@ -140,13 +140,15 @@ def _decode_file(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .export import _load_any_decoder
-    from .runtime import parse_dtype
+    from .runtime import parse_dtype, to_channels_last
     from .tiling import decode_tiled
 
     budget = parse_bytes(args.max_memory) if args.max_memory else None
     latents = load_latents(args.latents)
     decoder = _load_any_decoder(args.decoder, args.latent_space).eval()
     decoder.to(device=args.device, dtype=parse_dtype(args.dtype) or torch.float32)
+    if args.channels_last:
+        to_channels_last(decoder)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = Path(args.latents).stem
@@ -176,7 +178,10 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--max-memory", default=None,
                    help="activation memory budget, e.g. 2GB: images that would exceed it are decoded in tiles")
     p.add_argument("--tile", type=int, default=None, help="force tiling with this tile size (latent pixels)")
-    p.add_argument("--dtype", default="fp32", help="fp32, fp16 or bf16")
+    p.add_argument("--dtype", default="fp32",
+                   help="fp32, fp16 or bf16 (bf16 is several times faster on CPUs with AMX/AVX512-BF16)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                   help="run the convolutions in channels_last (NHWC) memory format (default on: faster on CPU and GPU)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--vae-space", action="store_true",
                    help="latents are raw VAE latents (what vae.decode takes): convert them to decoder space first")

@@ -188,6 +188,10 @@ def _run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     decoder = load_any_decoder(args.decoder, args.latent_space, args.device, dtype)
+    if args.channels_last:
+        from .runtime import to_channels_last
+
+        to_channels_last(decoder)
     is_latents = source.is_file() and source.suffix.lower() in LATENT_SUFFIXES
 
     if is_latents:
@@ -267,7 +271,11 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--fps", type=float, default=None, help="output frame rate (default: the input's, or 24 for latents)")
     p.add_argument("--crf", type=int, default=18, help="H.264 quality, lower is better (default 18)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", choices=list(DTYPES), default="fp32")
+    p.add_argument("--dtype", choices=list(DTYPES), default="fp32",
+                   help="decoder precision (default fp32); bf16 is several times faster on CPUs with AMX/AVX512-BF16")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                   help="run the convolutions in channels_last (NHWC) memory format (default on: faster on CPU "
+                        "and GPU; same frames to fp tolerance)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=decode_video_command)

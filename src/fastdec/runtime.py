@@ -70,6 +70,20 @@ def fp16_headroom(decoder: nn.Module, z: torch.Tensor) -> tuple[float, str]:
     return FP16_MAX / max(peak, 1e-30), layer
 
 
+def to_channels_last(module: nn.Module) -> nn.Module:
+    """Put every 2-D convolution weight of ``module`` in channels_last (NHWC) memory format, in place.
+
+    On CPU a convolution's output takes its weight's memory format, so this alone makes oneDNN run NHWC
+    kernels through the whole network, also for (N, T, C, h, w) video decoders whose inputs are 5-D.
+    Unlike ``module.to(memory_format=torch.channels_last)`` it leaves 5-D weights alone, so it works on
+    models with Conv3d layers too (SVD's temporal VAE decoder).
+    """
+    for m in module.modules():
+        if isinstance(m, nn.modules.conv._ConvNd) and m.weight.ndim == 4:
+            m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last)
+    return module
+
+
 def _unwrap(decoder: Any) -> Any:
     return decoder.decoder if isinstance(decoder, OptimizedDecoder) else decoder
 
@@ -171,7 +185,6 @@ def optimize(
     torch_dtype = parse_dtype(dtype)
     if torch_dtype is not None:
         decoder.to(torch_dtype)
-    if channels_last and not decoder.is_video:
-        decoder.to(memory_format=torch.channels_last)
-    return OptimizedDecoder(decoder, channels_last=channels_last and not decoder.is_video, compile=compile,
-                            compile_kwargs=compile_kwargs)
+    if channels_last:
+        to_channels_last(decoder)
+    return OptimizedDecoder(decoder, channels_last=channels_last, compile=compile, compile_kwargs=compile_kwargs)

@@ -133,15 +133,17 @@ def _axis_radius(probe: nn.Module, length: int, axis: int) -> tuple[int, bool]:
 
 def _probe(decoder: nn.Module, detach_norm_stats: bool, lengths: tuple[int, ...]) -> tuple[int, bool, int]:
     """(radius, reached the border of the longest probe, probe length used)."""
-    probe = _positive_probe_copy(decoder, detach_norm_stats)
-    radius, touches, used = 0, True, lengths[0]
-    for length in lengths:
-        used = length
-        rows, touches_rows = _axis_radius(probe, length, axis=2)
-        cols, touches_cols = _axis_radius(probe, length, axis=3)
-        radius, touches = max(rows, cols), touches_rows or touches_cols
-        if not touches:
-            break
+    # the probe differentiates: it must work when called under no_grad / inference_mode (e.g. an export there)
+    with torch.inference_mode(False), torch.enable_grad():
+        probe = _positive_probe_copy(decoder, detach_norm_stats)
+        radius, touches, used = 0, True, lengths[0]
+        for length in lengths:
+            used = length
+            rows, touches_rows = _axis_radius(probe, length, axis=2)
+            cols, touches_cols = _axis_radius(probe, length, axis=3)
+            radius, touches = max(rows, cols), touches_rows or touches_cols
+            if not touches:
+                break
     return radius, touches, used
 
 
