@@ -319,3 +319,28 @@ def test_channels_last_causal_decoder_gives_the_same_frames():
         streamed = torch.cat([stream.push(z[:, t]) for t in range(z.shape[1])], dim=1)
         assert (fast(z) - reference).abs().max() < 1e-5
         assert (streamed - reference).abs().max() < 1e-5
+
+
+def test_bench_video_compile_backend_rows(tmp_path, monkeypatch):
+    """--backends eager compile: compiled rows for the causal modes (the chunked temporal mode stays eager)."""
+    import json
+
+    from fastdec.cli import main
+
+    compiled = []
+
+    def fake_compile(fn, **kwargs):  # inductor's compile time is not what this test is about
+        compiled.append(getattr(fn, "__name__", None))
+        return fn
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    out = tmp_path / "video.json"
+    code = main(["bench", "--video", "--sizes", "32", "--video-frames", "2", "--baselines", "none", "--no-memory",
+                 "--decoders", "tae-causal-64", "tae-temporal-192", "--backends", "eager", "compile",
+                 "--repeats", "1", "--warmup", "0", "--threads", "1", "--json", str(out)])
+    assert code == 0
+    rows = {(r["name"], r["mode"], r["backend"]) for r in json.loads(out.read_text())["rows"]}
+    assert rows == {("tae-causal-64", m, b) for m in ("parallel", "streaming") for b in ("eager", "compile")} | {
+        ("tae-temporal-192", "chunked", "eager")}
+    assert "run_frames" in compiled  # the streaming step, not only forward
+    assert main(["bench", "--video", "--backends", "onnx"]) == 2

@@ -30,6 +30,7 @@ from .bench import (
 )
 
 DEFAULT_VIDEO_DECODERS = ("tae-temporal-192", "tae-causal-64", "tae-causal-192")
+VIDEO_BACKENDS = ("eager", "compile")
 DEFAULT_FRAMES = (8, 32)
 DEFAULT_SIZE = 256
 
@@ -53,10 +54,11 @@ def _video_presets() -> list[str]:
 
 def build_video_callable(
     name: str, mode: str, size: int, frames: int, seed: int = 0, svd_chunk: int = 8, latent_space: str = "svd",
-    dtype: str = "fp32", channels_last: bool = False,
+    dtype: str = "fp32", channels_last: bool = False, backend: str = "eager",
 ) -> Callable[[], Any] | tuple[Callable[[], Any], Callable[[], Any]]:
     """One whole-clip decode as a zero-argument callable, or (call, tiny warm-up call) for our decoders
-    (also the builder of the memory probe's process)."""
+    (also the builder of the memory probe's process). ``backend="compile"``: ``fastdec.optimize``
+    (channels_last + torch.compile of the parallel call and of the streaming step)."""
     from .latent_spaces import get_latent_space
     from .runtime import to_channels_last
 
@@ -91,6 +93,10 @@ def build_video_callable(
     decoder = create_decoder(name, latent_space).eval().to(torch_dtype)
     if channels_last:
         to_channels_last(decoder)
+    if backend == "compile":
+        from .runtime import optimize
+
+        decoder = optimize(decoder, channels_last=True, compile=True)
     h = size // decoder.upsample_factor
     z = make_latents((1, frames, decoder.latent_channels, h, h), seed).to(torch_dtype)
     # The memory probe's warm-up runs the same mode on a tiny clip: it maps library code and sets up thread
@@ -138,9 +144,10 @@ def run_video_bench(args: argparse.Namespace) -> int:
         with_svd = not args.baselines or "svd" in args.baselines
         if args.baselines and any(b not in ("svd", "none") for b in args.baselines):
             raise BenchError("--video compares with the SVD decoder only: use --baselines svd or --baselines none")
-        if args.device != "cpu" or (args.backends or ["eager"]) != ["eager"]:
-            raise BenchError("--video runs on CPU in eager mode: drop --device/--backends (use --dtype and "
-                             "--channels-last to change the runtime of every row)")
+        backends = list(dict.fromkeys(args.backends or ["eager"]))
+        if args.device != "cpu" or any(b not in VIDEO_BACKENDS for b in backends):
+            raise BenchError(f"--video runs on CPU with --backends {' '.join(VIDEO_BACKENDS)}: drop --device and other "
+                             "backends (--dtype and --channels-last change the runtime of every row)")
         dtypes = list(dict.fromkeys([args.dtype] if isinstance(args.dtype, str) else args.dtype))
         channels_last = bool(args.channels_last)
         for size in sizes:
@@ -148,7 +155,9 @@ def run_video_bench(args: argparse.Namespace) -> int:
                 raise BenchError(f"size {size} must be a positive multiple of 8")
         if any(f < 1 for f in frame_counts) or svd_chunk < 1:
             raise BenchError("--video-frames and --svd-chunk must be >= 1")
-        plan = [(name, mode, channels_last) for name in decoders for mode in decoder_modes(name)]
+        # the temporal decoder's chunked mode runs window by window in Python: only causal decoders compile
+        plan = [(name, mode, channels_last, backend) for name in decoders for backend in backends
+                for mode in decoder_modes(name) if backend == "eager" or mode != "chunked"]
     except BenchError as e:
         print(f"fastdec bench --video: error: {e}", file=sys.stderr)
         return 2
@@ -156,7 +165,8 @@ def run_video_bench(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if with_svd:
         # SVD in its stock layout too: a speed-up must never rest on a layout that slows the baseline down
-        plan[:0] = [("svd-vae", "chunks of %d" % svd_chunk, layout) for layout in dict.fromkeys([False, channels_last])]
+        plan[:0] = [("svd-vae", "chunks of %d" % svd_chunk, layout, "eager")
+                    for layout in dict.fromkeys([False, channels_last])]
     params = {name: _params(name) for name in dict.fromkeys(name for name, *_ in plan)}
     rows: list[dict[str, Any]] = []
     started = time.perf_counter()
@@ -165,18 +175,21 @@ def run_video_bench(args: argparse.Namespace) -> int:
     total = (len(plan) * len(frame_counts) - svd_skipped) * len(sizes) * len(dtypes)
     for size in sizes:
         for frames in frame_counts:
-            for dtype, (name, mode, layout) in [(d, row) for d in dtypes for row in plan]:
+            for dtype, (name, mode, layout, backend) in [(d, row) for d in dtypes for row in plan]:
                 if name == "svd-vae" and frames not in svd_frames:
                     continue
-                console.print(f"[{len(rows) + 1}/{total}] {name} {mode} ({dtype}, "
-                              f"{'channels_last' if layout else 'eager'}): {size} px, {frames} frames ...")
+                runtime = "compile" if backend == "compile" else "channels_last" if layout else "eager"
+                console.print(f"[{len(rows) + 1}/{total}] {name} {mode} ({dtype}, {runtime}): {size} px, "
+                              f"{frames} frames ...")
                 kwargs = dict(name=name, mode=mode, size=size, frames=frames, seed=args.seed, svd_chunk=svd_chunk,
-                              dtype=dtype, channels_last=layout)
+                              dtype=dtype, channels_last=layout, backend=backend)
                 fn = build_video_callable(**kwargs)
                 fn = fn[0] if isinstance(fn, tuple) else fn  # (call, tiny warm-up call)
                 # SVD's decoder takes minutes per call on CPU: one untimed run would double the run time.
                 is_svd = name == "svd-vae"
-                stats = time_callable(fn, warmup=0 if is_svd else args.warmup, repeats=1 if is_svd else args.repeats)
+                # a compiled row compiles in its first call: that must never be timed
+                warmup = 0 if is_svd else max(args.warmup, 1) if backend == "compile" else args.warmup
+                stats = time_callable(fn, warmup=warmup, repeats=1 if is_svd else args.repeats)
                 del fn
                 memory = None
                 if not args.no_memory:
@@ -184,9 +197,10 @@ def run_video_bench(args: argparse.Namespace) -> int:
                     # skipped for SVD, whose call takes minutes (its first-call overhead is a few MB of hundreds)
                     memory = peak_memory("fastdec.bench_video:build_video_callable", kwargs,
                                          threads=torch.get_num_threads(), warm_calls=0 if is_svd else 1)
+                    # (for compiled rows that warm-up call also compiles, so compilation is not counted)
                 rows.append({
                     "name": name, "mode": mode, "size": size, "frames": frames, "dtype": dtype,
-                    "channels_last": layout, "runs": stats.n,
+                    "channels_last": layout or backend == "compile", "backend": backend, "runs": stats.n,
                     "median_s": stats.median_s, "per_frame_s": stats.median_s / frames,
                     "peak_mem_mb": memory.peak_mb if memory else None,
                     "memory_error": memory.error if memory else None,
@@ -202,7 +216,7 @@ def run_video_bench(args: argparse.Namespace) -> int:
         "rows": rows, "system": system_info("cpu", "/".join(dtypes)), "wall_s": time.perf_counter() - started,
         "settings": {"sizes": sizes, "frames": frame_counts, "svd_frames": svd_frames, "svd_chunk": svd_chunk,
                      "repeats": args.repeats, "warmup": args.warmup, "seed": args.seed, "decoders": decoders,
-                     "dtypes": dtypes, "channels_last": channels_last},
+                     "dtypes": dtypes, "channels_last": channels_last, "backends": backends},
     }
     print_video_report(payload, console)
     if args.json:
@@ -237,7 +251,8 @@ def print_video_report(payload: dict[str, Any], console) -> None:
         same = r.get("speedup_same_dtype")
         display.append({
             "decoder": r["name"], "mode": r["mode"], "dtype": r.get("dtype", "fp32"),
-            "layout": "channels_last" if r.get("channels_last") else "NCHW", "px": str(r["size"]),
+            "backend": r.get("backend", "eager"), "layout": "channels_last" if r.get("channels_last") else "NCHW",
+            "px": str(r["size"]),
             "frames": str(r["frames"]), "runs": str(r["runs"]), "clip s": f"{r['median_s']:.2f}",
             "ms/frame": f"{r['per_frame_s'] * 1e3:,.1f}",
             "speed-up": "-" if r["speedup"] is None else f"{r['speedup']:.1f}x"
@@ -248,7 +263,8 @@ def print_video_report(payload: dict[str, Any], console) -> None:
             "params M": f"{r['params'] / 1e6:.1f}",
         })
     columns = list(display[0]) if display else []
-    title = f"fastdec bench --video: {', '.join(map(str, settings['sizes']))} px, {'/'.join(dtypes)}, eager, " \
+    backends = "/".join(settings.get("backends", ["eager"]))
+    title = f"fastdec bench --video: {', '.join(map(str, settings['sizes']))} px, {'/'.join(dtypes)}, {backends}, " \
             f"cpu, {s['torch_threads']} torch threads"
     caption = f"{s['cpu']} ({s['cpu_count']} logical CPUs) | torch {s['torch']} | diffusers {s['diffusers']}"
     console.print(render_table(display, title, columns=columns, caption=caption))

@@ -88,11 +88,53 @@ def _unwrap(decoder: Any) -> Any:
     return decoder.decoder if isinstance(decoder, OptimizedDecoder) else decoder
 
 
+class _CompiledCall:
+    """``fn`` through ``torch.compile``, or ``fn`` itself after one warning when compiling is unavailable or the
+    compiled graph fails at its first call (inductor compiles lazily: a missing C++ compiler or a lowering bug
+    only surfaces then)."""
+
+    def __init__(self, fn: Callable, compile: bool, compile_kwargs: dict | None = None):
+        self.eager = fn
+        self.fn = fn
+        self.compiled = False
+        self._first_call_pending = False
+        if compile:
+            try:
+                self.fn = torch.compile(fn, **(compile_kwargs or {}))
+                self.compiled = True
+                self._first_call_pending = True
+            except Exception as e:  # e.g. a Python version dynamo does not support
+                self._fall_back(e)
+
+    def _fall_back(self, error: BaseException) -> None:
+        warnings.warn(
+            f"torch.compile is unavailable here ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
+            "decoding in eager mode instead (still correct, just not compiled). On CPU, inductor needs a working "
+            "C++ compiler (g++/clang); pass compile=False to silence this warning.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        self.fn = self.eager
+        self.compiled = False
+        self._first_call_pending = False
+
+    def __call__(self, *args: Any) -> Any:
+        if self._first_call_pending:
+            try:
+                out = self.fn(*args)
+            except Exception as e:
+                self._fall_back(e)
+                out = self.fn(*args)
+            self._first_call_pending = False
+            return out
+        return self.fn(*args)
+
+
 class OptimizedDecoder(nn.Module):
     """A decoder whose every call path (``__call__``, ``forward``, ``decode``) runs the compiled core.
 
-    Attributes it does not define (``latent_space``, ``upsample_factor``,
-    ``config``, ...) are read from the wrapped decoder.
+    For a causal video decoder, ``stream()`` runs a compiled per-push step as well. Attributes it does not
+    define (``latent_space``, ``upsample_factor``, ``config``, ...) are read from the wrapped decoder.
     """
 
     def __init__(self, decoder: LatentDecoder, channels_last: bool, compile: bool, compile_kwargs: dict | None = None):
@@ -104,50 +146,30 @@ class OptimizedDecoder(nn.Module):
         # Decoders that override forward (video) are compiled whole; their NaN scan is skipped inside the graph,
         # which is why check_latents runs here first.
         overrides_forward = type(decoder).forward is not LatentDecoder.forward
-        self._eager_core: Callable = decoder.forward if overrides_forward else self._layers_and_clamp
-        self._core: Callable = self._eager_core
-        self.compiled = False
-        self._first_call_pending = False
-        if compile:
-            try:
-                self._core = torch.compile(self._eager_core, **(compile_kwargs or {}))
-                self.compiled = True
-                self._first_call_pending = True
-            except Exception as e:  # e.g. a Python version dynamo does not support
-                self._fall_back(e)
+        self._core = _CompiledCall(decoder.forward if overrides_forward else self._layers_and_clamp, compile,
+                                   compile_kwargs)
+        # streaming pushes go through run_frames, not forward: compile it too (not again if compiling just failed)
+        self._stream_step = _CompiledCall(decoder.run_frames, self._core.compiled, compile_kwargs) \
+            if hasattr(decoder, "stream") else None
+
+    @property
+    def compiled(self) -> bool:
+        return self._core.compiled
 
     def _layers_and_clamp(self, z: torch.Tensor) -> torch.Tensor:
         return self.decoder.decode_layers(z).clamp(0, 1)
-
-    def _fall_back(self, error: BaseException) -> None:
-        warnings.warn(
-            f"torch.compile is unavailable here ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
-            "decoding in eager mode instead (still correct, just not compiled). On CPU, inductor needs a working "
-            "C++ compiler (g++/clang); pass compile=False to silence this warning.",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        self._core = self._eager_core
-        self.compiled = False
-        self._first_call_pending = False
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         z = self.decoder.check_latents(z)
         if self.channels_last and z.ndim == 4:
             z = z.contiguous(memory_format=torch.channels_last)
-        if self._first_call_pending:
-            # Inductor compiles lazily: a missing compiler or a lowering bug surfaces at the first call.
-            try:
-                out = self._core(z)
-            except Exception as e:
-                self._fall_back(e)
-                out = self._core(z)
-            self._first_call_pending = False
-            return out
         return self._core(z)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return self(z)
+
+    def _stream(self) -> Any:
+        return self.decoder.stream(run_frames=self._stream_step)
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -156,6 +178,8 @@ class OptimizedDecoder(nn.Module):
             decoder = self._modules.get("decoder")
             if decoder is None:
                 raise
+            if name == "stream" and self.__dict__.get("_stream_step") is not None:
+                return self._stream  # only causal decoders stream: hasattr(fast, "stream") stays truthful
             return getattr(decoder, name)
 
     def extra_repr(self) -> str:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterator, NamedTuple
+from typing import Callable, Iterator, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -294,9 +294,12 @@ class CausalTAEDecoder(LatentDecoder):
     def decode_layers(self, z: torch.Tensor) -> torch.Tensor:
         return self.run_frames(z)[0]
 
-    def stream(self) -> "CausalStream":
-        """A streaming decoder: ``push`` latent frames in order, get their RGB frames back."""
-        return CausalStream(self)
+    def stream(self, run_frames: Callable | None = None) -> "CausalStream":
+        """A streaming decoder: ``push`` latent frames in order, get their RGB frames back.
+
+        ``run_frames`` replaces :meth:`run_frames` for the pushes (``fastdec.optimize`` passes a compiled one).
+        """
+        return CausalStream(self, run_frames)
 
 
 class CausalStream:
@@ -310,8 +313,9 @@ class CausalStream:
     pushed frame stays alive.
     """
 
-    def __init__(self, decoder: CausalTAEDecoder):
+    def __init__(self, decoder: CausalTAEDecoder, run_frames: Callable | None = None):
         self.decoder = decoder
+        self._run_frames = run_frames or decoder.run_frames
         self.state: list[torch.Tensor] | None = None
         self.frames_decoded = 0
         self._clips: int | None = None
@@ -329,7 +333,7 @@ class CausalStream:
             raise ValueError(
                 f"latent frame size changed mid-stream from {tuple(self.state[0].shape[-2:])} to {tuple(z.shape[-2:])}"
             )
-        out, self.state = self.decoder.run_frames(z, self.state)
+        out, self.state = self._run_frames(z, self.state)
         self._clips = z.shape[0]
         self.frames_decoded += z.shape[1]
         return out.clamp(0, 1)
