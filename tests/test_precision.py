@@ -135,14 +135,16 @@ def test_optimize_falls_back_when_compile_is_unavailable(monkeypatch):
         assert (fast(z) - reference).abs().max() < 1e-5
 
 
+def _broken_compile(fn, **kwargs):
+    """Stands in for torch.compile on a machine without a C++ compiler: inductor fails at the first call."""
+    def compiled(*args):
+        raise RuntimeError("InductorError: CppCompileError: no C++ compiler")
+
+    return compiled
+
+
 def test_optimize_falls_back_when_compiled_core_fails_at_first_call(monkeypatch):
-    def broken_compile(fn, **kwargs):
-        def compiled(*args):
-            raise RuntimeError("InductorError: CppCompileError: no C++ compiler")
-
-        return compiled
-
-    monkeypatch.setattr(torch, "compile", broken_compile)
+    monkeypatch.setattr(torch, "compile", _broken_compile)
     decoder = create_decoder("tae-64", "sdxl").eval()
     z = torch.randn(1, 4, 8, 8)
     with torch.no_grad():
@@ -193,13 +195,7 @@ def test_optimize_compiles_the_streaming_step_of_a_causal_decoder(monkeypatch):
 
 
 def test_compiled_streaming_step_falls_back_to_eager(monkeypatch):
-    def broken_compile(fn, **kwargs):
-        def compiled(*args):
-            raise RuntimeError("InductorError: CppCompileError: no C++ compiler")
-
-        return compiled
-
-    monkeypatch.setattr(torch, "compile", broken_compile)
+    monkeypatch.setattr(torch, "compile", _broken_compile)
     decoder = _tiny_causal_with_memory()
     z = torch.randn(1, 3, 4, 4, 4)
     with torch.inference_mode():

@@ -752,8 +752,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                    help="latents are raw VAE latents (what vae.decode takes), not decoder/diffusion space")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
                    help="decoder precision (bfloat16 is several times faster on CPUs with AMX/AVX512-BF16)")
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
-                   help="run the convolutions in channels_last (NHWC) memory format (default on: faster on CPU and GPU)")
+    from .runtime import add_channels_last_argument
+
+    add_channels_last_argument(p)
     p.add_argument("--overwrite", action="store_true", help="decode everything again, even with another decoder")
     p.add_argument("--writers", type=int, default=4, help="image encoding/writing threads per process (default 4)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads per process (default: torch's choice)")

@@ -180,8 +180,9 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--tile", type=int, default=None, help="force tiling with this tile size (latent pixels)")
     p.add_argument("--dtype", default="fp32",
                    help="fp32, fp16 or bf16 (bf16 is several times faster on CPUs with AMX/AVX512-BF16)")
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
-                   help="run the convolutions in channels_last (NHWC) memory format (default on: faster on CPU and GPU)")
+    from .runtime import add_channels_last_argument
+
+    add_channels_last_argument(p)
     p.add_argument("--device", default="cpu")
     p.add_argument("--vae-space", action="store_true",
                    help="latents are raw VAE latents (what vae.decode takes): convert them to decoder space first")

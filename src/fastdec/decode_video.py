@@ -273,9 +273,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32",
                    help="decoder precision (default fp32); bf16 is several times faster on CPUs with AMX/AVX512-BF16")
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
-                   help="run the convolutions in channels_last (NHWC) memory format (default on: faster on CPU "
-                        "and GPU; same frames to fp tolerance)")
+    from .runtime import add_channels_last_argument
+
+    add_channels_last_argument(p)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=decode_video_command)

@@ -7,6 +7,7 @@ get a clear error instead of a silent wrong picture.
 """
 from __future__ import annotations
 
+import argparse
 import warnings
 from typing import Any, Callable
 
@@ -68,6 +69,13 @@ def fp16_headroom(decoder: nn.Module, z: torch.Tensor) -> tuple[float, str]:
     ranges = activation_ranges(decoder, z)
     layer, peak = max(ranges.items(), key=lambda kv: kv[1])
     return FP16_MAX / max(peak, 1e-30), layer
+
+
+def add_channels_last_argument(parser: argparse.ArgumentParser) -> None:
+    """The ``--channels-last/--no-channels-last`` option of the decode commands (on by default)."""
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                        help="run the convolutions in channels_last (NHWC) memory format (default on: faster on CPU "
+                             "and GPU; same output to fp tolerance)")
 
 
 def to_channels_last(module: nn.Module) -> nn.Module:
