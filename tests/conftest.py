@@ -49,3 +49,11 @@ def astronaut() -> torch.Tensor:
     from skimage import data
 
     return torch.from_numpy(data.astronaut()).permute(2, 0, 1)[None].float() / 255
+
+
+@pytest.fixture
+def make_decoder():
+    """The tiny-decoder factory (tests/factories.py): ``make_decoder("tae-64", "flux2", seed=1, width=16)``."""
+    from factories import tiny_decoder
+
+    return tiny_decoder

@@ -4,9 +4,12 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from .errors import CheckpointError, FastdecError
 from .latent_spaces import LatentSpace, get_latent_space, list_latent_spaces
 from .models import LatentDecoder, create_decoder, list_decoders
-from .checkpoints import CheckpointError, load_decoder, load_encoder, save_decoder
+from .io.checkpoints import save_decoder
+from .pretrained import list_pretrained
+from .resolve import load_decoder, load_encoder, resolve_decoder
 
 __version__ = "0.1.0"
 
@@ -30,5 +33,6 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "LatentSpace", "get_latent_space", "list_latent_spaces", "LatentDecoder", "create_decoder", "list_decoders",
-    "CheckpointError", "load_decoder", "load_encoder", "save_decoder", *_LAZY,
+    "CheckpointError", "FastdecError", "list_pretrained", "load_decoder", "load_encoder", "resolve_decoder",
+    "save_decoder", *_LAZY,
 ]

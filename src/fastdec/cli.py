@@ -1,9 +1,16 @@
-"""The ``fastdec`` command. Each capability lives in its own module, which adds its subcommand here."""
+"""The ``fastdec`` command. Each wing's ``cli`` module adds its subcommands; this file only dispatches.
+
+Errors: every :class:`~fastdec.errors.FastdecError` is caught here, once, and printed on stderr as
+``fastdec <command>: error: <message>`` with exit status 2 (argparse's usage errors look the same).
+"""
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
+from typing import Callable
+
+from .errors import FastdecError
 
 # module -> registers one or more subcommands via add_commands(subparsers)
 COMMAND_MODULES = [
@@ -24,23 +31,34 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"fastdec {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name == name:  # capability not built yet
-                continue
-            raise
-        module.add_commands(subparsers)
+        importlib.import_module(name).add_commands(subparsers)
     return parser
+
+
+def _command_names(parser: argparse.ArgumentParser) -> dict[Callable, str]:
+    """Each command's function -> its full name ("fastdec eval images"), for error prefixes."""
+    names: dict[Callable, str] = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                func = sub._defaults.get("func")
+                if func is not None:
+                    names[func] = sub.prog
+                names.update(_command_names(sub))
+    return names
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
-        parser.print_help()
+        parser.print_help(sys.stderr)
         return 2
-    result = args.func(args)
+    try:
+        result = args.func(args)
+    except FastdecError as e:
+        print(f"{_command_names(parser).get(args.func, 'fastdec')}: error: {e}", file=sys.stderr)
+        return 2
     return int(result or 0)
 
 

@@ -1,0 +1,90 @@
+"""Every error fastdec raises on purpose derives from :class:`FastdecError`.
+
+A ``FastdecError`` is a problem with what the user gave (a file, a flag, a decoder, data) and its message
+names the problem and the fix. The ``fastdec`` command catches it once and prints it on stderr as
+``fastdec <command>: error: <message>`` with exit status 2; anything else is a bug and keeps its traceback.
+
+The subclasses also keep the builtin base they always had (``ValueError`` or ``RuntimeError``), so code
+that caught those keeps working.
+"""
+from __future__ import annotations
+
+
+class FastdecError(Exception):
+    """Root of every error fastdec raises on purpose."""
+
+
+class UsageError(FastdecError, ValueError):
+    """An argument or option that cannot work (a zero step count, an unknown dtype, an unwritable --out)."""
+
+
+class CheckpointError(FastdecError, ValueError):
+    """A checkpoint that cannot be read, or does not hold what was asked for."""
+
+
+class DecoderSpecError(CheckpointError):
+    """A ``--decoder`` / ``resolve_decoder`` spec that names nothing usable (or an untrained preset)."""
+
+
+class LatentFileError(FastdecError, ValueError):
+    """A latent file that is missing, unreadable, or holds tensors no decoder can take."""
+
+
+class NonFiniteOutputError(FastdecError, ValueError):
+    """A decoder produced NaN or inf: never written as a picture nor scored."""
+
+
+class DataError(FastdecError, ValueError):
+    """A training or evaluation data folder that is missing, empty or unreadable."""
+
+
+class VideoError(FastdecError, ValueError):
+    """A video file or frame folder that cannot be read or written."""
+
+
+class TeacherError(FastdecError, ValueError):
+    """A teacher encoder/decoder that cannot be loaded or does not fit the latent space."""
+
+
+class LossConfigError(FastdecError, ValueError):
+    """A loss specification that names an unknown term or a bad weight."""
+
+
+class TrainError(FastdecError, ValueError):
+    """A training run that cannot start or resume."""
+
+
+class EvalError(FastdecError, ValueError):
+    """An evaluation that cannot run on what it was given."""
+
+
+class BenchError(FastdecError, ValueError):
+    """A benchmark that cannot run on what it was given."""
+
+
+class DecodeError(FastdecError, ValueError):
+    """``fastdec decode`` cannot decode what it was given."""
+
+
+class DecodeVideoError(FastdecError, ValueError):
+    """``fastdec decode-video`` cannot decode what it was given."""
+
+
+class ManifestMismatchError(FastdecError, RuntimeError):
+    """A ``decode-batch`` resume whose output folder was made by another decoder or settings."""
+
+
+class GlobalReceptiveFieldError(FastdecError, ValueError):
+    """A decoder whose output depends on the whole input: it cannot be tiled exactly."""
+
+
+class OnnxExportError(FastdecError, RuntimeError):
+    """An ONNX export that failed or does not match the torch decoder."""
+
+
+class MetricUnavailable(FastdecError, RuntimeError):
+    """A metric whose extra dependency or weights are not installed."""
+
+
+class UnsafePathError(FastdecError, ValueError):
+    """A name (a latent key, a file name, metadata) that would write outside the output folder."""

@@ -1,0 +1,298 @@
+"""Saving and loading decoders.
+
+Our format: one safetensors file whose metadata carries the architecture, its
+config and the latent space, so ``load_decoder(path)`` needs nothing else.
+Also read: original TAESD-family ``.pth`` state dicts (TAESD, TAESDXL, TAESD3,
+TAEF1, TAEF2, TAESana), diffusers ``AutoencoderTiny`` folders and state dicts,
+from local paths. Which spec means which source (name, file, folder, Hub id) is decided in one place,
+:mod:`fastdec.resolve`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+
+from ..errors import CheckpointError
+from ..latent_spaces import PRESETS as SPACES, LatentSpace, get_latent_space
+from ..models.base import LatentDecoder
+from ..models.registry import build_decoder
+from ..models.tae import TAEConfig, TAEDecoder, TAEEncoder, TAEEncoderConfig
+from .files import atomic_write
+
+FORMAT = "fastdec"
+FORMAT_VERSION = "1"
+
+
+# ----------------------------------------------------------------------------- writing
+def save_decoder(decoder: LatentDecoder, path: str | os.PathLike, extra_metadata: Mapping[str, str] | None = None) -> Path:
+    """Write ``decoder`` to a self-describing safetensors file (atomically)."""
+    if not isinstance(decoder, LatentDecoder):
+        raise TypeError(f"save_decoder expects a fastdec decoder, got {type(decoder).__name__}")
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"decoders are saved as .safetensors, got '{path}'")
+    state = {k: v.detach().contiguous().cpu() for k, v in decoder.state_dict().items()}
+    metadata = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "architecture": decoder.architecture,
+        "config": json.dumps(decoder.config_dict(), sort_keys=True),
+        "latent_space": decoder.latent_space.to_json(),
+        **(extra_metadata or {}),
+    }
+    return atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata), suffix=".safetensors")
+
+
+# ----------------------------------------------------------------------------- reading
+def _existing(source: str | os.PathLike, what: str) -> Path:
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"{what} '{source}' not found: check the path")
+    return path
+
+
+def _read_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and (for safetensors) metadata of one file, with errors that name the file."""
+    try:
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt") as f:
+                metadata = f.metadata() or {}
+            return load_file(str(path)), metadata
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except (SafetensorError, RuntimeError, EOFError, OSError, ValueError, Exception) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(
+            f"cannot read checkpoint '{path}': {type(e).__name__}: {e}. The file is truncated or corrupt, "
+            "or not a weights file: download or export it again"
+        ) from e
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"'{path}' does not hold a state dict of tensors")
+    return state, {}
+
+
+def _module_groups(state: Mapping[str, torch.Tensor]) -> list[tuple[str, int]]:
+    """Classify the parameterised entries of a TAESD nn.Sequential: ('block'|'conv', index), in order."""
+    indices = sorted({int(k.split(".")[0]) for k in state if k.split(".")[0].isdigit()})
+    return [("block" if f"{i}.conv.0.weight" in state else "conv", i) for i in indices]
+
+
+def _split_blocks(kinds: list[str]) -> list[int]:
+    """Number of blocks between consecutive convs."""
+    counts, current = [], None
+    for kind in kinds:
+        if kind == "conv":
+            if current is not None:
+                counts.append(current)
+            current = 0
+        else:
+            current = (current or 0) + 1
+    return counts
+
+
+_NAME_HINTS = [("taesdxl", "sdxl"), ("taesd3", "sd3"), ("taef1", "flux1"), ("taef2", "flux2"),
+               ("taesana", "sana"), ("taesdv", "svd"), ("taesd", "sd15")]
+
+
+def _guess_space(channels: int, factor: int, name: str) -> LatentSpace:
+    lowered = name.lower()
+    for hint, space in _NAME_HINTS:
+        if hint in lowered and SPACES[space].channels == channels:
+            return SPACES[space]
+    candidates = [s for s in SPACES.values() if s.channels == channels and s.spatial_factor == factor]
+    if not candidates:
+        raise CheckpointError(f"'{name}': no known latent space has {channels} channels at {factor}x")
+    if len(candidates) > 1:
+        warnings.warn(
+            f"'{name}': {channels}-channel latents fit {', '.join(s.name for s in candidates)}; assuming "
+            f"{candidates[0].name}. Pass latent_space=... to choose.",
+            stacklevel=3,
+        )
+    return candidates[0]
+
+
+def _taesd_decoder_config(state: Mapping[str, torch.Tensor], path: Path) -> TAEConfig:
+    groups = _module_groups(state)
+    if not groups or groups[0] != ("conv", 1) or "1.weight" not in state:
+        raise CheckpointError(f"'{path}' is not a TAESD-family decoder state dict (no '1.weight' input conv)")
+    width, channels = state["1.weight"].shape[:2]
+    counts = _split_blocks([k for k, _ in groups])
+    if len(counts) < 2:
+        raise CheckpointError(f"'{path}': unexpected TAESD decoder layout")
+    return TAEConfig(
+        latent_channels=int(channels), width=int(width), stage_blocks=tuple(counts[:-1]), final_blocks=counts[-1],
+        use_midblock_gn=any(".pool." in k for k in state),
+    )
+
+
+def _load_strict(module: torch.nn.Module, state: Mapping[str, torch.Tensor], path: Path, what: str) -> None:
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"'{path}' does not match the {what} architecture: {e}") from e
+
+
+def _prefixed(state: Mapping[str, torch.Tensor], prefix: str, offset: int = 0) -> dict[str, torch.Tensor]:
+    """Sub-dict under ``prefix`` with the leading Sequential index shifted by ``offset``."""
+    out = {}
+    for key, value in state.items():
+        if key.startswith(prefix):
+            index, _, rest = key[len(prefix):].partition(".")
+            out[f"{int(index) + offset}.{rest}"] = value
+    return out
+
+
+def _decoder_from_taesd_state(state, path: Path, latent_space) -> TAEDecoder:
+    config = _taesd_decoder_config(state, path)
+    factor = 2 ** len(config.stage_blocks)
+    space = get_latent_space(latent_space) if latent_space else _guess_space(config.latent_channels, factor, path.name)
+    if space.channels != config.latent_channels:
+        raise CheckpointError(
+            f"'{path}' decodes {config.latent_channels}-channel latents but latent space '{space.name}' "
+            f"has {space.channels}"
+        )
+    decoder = TAEDecoder(config, space)
+    state = {"layers." + k: v for k, v in state.items()}
+    _load_strict(decoder, state, path, f"TAE decoder ({config})")
+    return decoder
+
+
+def _from_fastdec_file(state, metadata, path: Path, latent_space) -> LatentDecoder:
+    try:
+        config = json.loads(metadata["config"])
+        space = LatentSpace.from_dict(json.loads(metadata["latent_space"]))
+        architecture = metadata["architecture"]
+    except (KeyError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"'{path}': fastdec metadata is incomplete ({e})") from e
+    if latent_space is not None and get_latent_space(latent_space).channels != space.channels:
+        raise CheckpointError(f"'{path}' is a decoder for '{space.name}', not '{get_latent_space(latent_space).name}'")
+    try:
+        decoder = build_decoder(architecture, config, space)
+    except (KeyError, ValueError, TypeError) as e:
+        raise CheckpointError(f"'{path}': cannot build architecture '{architecture}': {e}") from e
+    _load_strict(decoder, state, path, f"'{architecture}'")
+    return decoder
+
+
+def _tiny_config(folder: Path) -> dict:
+    config_file = folder / "config.json"
+    if not config_file.exists():
+        return {}
+    try:
+        return json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"'{config_file}' is not valid JSON: {e}") from e
+
+
+def _weights_in(folder: Path, kind: str) -> Path:
+    for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin", f"{kind}.safetensors"):
+        if (folder / name).exists():
+            return folder / name
+    candidates = sorted(folder.glob(f"*{kind}*.safetensors")) + sorted(folder.glob(f"*{kind}*.pth"))
+    if len(candidates) == 1:
+        return candidates[0]
+    if (folder / "vae").is_dir():  # a whole pipeline folder was given
+        return _weights_in(folder / "vae", kind)
+    raise CheckpointError(
+        f"folder '{folder}' holds no single {kind} checkpoint (looked for diffusion_pytorch_model.safetensors, "
+        f"*{kind}*.safetensors, *{kind}*.pth); pass the file itself"
+    )
+
+
+def _check_tiny_config(config: dict, path: Path) -> None:
+    if config.get("_class_name") not in (None, "AutoencoderTiny"):
+        raise CheckpointError(f"'{path}' is a {config['_class_name']}, not an AutoencoderTiny or fastdec decoder")
+    for key, expected in (("act_fn", "relu"), ("upsample_fn", "nearest"), ("upsampling_scaling_factor", 2)):
+        if key in config and config[key] != expected:
+            raise CheckpointError(f"'{path}': AutoencoderTiny with {key}={config[key]!r} is not supported (need {expected!r})")
+
+
+def read_decoder(source: str | os.PathLike, latent_space: LatentSpace | str | None = None) -> LatentDecoder:
+    """A decoder from a local file or folder: our safetensors format, a TAESD-family .pth, an AutoencoderTiny
+    folder or state dict. ``latent_space`` picks the space when the file cannot tell (TAESD vs TAESDXL).
+
+    Names and Hub ids are :func:`fastdec.resolve_decoder`'s job; this reads only what is on disk."""
+    path = _existing(source, "checkpoint")
+    tiny_config: dict = {}
+    if path.is_dir():
+        tiny_config = _tiny_config(path)
+        _check_tiny_config(tiny_config, path)
+        path = _weights_in(path, "decoder")
+    state, metadata = _read_state(path)
+    if metadata.get("format") == FORMAT:
+        decoder = _from_fastdec_file(state, metadata, path, latent_space)
+    elif any(k.startswith("decoder.layers.") for k in state):
+        # diffusers AutoencoderTiny: DecoderTiny has no Clamp module, so its indices are one lower
+        if latent_space is None and "scaling_factor" in tiny_config and tiny_config.get("scaling_factor") != 1.0:
+            warnings.warn(f"'{path}': AutoencoderTiny with scaling_factor != 1 is unusual", stacklevel=2)
+        decoder = _decoder_from_taesd_state(_prefixed(state, "decoder.layers.", offset=1), path, latent_space)
+    elif "1.weight" in state:
+        decoder = _decoder_from_taesd_state(state, path, latent_space)
+    elif any(k.startswith("layers.") for k in state) or "0.weight" in state:
+        raise CheckpointError(f"'{path}' looks like an encoder, not a decoder: use load_encoder")
+    else:
+        raise CheckpointError(
+            f"'{path}' is not a decoder checkpoint fastdec knows (fastdec safetensors, TAESD .pth, AutoencoderTiny)"
+        )
+    return decoder
+
+
+def _taesd_encoder_config(state: Mapping[str, torch.Tensor], path: Path) -> TAEEncoderConfig:
+    if "0.weight" not in state:
+        raise CheckpointError(f"'{path}' is not a TAESD-family encoder state dict (no '0.weight' input conv)")
+    groups = _module_groups(state)
+    stem_width = None
+    if len(groups) > 1 and groups[1][0] == "conv" and state["0.weight"].shape[1] == 3:
+        stem_width = int(state["0.weight"].shape[0])  # TAESana: two strided stem convs
+        groups = groups[1:]
+    kinds = [k for k, _ in groups]
+    counts = _split_blocks(kinds + ["conv"])  # blocks after the input conv, after each strided conv
+    width = int(state[f"{groups[0][1]}.weight"].shape[0])
+    last = groups[-1][1]
+    channels = int(state[f"{last}.weight"].shape[0])
+    return TAEEncoderConfig(
+        latent_channels=channels, width=width, stem_width=stem_width, first_blocks=counts[0],
+        stage_blocks=tuple(counts[1:-1]), use_midblock_gn=any(".pool." in k for k in state),
+    )
+
+
+def read_encoder(source: str | os.PathLike, latent_space: LatentSpace | str | None = None) -> TAEEncoder:
+    """A TAESD-family encoder from a local .pth or AutoencoderTiny folder/state dict: RGB [0, 1] -> latents."""
+    path = _existing(source, "encoder checkpoint")
+    if path.is_dir():
+        _check_tiny_config(_tiny_config(path), path)
+        path = _weights_in(path, "encoder")
+    state, metadata = _read_state(path)
+    if any(k.startswith("encoder.layers.") for k in state):
+        state = _prefixed(state, "encoder.layers.")
+    elif "1.weight" in state and "0.weight" not in state:
+        raise CheckpointError(f"'{path}' looks like a decoder, not an encoder: use load_decoder")
+    config = _taesd_encoder_config(state, path)
+    factor = 2 ** (len(config.stage_blocks) + (2 if config.stem_width else 0))
+    space = get_latent_space(latent_space) if latent_space else _guess_space(config.latent_channels, factor, path.name)
+    encoder = TAEEncoder(config, space)
+    _load_strict(encoder, {"layers." + k: v for k, v in state.items()}, path, f"TAE encoder ({config})")
+    return encoder.eval()
+
+
+def decoder_info(path: str | os.PathLike) -> dict[str, Any]:
+    """Architecture, config and latent space stored in a fastdec checkpoint, without loading weights."""
+    state_path = Path(path)
+    with safe_open(str(state_path), framework="pt") as f:
+        metadata = f.metadata() or {}
+    if metadata.get("format") != FORMAT:
+        raise CheckpointError(f"'{path}' is not a fastdec checkpoint")
+    return {
+        "architecture": metadata["architecture"],
+        "config": json.loads(metadata["config"]),
+        "latent_space": json.loads(metadata["latent_space"]),
+    }

@@ -1,0 +1,156 @@
+"""Writing files so that readers never see half of one, and output names that stay inside their folder.
+
+Every file fastdec writes goes through :func:`atomic_write`: a temporary file beside the target, fsynced,
+then renamed over it. JSON has one rule for non-finite numbers (they become ``null``, so the file is strict
+JSON); CSV rows are written through :mod:`csv`.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+import unicodedata
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+from ..errors import UnsafePathError, UsageError
+
+TEMP_MARKER = ".fastdec-tmp"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+# most file systems cap one name at 255 bytes; leave room for the temporary prefix and suffix
+MAX_NAME_BYTES = 200
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Temporary files that an interrupted save to ``path`` left behind (the process died mid-write)."""
+    for stale in path.parent.glob(f".{glob_escape(path.name)}.*{TEMP_MARKER}*"):
+        stale.unlink(missing_ok=True)
+
+
+def glob_escape(name: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], Any], suffix: str = "") -> Path:
+    """Call ``write(tmp_path)``, fsync, then rename over ``path``: readers never see a half-written file.
+
+    ``suffix`` ends the temporary name (some writers pick the format from it, e.g. ``.png``).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f"{TEMP_MARKER}{suffix}")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:  # data on disk before the rename makes it visible
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; outputs should be readable like any file
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def json_safe(obj: Any) -> Any:
+    """The one rule for non-finite numbers in JSON: NaN and +-inf become null (strict JSON)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if hasattr(obj, "item") and callable(obj.item) and getattr(obj, "ndim", 1) == 0:  # numpy / torch scalars
+        return json_safe(obj.item())
+    return obj
+
+
+def write_json(path: str | os.PathLike, payload: Any, indent: int | None = 2) -> Path:
+    """``payload`` as JSON (non-finite numbers as null), atomically."""
+    text = json.dumps(json_safe(payload), indent=indent, allow_nan=False, sort_keys=False) + "\n"
+    return write_text(path, text)
+
+
+def csv_text(rows: Iterable[Mapping[str, Any]], columns: Sequence[str]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow(row)
+    return buffer.getvalue()
+
+
+def write_csv(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]], columns: Sequence[str]) -> Path:
+    return write_text(path, csv_text(rows, columns))
+
+
+# ----------------------------------------------------------------------------- names inside an output folder
+def check_name(name: str, what: str = "name") -> str:
+    """A single path component that is safe as a file name: no separators, no '..', no control characters,
+    not hidden, not too long. Raises :class:`UnsafePathError` naming the problem."""
+    if not isinstance(name, str) or not name:
+        raise UnsafePathError(f"{what} {name!r} cannot be a file name: it is empty or not text")
+    problem = None
+    if "/" in name or "\\" in name or name in (".", ".."):
+        problem = "it contains a path separator or is '.'/'..'"
+    elif name.startswith("."):
+        problem = "it starts with '.' (hidden files and '..' are not allowed)"
+    elif any(unicodedata.category(c).startswith("C") for c in name):
+        problem = "it contains a control character (a newline, tab or NUL)"
+    elif len(name.encode("utf-8")) > MAX_NAME_BYTES:
+        problem = f"it is {len(name.encode('utf-8'))} bytes long (the limit is {MAX_NAME_BYTES})"
+    elif TEMP_MARKER in name:
+        problem = f"it contains {TEMP_MARKER!r}, which marks temporary files"
+    if problem:
+        raise UnsafePathError(
+            f"{what} {name!r} cannot be a file name: {problem}; rename it to letters, digits, '_', '-' and '.'"
+        )
+    return name
+
+
+def output_path(folder: str | os.PathLike, name: str, what: str = "output name") -> Path:
+    """``folder / name``, refused unless it is a plain file name that stays inside ``folder``."""
+    check_name(name, what)
+    folder = Path(folder)
+    path = folder / name
+    if path.resolve().parent != folder.resolve():  # a symlinked folder entry, or anything else that escapes
+        raise UnsafePathError(f"{what} {name!r} would be written outside '{folder}'")
+    return path
+
+
+def prepare_output_dir(folder: str | os.PathLike, what: str = "--out") -> Path:
+    """Create ``folder`` (and parents) before any work, or fail now with what is wrong."""
+    folder = Path(folder).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"{what} '{folder}' is a file, not a folder: pass a folder path")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot create {what} folder '{folder}': {e.strerror or e}") from e
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"{what} folder '{folder}' is not writable: choose another folder or fix its permissions")
+    return folder
+
+
+def check_output_file(path: str | os.PathLike, what: str = "output file") -> Path:
+    """Fail before any work when ``path`` cannot be written: a folder at its place, or an unwritable parent."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise UsageError(f"{what} '{path}' is a folder: pass a file path")
+    parent = path.parent
+    existing = parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write {what} '{path}': '{existing}' is not a writable folder")
+    return path

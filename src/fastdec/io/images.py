@@ -1,0 +1,64 @@
+"""Images on disk: the one list of image suffixes, loading to float tensors, tensors to uint8, atomic saving."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import DataError, NonFiniteOutputError
+from .files import atomic_write
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+# output formats: name -> (PIL format, file suffix)
+IMAGE_FORMATS = {"png": ("PNG", ".png"), "webp": ("WEBP", ".webp"), "jpeg": ("JPEG", ".jpg")}
+
+
+def is_image_file(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".") and path.is_file()
+
+
+def list_images(folder: str | os.PathLike, recursive: bool = False) -> list[Path]:
+    """Image files in ``folder`` (sorted; hidden files left out). An empty list when there are none."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"'{folder}' is not a folder of images")
+    return sorted(p for p in (folder.rglob("*") if recursive else folder.iterdir()) if is_image_file(p))
+
+
+def load_image(path: str | os.PathLike) -> torch.Tensor:
+    """RGB in [0, 1], (1, 3, H, W), EXIF orientation applied. Raises ``DataError`` naming an unreadable file."""
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(path) as im:
+            rgb = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+    except Exception as e:  # PIL raises many types for a bad file; all mean "unreadable image"
+        raise DataError(f"cannot read image '{path}': {type(e).__name__}: {e}") from e
+    return torch.from_numpy(rgb.copy()).permute(2, 0, 1)[None].float() / 255
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(N, 3, H, W) or (3, H, W) in [0, 1] -> (N, H, W, 3) or (H, W, 3) uint8, rounded to nearest.
+
+    Non-finite values raise :class:`NonFiniteOutputError`: NaN would otherwise become a black pixel.
+    """
+    if images.is_floating_point() and not torch.isfinite(images).all():
+        raise NonFiniteOutputError("the decoded image contains NaN or inf (no picture is written)")
+    array = images.float().mul(255).round_().clamp_(0, 255).to(torch.uint8)
+    return array.permute(*range(array.ndim - 3), -2, -1, -3).cpu().numpy()
+
+
+def save_image(image: torch.Tensor | np.ndarray, path: str | os.PathLike, image_format: str = "png",
+               quality: int = 95) -> Path:
+    """Write one image ((3, H, W) float in [0, 1], or (H, W, 3) uint8) atomically as png, webp or jpeg."""
+    from PIL import Image
+
+    array = to_uint8(image) if isinstance(image, torch.Tensor) else image
+    pil_format, _ = IMAGE_FORMATS[image_format]
+    options: dict[str, Any] = {"quality": quality} if image_format in ("webp", "jpeg") else {"compress_level": 1}
+    picture = Image.fromarray(array)
+    return atomic_write(path, lambda tmp: picture.save(tmp, format=pil_format, **options),
+                        suffix=IMAGE_FORMATS[image_format][1])

@@ -1,0 +1,181 @@
+"""``resolve_decoder``: the one place that decides what a decoder spec means.
+
+Every command's ``--decoder`` (and ``--init``, ``--decoders``), ``swap_decoder`` and ``load_decoder`` go
+through :func:`locate`, with one precedence rule:
+
+1. a decoder object (``nn.Module``) is used as it is;
+2. an existing local file or folder is loaded from disk (a file of yours named like a preset wins);
+3. a pretrained name (:func:`fastdec.list_pretrained`) loads fastdec's packaged weights;
+4. a preset name (:func:`fastdec.list_decoders`) is an untrained architecture: refused unless random
+   weights are asked for (``random_weights=True``, ``--random-weights``);
+5. a spec that looks like a path (a weights suffix, or starting with ``.``, ``/`` or ``~``) but does not
+   exist is a missing file;
+6. ``owner/name`` is a Hugging Face Hub id, downloaded (or read from the local Hub cache);
+7. anything else is an error that lists the names fastdec knows.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from .dtypes import parse_dtype
+from .errors import CheckpointError, DecoderSpecError
+from .latent_spaces import LatentSpace, get_latent_space
+from .models.base import LatentDecoder
+from .models.registry import PRESETS, create_decoder, list_decoders
+from .pretrained import PRETRAINED, list_pretrained
+
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+_WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
+
+SpecKind = Literal["object", "path", "pretrained", "preset", "hub"]
+
+
+@dataclass(frozen=True)
+class Located:
+    """What a spec names: its kind and where it is (a path, a name or a Hub id)."""
+
+    kind: SpecKind
+    target: Any
+
+
+def _looks_like_path(text: str) -> bool:
+    return text.lower().endswith(_WEIGHT_SUFFIXES) or text.startswith((".", "/", "~")) or text.count("/") > 1 \
+        or os.sep != "/" and os.sep in text
+
+
+def locate(spec: Any) -> Located:
+    """Apply the precedence rule (module docstring) to ``spec``, without loading anything."""
+    if isinstance(spec, torch.nn.Module):
+        return Located("object", spec)
+    if not isinstance(spec, (str, os.PathLike)):
+        raise DecoderSpecError(f"a decoder spec is a name, a path or a decoder object, got {type(spec).__name__}")
+    text = os.fspath(spec)
+    path = Path(text).expanduser()
+    if path.exists():
+        return Located("path", path)
+    if text in PRETRAINED:
+        return Located("pretrained", text)
+    if text in PRESETS:
+        return Located("preset", text)
+    if _looks_like_path(text) or isinstance(spec, Path):
+        raise DecoderSpecError(f"decoder file '{text}' not found: check the path (relative paths start from "
+                               f"{Path.cwd()})")
+    if _HUB_ID.match(text):
+        return Located("hub", text)
+    known = ", ".join(list_pretrained()) or "none packaged in this install"
+    raise DecoderSpecError(
+        f"'{text}' is not a decoder file, folder, pretrained name or Hub id. Pretrained decoders: {known}; "
+        f"untrained presets (need --random-weights): {', '.join(list_decoders())}"
+    )
+
+
+def download(repo_id: str) -> Path:
+    """A Hub repository's files (weights, configs) in the local cache."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as e:  # pragma: no cover - huggingface_hub comes with diffusers
+        raise CheckpointError(f"'{repo_id}' looks like a Hub id but huggingface_hub is not installed") from e
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.pth", "*.md"],
+                                      etag_timeout=10))
+    except Exception as e:  # network errors come in many types: all mean the same to the user
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise CheckpointError(
+            f"'{repo_id}' is not a local file or folder, and fetching it from the Hugging Face Hub failed "
+            f"({type(e).__name__}: {first}). If this machine is offline, download the repository elsewhere and "
+            "pass its local folder (or a .safetensors/.pth file) instead"
+        ) from e
+
+
+def untrained_message(name: str) -> str:
+    pretrained = ", ".join(list_pretrained()) or "none packaged in this install"
+    return (
+        f"'{name}' is an untrained architecture (a preset with random weights): it would decode noise. Use a "
+        f"trained decoder instead: a pretrained name ({pretrained}), a checkpoint from `fastdec train --decoder "
+        f"{name}`, or a Hub id. Pass --random-weights (random_weights=True) to build it untrained on purpose "
+        "(benchmarks, tests)"
+    )
+
+
+def resolve_decoder(
+    spec: Any,
+    latent_space: LatentSpace | str | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | str | None = None,
+    *,
+    random_weights: bool = False,
+) -> LatentDecoder:
+    """The decoder a spec names: a decoder object, a checkpoint file, a folder, a Hub id, a pretrained
+    name, or (with ``random_weights=True``) a preset. See the module docstring for the precedence rule.
+
+    ``latent_space`` picks the space where the weights cannot tell (TAESD vs TAESDXL) and is checked
+    against the one they record; presets are built for it (default ``sdxl``). ``device`` and ``dtype``
+    (``fp32|fp16|bf16`` or a torch dtype) move the result.
+    """
+    from .io.checkpoints import read_decoder
+
+    located = locate(spec)
+    if located.kind == "object":
+        decoder = located.target
+        if latent_space is not None and isinstance(decoder, LatentDecoder):
+            _check_space(decoder, latent_space, "the decoder object")
+    elif located.kind == "path":
+        decoder = read_decoder(located.target, latent_space=latent_space)
+    elif located.kind == "pretrained":
+        entry = PRETRAINED[located.target]
+        decoder = read_decoder(entry.path(), latent_space=entry.latent_space)
+        if latent_space is not None:
+            _check_space(decoder, latent_space, f"pretrained '{entry.name}'")
+    elif located.kind == "preset":
+        if not random_weights:
+            raise DecoderSpecError(untrained_message(located.target))
+        decoder = create_decoder(located.target, latent_space or "sdxl")
+    else:
+        decoder = read_decoder(download(located.target), latent_space=latent_space)
+    torch_dtype = parse_dtype(dtype)
+    if device is not None or torch_dtype is not None:
+        decoder = decoder.to(device=device, dtype=torch_dtype)
+    return decoder
+
+
+def _check_space(decoder: LatentDecoder, latent_space: LatentSpace | str, what: str) -> None:
+    want = get_latent_space(latent_space)
+    if decoder.latent_space.channels != want.channels:
+        raise DecoderSpecError(
+            f"{what} decodes '{decoder.latent_space.name}' latents ({decoder.latent_space.channels} channels), "
+            f"not '{want.name}' ({want.channels} channels): pick a decoder trained for {want.name}"
+        )
+
+
+def load_decoder(
+    source: Any,
+    latent_space: LatentSpace | str | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | str | None = None,
+) -> LatentDecoder:
+    """A trained decoder: a pretrained name, a checkpoint (fastdec safetensors, TAESD .pth, AutoencoderTiny
+    folder) or a Hub id. Presets are refused (they have no weights): use ``create_decoder`` for those."""
+    return resolve_decoder(source, latent_space=latent_space, device=device, dtype=dtype)
+
+
+def load_encoder(
+    source: str | os.PathLike,
+    latent_space: LatentSpace | str | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | str | None = None,
+):
+    """A TAESD-family encoder from a .pth, an AutoencoderTiny folder/state dict, or a Hub id."""
+    from .io.checkpoints import read_encoder
+
+    located = locate(source)
+    if located.kind not in ("path", "hub"):
+        raise CheckpointError(f"'{source}' is not an encoder checkpoint file, folder or Hub id")
+    path = located.target if located.kind == "path" else download(located.target)
+    encoder = read_encoder(path, latent_space=latent_space)
+    return encoder.to(device=device, dtype=parse_dtype(dtype))
