@@ -22,9 +22,11 @@ from pathlib import Path
 
 import torch
 
-import fastdec
-from fastdec.bench import system_info, time_callable, write_json
+from fastdec.bench.measure import system_info, time_callable
+from fastdec.dtypes import DTYPES, add_dtype_argument
+from fastdec.io.files import write_json
 from fastdec.pipelines import PreviewCallback
+from fastdec.resolve import resolve_decoder
 
 # stabilityai/stable-diffusion-xl-base-1.0, unet/config.json (architecture fields)
 SDXL_UNET = {
@@ -35,7 +37,6 @@ SDXL_UNET = {
     "projection_class_embeddings_input_dim": 2816, "sample_size": 128, "transformer_layers_per_block": [1, 2, 10],
     "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], "use_linear_projection": True,
 }
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def build_unet(config: dict, device: torch.device, dtype: torch.dtype):
@@ -67,10 +68,11 @@ def step_inputs(unet, batch: int, latent_size: int, device: torch.device, dtype:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=list(DTYPES), default="fp16")
+    add_dtype_argument(parser, default="fp16")
     parser.add_argument("--size", type=int, default=1024, help="image size in pixels (square)")
-    parser.add_argument("--decoder", default="tae-64", help="preset name (random weights) or checkpoint path")
-    parser.add_argument("--space", default="sdxl", help="latent space for a preset decoder")
+    parser.add_argument("--decoder", default="tae-64",
+                        help="preset (random weights), checkpoint, pretrained name or Hub id (default tae-64)")
+    parser.add_argument("--space", default=None, help="latent space presets are built for (default sdxl)")
     parser.add_argument("--unet-config", type=Path, help="UNet2DConditionModel config.json (default: SDXL base)")
     parser.add_argument("--every", type=int, default=1, help="preview every k steps (amortised cost)")
     parser.add_argument("--warmup", type=int, default=3)
@@ -81,11 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     if device.type == "cpu" and args.size >= 512:
         print("note: a full-size UNet step on the CPU takes minutes; this benchmark is meant for a GPU", file=sys.stderr)
-    if Path(args.decoder).exists():
-        decoder = fastdec.load_decoder(args.decoder, device=device, dtype=dtype)
-    else:
-        decoder = fastdec.create_decoder(args.decoder, args.space).to(device=device, dtype=dtype)
-    decoder.eval()
+    # speed does not depend on the weights: a preset is built with random ones
+    decoder = resolve_decoder(args.decoder, args.space, device=device, dtype=dtype, random_weights=True).eval()
     factor = decoder.latent_space.spatial_factor
     latent_size = args.size // factor
 

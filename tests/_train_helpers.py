@@ -1,10 +1,12 @@
-"""Small builders shared by the training tests: synthetic image folders and a tiny random teacher."""
+"""Small builders shared by the training tests: synthetic image folders, a tiny random teacher encoder, and tiny
+decoders saved to disk (built by the one test factory, ``factories.tiny_decoder``)."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
 import torch
+from factories import tiny_decoder
 
 
 def make_images(folder: Path, count: int, size: tuple[int, int] = (40, 48), seed: int = 0, suffix: str = ".png") -> Path:
@@ -37,7 +39,7 @@ def tiny_encoder_file(path: Path, space: str = "sdxl", seed: int = 0) -> Path:
 
 
 def tiny_decoder_file(path: Path, space: str = "sdxl", width: int = 16, seed: int = 0) -> Path:
-    from fastdec import create_decoder, save_decoder
+    """``factories.tiny_decoder`` (tae-64 at test size) saved as a fastdec checkpoint."""
+    from fastdec import save_decoder
 
-    torch.manual_seed(seed)
-    return save_decoder(create_decoder("tae-64", space, width=width, stage_blocks=(1, 1, 1)), path)
+    return save_decoder(tiny_decoder("tae-64", space, seed=seed, width=width), path)

@@ -281,10 +281,6 @@ class MeanMixVideoDecoder(LatentDecoder):
         decoder.inner.load_state_dict(frame_decoder.state_dict())
         return decoder.eval()
 
-    @property
-    def upsample_factor(self) -> int:
-        return self.inner.upsample_factor
-
     def decode_layers(self, z: torch.Tensor) -> torch.Tensor:
         n, t = z.shape[:2]
         frames = self.inner.decode_layers(z.flatten(0, 1)).unflatten(0, (n, t))

@@ -6,16 +6,21 @@ import json
 import pytest
 import torch
 
-from fastdec.bench_pipeline import DecodeTimer, build_sdxl_pipeline, time_pipeline
+import fastdec.resolve
+from fastdec.bench.pipeline import DecodeTimer, build_sdxl_pipeline, time_pipeline
 from fastdec.cli import main
 
 
-def test_pipeline_bench_end_to_end_json(tmp_path, capsys):
+def test_pipeline_bench_end_to_end_json(tmp_path, capsys, monkeypatch):
+    resolved = []
+    resolve = fastdec.resolve.resolve_decoder
+    monkeypatch.setattr(fastdec.resolve, "resolve_decoder", lambda spec, *a, **k: resolved.append(spec) or resolve(spec, *a, **k))
     out = tmp_path / "pipe.json"
     status = main(["bench", "--pipeline", "--sizes", "64", "--steps", "2", "--repeats", "1", "--warmup", "0",
                    "--decoders", "tae-64", "--json", str(out)])
     printed = capsys.readouterr().out
     assert status == 0
+    assert resolved == ["tae-64"]  # built once, swapped in for every round
     assert "illustrative" in printed and "fastdec.swap_decoder" in printed and "tae-64" in printed
     payload = json.loads(out.read_text())
     assert payload["kind"] == "pipeline" and payload["pipeline_config"] == "tiny" and payload["illustrative"] is True
@@ -41,14 +46,13 @@ def test_pipeline_bench_end_to_end_json(tmp_path, capsys):
     assert payload["system"]["torch"] == torch.__version__
 
 
-def test_decode_timer_sees_every_decode_and_swap_changes_the_decoder():
-    from fastdec import create_decoder, restore_decoder, swap_decoder
+def test_decode_timer_sees_every_decode_and_swap_changes_the_decoder(make_decoder):
+    from fastdec import restore_decoder, swap_decoder
     from fastdec.pipelines import FastVAE
 
     pipe = build_sdxl_pipeline("tiny")
     original_vae = pipe.vae
-    torch.manual_seed(0)
-    swap_decoder(pipe, create_decoder("tae-64", "sdxl").eval())
+    swap_decoder(pipe, make_decoder("tae-64", "sdxl"))
     assert isinstance(pipe.vae, FastVAE)
     result = time_pipeline(pipe, size=64, steps=1, seed=0, warmup=1, repeats=2, device="cpu")
     assert len(result["decode_runs_s"]) == 2 and len(result["total_runs_s"]) == 2
@@ -78,6 +82,11 @@ def test_pipeline_bench_refuses_real_configs_on_cpu(capsys):
     assert "needs --device cuda" in capsys.readouterr().err
 
 
-def test_pipeline_bench_unknown_decoder(capsys):
-    assert main(["bench", "--pipeline", "--decoders", "no-such-decoder"]) == 2
-    assert "unknown decoder 'no-such-decoder'" in capsys.readouterr().err
+@pytest.mark.parametrize("argv, message", [
+    (["--decoders", "no-such-decoder"], "'no-such-decoder' is not a decoder file"),
+    (["--steps", "0"], "--steps and --repeats must be >= 1"),
+    (["--sizes", "60"], "size 60 must be a positive multiple of 8"),
+])
+def test_pipeline_bench_bad_requests(argv, message, capsys):
+    assert main(["bench", "--pipeline", *argv]) == 2
+    assert message in capsys.readouterr().err

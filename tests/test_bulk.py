@@ -14,28 +14,25 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from fastdec import create_decoder, load_decoder, save_decoder
-from fastdec.bulk import (
+from factories import tiny_decoder
+
+from fastdec import load_decoder, save_decoder
+from fastdec.cli import main
+from fastdec.decode.batch import (
     MANIFEST_NAME,
     TEMP_SUFFIX,
-    WorkItem,
     batches_by_shape,
     build_work_list,
-    check_key,
-    find_latent_files,
+    decoder_identity,
+    image_is_complete,
     shard_for_rank,
-    to_uint8,
-    write_latent_shard,
 )
-from fastdec.cli import main
+from fastdec.errors import LatentFileError, UnsafePathError
+from fastdec.io.images import to_uint8
+from fastdec.io.latents import LatentRef, check_key, find_latent_files, write_latent_shard
 
 ACCELERATE = Path(sys.executable).parent / "accelerate"
 N_LATENTS = 200
-
-
-def _tiny_decoder(seed: int):
-    torch.manual_seed(seed)
-    return create_decoder("tae-64", "sdxl", width=8, stage_blocks=(1, 1, 1), final_blocks=1).eval()
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +66,7 @@ def workspace(tmp_path_factory) -> dict:
     latents.update({f"arr_{i:05d}": npy[i] for i in range(10)})
     assert len(latents) == N_LATENTS
 
-    decoder_a, decoder_b = _tiny_decoder(1), _tiny_decoder(2)
+    decoder_a, decoder_b = tiny_decoder("tae-64", seed=1), tiny_decoder("tae-64", seed=2)
     save_decoder(decoder_a, root / "a.safetensors")
     save_decoder(decoder_b, root / "b.safetensors")
     return {"root": root, "latents_dir": latents_dir, "latents": latents,
@@ -92,9 +89,14 @@ def _launch(args: list[str], processes: int = 2, env: dict | None = None) -> sub
     return subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=240)
 
 
+def _pngs(out: Path) -> list[Path]:
+    """The images under their final names (temp files of a write in progress are hidden: '.name...')."""
+    return sorted(p for p in out.glob("*.png") if not p.name.startswith("."))
+
+
 def _images(out: Path) -> dict[str, np.ndarray]:
     arrays = {}
-    for path in sorted(out.glob("*.png")):
+    for path in _pngs(out):
         with Image.open(path) as image:
             arrays[path.stem] = np.asarray(image.convert("RGB")).copy()  # a truncated file fails here
     return arrays
@@ -121,7 +123,8 @@ def test_single_process_matches_direct_decoding(workspace, single_process_run):
         for key, z in list(workspace["latents"].items())[::10]:  # every 10th: one-at-a-time decoding is slow here
             expected = to_uint8(decoder(z[None]))[0]
             assert single_process_run[key].shape == (64, 64, 3)
-            # batched vs one-at-a-time convolutions may differ in the last float bit -> at most 1/255 after rounding
+            # another model object from the same file, one latent at a time instead of batches of 8: fp32 results
+            # differ by a few 1e-6, which moves a pixel across at most one rounding step (1/255)
             worst = max(worst, int(np.abs(expected.astype(int) - single_process_run[key]).max()))
     assert worst <= 1
 
@@ -152,7 +155,7 @@ def test_crash_then_resume_completes_exactly_once(workspace, single_process_run)
             "--batch", "8"]
     crashed = _launch(args, env={"FASTDEC_TEST_CRASH_AFTER": "30"})
     assert crashed.returncode != 0
-    done_before = len(list(out.glob("*.png")))
+    done_before = len(_pngs(out))
     assert 30 <= done_before < N_LATENTS
     assert any(name.endswith(TEMP_SUFFIX) for name in _hidden(out))  # the "killed mid-write" leftover
 
@@ -182,16 +185,101 @@ def test_corrupt_files_are_reported_skipped_and_fail_the_run(workspace, tmp_path
     nan = torch.randn(4, 8, 8)
     nan[0, 0, 0] = float("nan")
     write_latent_shard(latents / "nan.safetensors", {"has_nan": nan, "fine": torch.randn(4, 8, 8)})
+    stack = torch.randn(3, 4, 8, 8)  # malformed shards: names that are not JSON, or not one per latent
+    save_file({"latents": stack}, str(latents / "bad_meta.safetensors"), metadata={"fastdec_keys": "{oops"})
+    save_file({"latents": stack}, str(latents / "bad_count.safetensors"),
+              metadata={"fastdec_keys": json.dumps({"latents": ["only", "two"]})})
+    save_file({"k" * 250: torch.randn(4, 8, 8), "short": torch.randn(4, 8, 8)}, str(latents / "long_key.safetensors"))
     out = tmp_path / "out"
     status = main(["decode-batch", "--latents", str(latents), "--decoder", str(workspace["a"]), "--out", str(out),
                    "--no-progress"])
     err = capsys.readouterr().err
     assert status == 1
-    assert sorted(p.stem for p in out.glob("*.png")) == sorted([f"g{i}" for i in range(6)] + ["fine"])
-    for name in ("broken.safetensors", "truncated.safetensors", "wrong_channels.npy", "has_nan"):
+    assert sorted(p.stem for p in _pngs(out)) == sorted([f"g{i}" for i in range(6)] + ["fine", "short"])
+    for name in ("broken.safetensors", "truncated.safetensors", "wrong_channels.npy", "has_nan",
+                 "bad_meta.safetensors", "bad_count.safetensors", "k" * 250):
         assert name in err, name
-    assert "expects 4 latent channels" in err and "NaN" in err
-    assert "4 latent(s) or file(s) FAILED" in err
+    assert "expects 4 latent channels" in err and "NaN" in err and "must list 3 names" in err
+    assert "bytes long" in err  # the too-long name says why
+    assert "7 latent(s) or file(s) FAILED" in err
+    assert "Traceback" not in err
+
+
+def test_nan_decoder_output_is_a_failure_not_a_black_picture(workspace, tmp_path, capsys):
+    decoder = tiny_decoder("tae-64", seed=1)
+    last = [m for m in decoder.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+    with torch.no_grad():
+        last.bias.fill_(float("nan"))
+    path = save_decoder(decoder, tmp_path / "nan.safetensors")
+    write_latent_shard(tmp_path / "s.safetensors", {f"k{i}": torch.randn(4, 8, 8) for i in range(3)})
+    out = tmp_path / "out"
+    assert main(["decode-batch", "--latents", str(tmp_path / "s.safetensors"), "--decoder", str(path),
+                 "--out", str(out), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "3 latent(s) or file(s) FAILED" in err and "NaN" in err
+    assert _pngs(out) == []
+
+
+def test_video_decoder_is_refused(tmp_path, capsys):
+    path = save_decoder(tiny_decoder("tae-causal-64"), tmp_path / "causal.safetensors")
+    write_latent_shard(tmp_path / "s.safetensors", {"k": torch.randn(4, 8, 8)})
+    assert main(["decode-batch", "--latents", str(tmp_path / "s.safetensors"), "--decoder", str(path),
+                 "--out", str(tmp_path / "out"), "--no-progress"]) == 2
+    assert "is a video decoder" in capsys.readouterr().err
+
+
+def test_resume_decodes_empty_and_truncated_images_again(workspace, tmp_path, capsys):
+    g = torch.Generator().manual_seed(6)
+    write_latent_shard(tmp_path / "s.safetensors", {f"k{i}": torch.randn(4, 8, 8, generator=g) for i in range(5)})
+    out = tmp_path / "out"
+    stats = tmp_path / "stats.json"
+    args = ["decode-batch", "--latents", str(tmp_path / "s.safetensors"), "--decoder", str(workspace["a"]),
+            "--out", str(out), "--no-progress", "--stats-json", str(stats)]
+    assert main(args) == 0
+    first = _images(out)
+    (out / "k1.png").write_bytes(b"")
+    (out / "k3.png").write_bytes((out / "k3.png").read_bytes()[:-20])
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "2 image(s) on disk are empty or truncated" in capsys.readouterr().err
+    report = json.loads(stats.read_text())
+    assert report["skipped"] == 3 and report["decoded"] == 2
+    again = _images(out)  # every file opens fully
+    for key, expected in first.items():  # the same decoder file and batch: the same pixels
+        np.testing.assert_array_equal(again[key], expected, err_msg=key)
+
+
+@pytest.mark.parametrize("image_format", ["png", "webp", "jpeg"])
+def test_image_is_complete_reads_the_end_of_the_file(tmp_path, image_format):
+    from fastdec.io.images import IMAGE_FORMATS, save_image
+
+    path = save_image(torch.rand(3, 16, 16), tmp_path / f"x{IMAGE_FORMATS[image_format][1]}", image_format)
+    assert image_is_complete(path, image_format)
+    data = path.read_bytes()
+    for damaged in (data[:-3], data[: len(data) // 2], b""):
+        path.write_bytes(damaged)
+        assert not image_is_complete(path, image_format), len(damaged)
+    assert not image_is_complete(tmp_path / "missing.png", image_format)
+
+
+def test_dtype_aliases_and_folders_of_older_versions_resume(workspace, tmp_path, capsys):
+    """--dtype float32 is fp32; a manifest that recorded 'float32' (before the one dtype vocabulary) resumes."""
+    write_latent_shard(tmp_path / "s.safetensors", {f"k{i}": torch.randn(4, 8, 8) for i in range(3)})
+    out = tmp_path / "out"
+    base = ["decode-batch", "--latents", str(tmp_path / "s.safetensors"), "--decoder", str(workspace["a"]),
+            "--out", str(out), "--no-progress"]
+    assert main([*base, "--dtype", "float32"]) == 0
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    assert manifest["decoder"]["settings"]["dtype"] == "fp32"
+    old_settings = {**manifest["decoder"]["settings"], "dtype": "float32"}
+    manifest["decoder"] = decoder_identity(load_decoder(workspace["a"]), old_settings, str(workspace["a"]))
+    assert manifest["decoder"]["id"] != json.loads((out / MANIFEST_NAME).read_text())["decoder"]["id"]
+    (out / MANIFEST_NAME).write_text(json.dumps(manifest))
+    capsys.readouterr()
+    assert main(base) == 0
+    assert "3 already done" in capsys.readouterr().err
+    assert main([*base, "--dtype", "bf16"]) == 2
+    assert "dtype: 'fp32' -> 'bf16'" in capsys.readouterr().err
 
 
 def test_other_decoder_or_settings_refused_unless_overwrite(workspace, tmp_path, capsys):
@@ -261,7 +349,7 @@ def test_shards_are_disjoint_and_complete(n, world):
 
 
 def test_batches_group_equal_shapes():
-    items = [WorkItem("f", f"t{i}", -1, f"k{i}", (4, 8, 8) if i % 3 else (4, 16, 8)) for i in range(10)]
+    items = [LatentRef("f", f"t{i}", -1, f"k{i}", (4, 8, 8) if i % 3 else (4, 16, 8)) for i in range(10)]
     batches = batches_by_shape(items, 3)
     assert all(len({it.shape for it in b}) == 1 and len(b) <= 3 for b in batches)
     assert sorted(it.key for b in batches for it in b) == sorted(it.key for it in items)
@@ -273,9 +361,10 @@ def test_work_list_names_duplicates_and_bad_keys(tmp_path):
     items, failures = build_work_list(find_latent_files(str(tmp_path / "*.safetensors")))
     assert [i.key for i in items] == ["x", "y"]
     assert len(failures) == 1 and "duplicate" in failures[0].reason and failures[0].file.endswith("b.safetensors")
-    with pytest.raises(ValueError, match="cannot be an image file name"):
-        check_key("../escape")
-    with pytest.raises(ValueError, match=r"\(C, h, w\)"):
+    for key in ("../escape", "a/b", ".hidden", "new\nline", "k" * 250):
+        with pytest.raises(UnsafePathError, match="cannot be a file name"):
+            check_key(key)
+    with pytest.raises(LatentFileError, match=r"\(C, h, w\)"):
         write_latent_shard(tmp_path / "c.safetensors", {"batch": torch.zeros(2, 4, 8, 8)})
-    with pytest.raises(FileNotFoundError, match="no latent files"):
+    with pytest.raises(LatentFileError, match="no latent files"):
         find_latent_files(str(tmp_path / "nothing*.npy"))

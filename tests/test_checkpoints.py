@@ -154,4 +154,5 @@ def test_taesd_pth_detects_latent_space(tmp_path):
     assert loaded.latent_space.name == "sd3"
     z = torch.randn(1, 16, 4, 4)
     with torch.no_grad():
-        assert torch.equal(loaded(z), decoder(z))
+        # two modules built apart with the same weights: fp32 kernels may differ by a few ulps between them
+        torch.testing.assert_close(loaded(z), decoder(z), atol=1e-6, rtol=1e-5)

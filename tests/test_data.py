@@ -1,4 +1,4 @@
-"""Image/video folders, crops and the latent cache."""
+"""Image/video folders, crops and the latent cache (also damaged ones), and the old import paths."""
 from __future__ import annotations
 
 import json
@@ -9,13 +9,12 @@ import pytest
 import torch
 from _train_helpers import make_images, tiny_encoder_file
 
-from fastdec.cache import CachedCrops, LatentCache, build_cache
-from fastdec.data import Crop, DataError, ImageFolder
+from fastdec.errors import DataError
 from fastdec.teachers import load_teacher
-
+from fastdec.train.cache import CachedCrops, LatentCache, build_cache
+from fastdec.train.data import Crop, ImageFolder, VideoFolder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 
 def test_corrupt_image_is_skipped_with_one_warning(tmp_path):
@@ -142,9 +141,6 @@ def test_crop_round_trips_through_json():
 
 
 def test_frame_folder_clips(tmp_path):
-    pytest.importorskip("fastdec.video", reason="fastdec.video (helper 'video') is not built yet")
-    from fastdec.data import VideoFolder
-
     make_images(tmp_path / "videos" / "clip_a", 6, size=(40, 48))
     data = VideoFolder(tmp_path / "videos", resolution=32, frames=4)
     assert len(data) == 1
@@ -152,3 +148,37 @@ def test_frame_folder_clips(tmp_path):
     assert all(0 <= c.start <= 2 for c in crops)
     clip = data.load(crops[0])
     assert clip.shape == (4, 3, 32, 32) and 0 <= clip.min() and clip.max() <= 1
+
+
+def test_damaged_cache_names_its_folder_and_says_to_delete_it(tmp_path):
+    teacher = _teacher(tmp_path)
+    data = ImageFolder(make_images(tmp_path / "data", 3), resolution=32)
+    cache = build_cache(data, teacher, tmp_path / "cache", per_file=2, shard_size=4, progress=False)
+    shard = cache.folder / "shard_00001.safetensors"
+    intact = shard.read_bytes()
+    shard.write_bytes(intact[: len(intact) // 2])  # cut short (a full disk, an interrupted copy)
+    with pytest.raises(DataError, match=f"{cache.folder.name}.*damaged.*shard_00001.*delete that folder"):
+        build_cache(data, teacher, tmp_path / "cache", per_file=2, shard_size=4, progress=False)
+    shard.write_bytes(intact)
+    index = cache.folder / "index.json"
+    index.write_text(index.read_text()[:50])
+    with pytest.raises(DataError, match=f"{cache.folder.name}.*index.json is unreadable.*delete"):
+        LatentCache(cache.folder)
+
+
+def test_old_import_paths_are_the_new_objects():
+    import fastdec.cache
+    import fastdec.data
+    import fastdec.losses
+    import fastdec.train.cache
+    import fastdec.train.data
+    import fastdec.train.losses
+
+    assert fastdec.data.ImageFolder is ImageFolder and fastdec.data.DataError is DataError
+    assert fastdec.data.VideoFolder is VideoFolder and fastdec.data.Crop is Crop
+    assert fastdec.cache.build_cache is build_cache and fastdec.cache.LatentCache is LatentCache
+    assert fastdec.losses.DistillLoss is fastdec.train.losses.DistillLoss
+    from fastdec.io.images import IMAGE_SUFFIXES
+    from fastdec.io.video import VIDEO_SUFFIXES
+
+    assert fastdec.train.data.IMAGE_SUFFIXES is IMAGE_SUFFIXES and fastdec.data.VIDEO_SUFFIXES is VIDEO_SUFFIXES

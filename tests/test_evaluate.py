@@ -13,11 +13,12 @@ import torch
 from PIL import Image
 
 from conftest import shared_path
-from fastdec import metrics as M
-from fastdec.checkpoints import load_decoder, load_encoder, save_decoder
 from fastdec.cli import main
-from fastdec.evaluate import EvalError, evaluate_images, evaluate_video
-from fastdec.models.registry import create_decoder
+from fastdec.errors import CheckpointError, DataError, EvalError, LatentFileError, NonFiniteOutputError, UsageError
+from fastdec.eval import metrics as M
+from fastdec.eval.run import EvalDecoder, decode_frames, evaluate_images, evaluate_video
+from fastdec.io.checkpoints import save_decoder
+from fastdec.resolve import load_decoder, load_encoder
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +32,7 @@ def val_subset(tmp_path_factory) -> Path:
 
 
 def _independent_psnr(folder: Path, encoder_path: Path, decoder_path: Path) -> list[float]:
-    """Centre crop to multiples of 8, encode, decode and PSNR with plain numpy (no fastdec.metrics)."""
+    """Centre crop to multiples of 8, encode, decode and PSNR with plain numpy (no fastdec.eval)."""
     encoder, decoder = load_encoder(encoder_path), load_decoder(decoder_path)
     values = []
     for path in sorted(folder.glob("*.jpg")):
@@ -58,12 +59,14 @@ def test_end_to_end_taef2_on_bsds(val_subset, tmp_path, taef2_encoder_path, taef
     report = json.loads((out / "report.json").read_text())
     entry = report["decoders"]["taef2_decoder"]["metrics"]
     expected = _independent_psnr(val_subset, taef2_encoder_path, taef2_decoder_path)
-    assert report["count"] == 8
+    assert report["count"] == 8 and report["skipped"] == {"count": 0, "files": {}}
+    # the same weights in both paths; 0.01 dB absorbs float32 reordering between the two decodes
     assert entry["original"]["psnr"]["mean"] == pytest.approx(float(np.mean(expected)), abs=0.01)
     assert entry["original"]["psnr"]["ci_low"] < entry["original"]["psnr"]["mean"] < entry["original"]["psnr"]["ci_high"]
     assert 0 < entry["original"]["ssim"]["mean"] < 1 and 0 < entry["original"]["ms_ssim"]["mean"] < 1
-    # the same weights as the teacher's decoder: an exact match, reported as such rather than averaged
-    assert entry["teacher"]["psnr"]["n_infinite"] == 8
+    # the same weights as the teacher's decoder: an exact match, counted rather than averaged, and the
+    # infinite mean is null in the (strict) JSON
+    assert entry["teacher"]["psnr"]["n_infinite"] == 8 and entry["teacher"]["psnr"]["mean"] is None
     assert entry["teacher"]["ssim"]["mean"] == pytest.approx(1.0, abs=1e-6)
     assert any("LPIPS omitted" in n and "--lpips-weights" in n for n in report["notes"])
     with open(out / "per_image.csv") as f:
@@ -88,37 +91,50 @@ def tiny_images(tmp_path) -> Path:
 
 
 @pytest.fixture
-def tiny_decoder(tmp_path) -> Path:
-    torch.manual_seed(0)
-    decoder = create_decoder("tae-64", "sd15", width=8, stage_blocks=(1, 1, 1), final_blocks=0)
-    return save_decoder(decoder, tmp_path / "tiny.safetensors")
+def tiny_decoder(tmp_path, make_decoder) -> Path:
+    return save_decoder(make_decoder("tae-64", "sd15"), tmp_path / "tiny.safetensors")
 
 
-def test_latents_mode_with_a_tiny_decoder(tiny_images, tiny_decoder, tmp_path):
-    latents = tmp_path / "latents"
-    latents.mkdir()
+@pytest.fixture
+def latents(tiny_images, tmp_path) -> Path:
+    """One latent per image (4 x 7 x 10 -> 56 x 80 px, the centre of 61 x 83), one file type each."""
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "latents"
+    folder.mkdir()
     gen = torch.Generator().manual_seed(0)
-    stored = {}
     for k, path in enumerate(sorted(tiny_images.glob("*.png"))):
-        z = torch.randn(4, 7, 10, generator=gen)  # -> 56 x 80 px, centre of the 61 x 83 image
-        stored[path.name] = z
+        z = torch.randn(4, 7, 10, generator=gen)
         if k == 0:
-            np.save(latents / f"{path.stem}.npy", z.numpy())
+            np.save(folder / f"{path.stem}.npy", z.numpy())
         elif k == 1:
-            torch.save(z, latents / f"{path.stem}.pt")
+            torch.save(z, folder / f"{path.stem}.pt")
         else:
-            from safetensors.torch import save_file
+            save_file({"latents": z[None]}, str(folder / f"{path.stem}.safetensors"))
+    return folder
 
-            save_file({"latents": z[None]}, str(latents / f"{path.stem}.safetensors"))
+
+def _stored_latent(folder: Path, stem: str) -> torch.Tensor:
+    if (folder / f"{stem}.npy").is_file():
+        return torch.from_numpy(np.load(folder / f"{stem}.npy"))
+    if (folder / f"{stem}.pt").is_file():
+        return torch.load(folder / f"{stem}.pt")
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / f"{stem}.safetensors"))["latents"][0]
+
+
+def test_latents_mode_with_a_tiny_decoder(tiny_images, tiny_decoder, latents, tmp_path):
     report = evaluate_images(tiny_images, [str(tiny_decoder)], out=tmp_path / "out", latents=latents, grid=1)
     decoder = load_decoder(tiny_decoder)
     psnrs = []
-    for name, z in sorted(stored.items()):
-        image = torch.from_numpy(np.asarray(Image.open(tiny_images / name))).permute(2, 0, 1)[None].float() / 255
+    for path in sorted(tiny_images.glob("*.png")):
+        image = torch.from_numpy(np.array(Image.open(path))).permute(2, 0, 1)[None].float() / 255
         original = image[..., 2:58, 1:81]
         with torch.no_grad():
-            psnrs.append(float(M.psnr(decoder(z[None]), original)[0]))
+            psnrs.append(float(M.psnr(decoder(_stored_latent(latents, path.stem)[None]), original)[0]))
     stats = report["decoders"]["tiny"]["metrics"]["original"]
+    # the same file loaded twice decodes the same latents: 1e-4 dB covers float32 reordering
     assert stats["psnr"]["mean"] == pytest.approx(np.mean(psnrs), abs=1e-4)
     assert stats["psnr"]["n"] == 3
     assert "ms_ssim" not in stats  # 56 x 80 px is too small: omitted, with a note
@@ -130,20 +146,29 @@ def test_latents_mode_with_a_tiny_decoder(tiny_images, tiny_decoder, tmp_path):
 def test_input_errors_name_the_fix(tiny_images, tiny_decoder, tmp_path, capsys):
     with pytest.raises(EvalError, match="--teacher ENCODER.*--latents"):
         evaluate_images(tiny_images, [str(tiny_decoder)])
-    with pytest.raises(EvalError, match="no latents for 'astronaut.png'"):
+    with pytest.raises(LatentFileError, match="no latents for 'astronaut.png'"):
         evaluate_images(tiny_images, [str(tiny_decoder)], latents=tmp_path)
     with pytest.raises(EvalError, match="--resolution cannot be combined"):
         evaluate_images(tiny_images, [str(tiny_decoder)], latents=tmp_path, resolution=64)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(EvalError, match="no images"):
+    with pytest.raises(DataError, match="no images"):
         evaluate_images(tmp_path / "empty", [str(tiny_decoder)], latents=tmp_path)
     with pytest.raises(EvalError, match="no decoder to evaluate"):
         evaluate_images(tiny_images, [], latents=tmp_path)
     assert main(["eval", "images", "--data", str(tiny_images), "--decoder", str(tiny_decoder)]) == 2
-    assert "pass --teacher" in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert "fastdec eval images: error:" in captured.err and "pass --teacher" in captured.err
+    assert "error" not in captured.out
 
 
-def test_teacher_errors(tiny_images, tmp_path, taef2_encoder_path, taef2_decoder_path):
+def test_a_preset_is_refused_as_an_untrained_decoder(tiny_images, latents, capsys):
+    """--decoder goes through resolve_decoder: a preset name is not silently random."""
+    assert main(["eval", "images", "--data", str(tiny_images), "--latents", str(latents),
+                 "--decoder", "tae-64"]) == 2
+    assert "untrained architecture" in capsys.readouterr().err
+
+
+def test_teacher_errors(tiny_images, tmp_path, taef2_encoder_path, taef2_decoder_path, make_decoder):
     with pytest.raises(EvalError, match="--decoder teacher needs a teacher with a decoder"):
         evaluate_images(tiny_images, ["teacher"], teacher=str(taef2_encoder_path))
     with pytest.raises(EvalError, match="not a multiple of the latent factor 8"):
@@ -152,12 +177,99 @@ def test_teacher_errors(tiny_images, tmp_path, taef2_encoder_path, taef2_decoder
     with pytest.raises(EvalError, match="cannot crop 64x64 from a 61x83"):
         evaluate_images(tiny_images, ["teacher"], teacher=str(taef2_encoder_path),
                         teacher_decoder=str(taef2_decoder_path), resolution=64)
-    torch.manual_seed(0)
-    sd = save_decoder(create_decoder("tae-64", "sd15", width=8, stage_blocks=(1, 1, 1)), tmp_path / "sd.safetensors")
-    with pytest.raises(ValueError, match="decoder for 'sd15', not 'flux2'"):
+    sd = save_decoder(make_decoder("tae-64", "sd15"), tmp_path / "sd.safetensors")
+    with pytest.raises(CheckpointError, match="'sd15' latents, not 32-channel 'flux2'"):
         evaluate_images(tiny_images, [str(sd)], teacher=str(taef2_encoder_path))
 
 
+# ----------------------------------------------------------------------------- bad inputs (issue 15)
+@pytest.fixture
+def nan_decoder(tmp_path, make_decoder) -> Path:
+    """A checkpoint with a NaN in its output bias: every picture it decodes is NaN."""
+    decoder = make_decoder("tae-64", "sd15")
+    last = [m for m in decoder.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+    with torch.no_grad():
+        last.bias[0] = float("nan")
+    return save_decoder(decoder, tmp_path / "broken.safetensors")
+
+
+def test_a_nan_decoder_is_an_error_never_a_score(tiny_images, latents, tiny_decoder, nan_decoder, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["eval", "images", "--data", str(tiny_images), "--latents", str(latents),
+                 "--decoder", str(tiny_decoder), "--decoder", str(nan_decoder), "--out", str(out)])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert "fastdec eval images: error:" in captured.err
+    # names the decoder and the input (the first image, sorted by name)
+    assert "decoder 'broken'" in captured.err and "'astronaut.png'" in captured.err and "NaN" in captured.err
+    assert "PSNR" not in captured.out and "exact (inf)" not in captured.out
+    assert not any(out.glob("*")), "no report (nor part of one) is written"
+    with pytest.raises(NonFiniteOutputError, match="broken"):
+        evaluate_images(tiny_images, [str(nan_decoder)], latents=latents)
+
+
+def test_a_non_finite_output_is_refused_even_from_an_unchecking_decoder(tiny_images, latents):
+    """Decoders that do not check themselves (teachers, foreign modules) are checked by the evaluation."""
+    from fastdec.eval.run import ImageEvaluation, Notes, run_evaluation
+
+    def nan_decode(z: torch.Tensor) -> torch.Tensor:
+        return torch.full((z.shape[0], 3, z.shape[-2] * 8, z.shape[-1] * 8), float("nan"))
+
+    from fastdec.latent_spaces import get_latent_space
+
+    decoder = EvalDecoder("foreign", "a foreign module", nan_decode)
+    task = ImageEvaluation(data=tiny_images, items=sorted(tiny_images.glob("*.png")), teacher=None,
+                           decoders=[decoder], space=get_latent_space("sd15"), factor=8, device="cpu", notes=Notes(), options={},
+                           latents=latents, resolution=None, lpips=None, fid=None, grid=0)
+    with pytest.raises(NonFiniteOutputError, match="decoder 'foreign' .* on 'astronaut.png'"):
+        run_evaluation(task)
+
+
+def test_unreadable_images_are_skipped_and_counted(tiny_images, latents, tiny_decoder, tmp_path, capsys):
+    (tiny_images / "broken.png").write_bytes(b"not a png")
+    out = tmp_path / "out"
+    code = main(["eval", "images", "--data", str(tiny_images), "--latents", str(latents),
+                 "--decoder", str(tiny_decoder), "--out", str(out)])
+    captured = capsys.readouterr()
+    assert code == 0
+    assert captured.err.count("warning: skipping 'broken.png'") == 1
+    assert "skipped 1 unreadable images: broken.png" in captured.out
+    report = json.loads((out / "report.json").read_text())
+    assert report["count"] == 3 and report["skipped"]["count"] == 1
+    assert list(report["skipped"]["files"]) == ["broken.png"]
+    assert report["decoders"]["tiny"]["metrics"]["original"]["psnr"]["n"] == 3
+    assert "skipped 1 unreadable images" in (out / "report.md").read_text()
+    # nothing readable at all: an error, not an empty report
+    only_broken = tmp_path / "only_broken"
+    only_broken.mkdir()
+    shutil.copy(tiny_images / "broken.png", only_broken / "broken.png")
+    with pytest.raises(DataError, match="none of the 1 images"):
+        evaluate_images(only_broken, [str(tiny_decoder)], latents=latents)
+
+
+@pytest.mark.parametrize("kind, flag, value", [
+    ("images", "--limit", "0"), ("images", "--limit", "-1"), ("images", "--resolution", "0"),
+    ("images", "--resolution", "-8"), ("images", "--grid", "-1"), ("video", "--limit", "-1"),
+    ("video", "--frames", "0"), ("video", "--batch-size", "0"), ("video", "--clip-frames", "-4"),
+])
+def test_counts_are_validated_before_any_work(kind, flag, value, tiny_images, tiny_decoder, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["eval", kind, "--data", str(tiny_images), "--decoder", str(tiny_decoder), "--out", str(out),
+            "--teacher", str(tmp_path / "not-loaded.pth"), flag, value]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"fastdec eval {kind}: error: {flag} must be a whole number >=" in err and value in err
+    assert not out.exists()
+
+
+def test_limit_takes_the_first_images(tiny_images, tiny_decoder, latents):
+    report = evaluate_images(tiny_images, [str(tiny_decoder)], latents=latents, limit=2)
+    assert report["count"] == 2
+    with pytest.raises(UsageError, match="--limit"):
+        evaluate_images(tiny_images, [str(tiny_decoder)], latents=latents, limit=-1)
+
+
+# ----------------------------------------------------------------------------- video
 def _write_clip(folder: Path, frames: np.ndarray, as_mp4: bool) -> None:
     if as_mp4:
         import av
@@ -204,13 +316,14 @@ def test_video_end_to_end_with_flicker_and_fvd(tmp_path, taef2_encoder_path, tae
     assert flicker["n"] == 2 and 0 < flicker["mean"] < 0.2
     # flicker of the report equals the metric on an independent decode of the frame folder
     enc, dec = load_encoder(taef2_encoder_path), load_decoder(taef2_decoder_path)
-    frames = torch.stack([torch.from_numpy(np.asarray(Image.open(p))).permute(2, 0, 1)
+    frames = torch.stack([torch.from_numpy(np.array(Image.open(p))).permute(2, 0, 1)
                           for p in sorted((videos / "clip0").glob("*.png"))[:5]]).float() / 255
     frames = frames[..., 2:58, 2:74]
     with torch.no_grad():
         decoded = dec(enc(frames))
     with open(out / "per_clip.csv") as f:
         clip0 = next(r for r in csv.DictReader(f) if r["video"] == "clip0")
+    # same weights, frames decoded in chunks of 4 vs all 5 at once: float32 agreement, far inside 1e-4
     assert float(clip0["flicker"]) == pytest.approx(M.flicker_score(decoded, frames), rel=1e-4)
     assert float(clip0["psnr"]) == pytest.approx(float(M.psnr(decoded, frames).mean()), abs=1e-3)
     assert entry["fvd"]["n"] == 2 and math.isfinite(entry["fvd"]["value"])
@@ -220,19 +333,34 @@ def test_video_end_to_end_with_flicker_and_fvd(tmp_path, taef2_encoder_path, tae
     small = evaluate_video(videos, ["teacher"], teacher=str(taef2_encoder_path),
                            teacher_decoder=str(taef2_decoder_path), frames=3, resolution=48)
     assert small["settings"]["shapes"] == ["3x48x48"]
+
+
+def test_eval_without_a_kind_is_a_usage_error(capsys):
     assert main(["eval"]) == 2
+    assert "images" in capsys.readouterr().err
 
 
-def test_video_decoders_get_the_whole_clip():
+def test_video_decoders_get_the_whole_clip(make_decoder):
     """Video decoders decode (1, T, C, h, w) at once; image decoders frame by frame, in chunks."""
-    from fastdec.evaluate import _decode_frames, _Decoder
-
-    torch.manual_seed(0)
-    video = create_decoder("tae-causal-64", "flux2", width=8, stage_blocks=(1, 1, 1), final_blocks=0).eval()
-    z = torch.randn(5, 32, 4, 6)
+    video = make_decoder("tae-causal-64", "flux2")
+    image = make_decoder("tae-64", "flux2")
+    z = torch.randn(5, 32, 4, 6, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        got = _decode_frames(_Decoder("v", "v", video, is_video=True), z, batch=2)
-        torch.testing.assert_close(got, video(z[None])[0])
-        image = create_decoder("tae-64", "flux2", width=8, stage_blocks=(1, 1, 1), final_blocks=0).eval()
-        torch.testing.assert_close(_decode_frames(_Decoder("i", "i", image), z, batch=2), image(z))
+        got = decode_frames(EvalDecoder("v", "v", video, is_video=True), z, batch=2)
+        # the same module on the same tensor: identical
+        torch.testing.assert_close(got, video(z[None])[0], rtol=0, atol=0)
+        # chunks of 2 vs one batch of 5: float32 kernels may block differently by batch size (a few ulp)
+        torch.testing.assert_close(decode_frames(EvalDecoder("i", "i", image), z, batch=2), image(z),
+                                   rtol=1e-5, atol=1e-6)
     assert got.shape == (5, 3, 32, 48)
+
+
+def test_old_import_paths_keep_working():
+    import fastdec.eval.run as run
+    import fastdec.evaluate as old
+    import fastdec.metrics as old_metrics
+
+    assert old.evaluate_images is run.evaluate_images and old.evaluate_video is run.evaluate_video
+    assert old.EvalError is EvalError and callable(old.add_commands)
+    assert old_metrics.psnr is M.psnr and old_metrics.FrechetStats is M.FrechetStats
+    assert old_metrics.MetricUnavailable is M.MetricUnavailable and old_metrics.SSIM_KERNEL == 11

@@ -8,7 +8,8 @@ from scipy import linalg, stats
 from skimage import data, filters
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from fastdec import metrics as M
+from fastdec.errors import EvalError
+from fastdec.eval import metrics as M
 
 
 def _photos():
@@ -67,7 +68,7 @@ def test_ms_ssim_rejects_small_images_with_the_fix():
 
 
 def test_shape_mismatch_names_the_fix():
-    with pytest.raises(ValueError, match="crop both"):
+    with pytest.raises(EvalError, match="crop both"):
         M.psnr(torch.rand(1, 3, 16, 16), torch.rand(1, 3, 16, 24))
 
 
@@ -78,8 +79,18 @@ def test_mean_ci_is_the_student_t_interval():
     assert ci.mean == pytest.approx(values.mean())
     assert (ci.low, ci.high) == pytest.approx((low, high), rel=1e-12)
     assert ci.n == 37
-    with pytest.raises(ValueError, match="non-finite"):
+    with pytest.raises(EvalError, match="non-finite"):
         M.mean_ci([1.0, float("inf")])
+
+
+def test_summarize_counts_exact_matches_and_leaves_out_unmeasured():
+    values = [30.0, 32.0, float("inf"), None, 34.0]
+    summary = M.summarize(values)
+    assert summary["mean"] == pytest.approx(32.0) and summary["n"] == 3 and summary["n_infinite"] == 1
+    assert summary["ci_low"] < 32.0 < summary["ci_high"]
+    assert M.summarize([float("inf")] * 2) == {"mean": float("inf"), "n": 2, "n_infinite": 2}
+    assert M.summarize([None, None]) is None
+    assert "n_infinite" not in M.summarize([1.0, 2.0])
 
 
 def test_lpips_without_weights_says_how_to_get_them(tmp_path):
@@ -98,8 +109,8 @@ def _alexnet_features() -> torch.nn.Sequential:
 
 
 def test_lpips_loads_a_local_backbone(tmp_path, monkeypatch):
-    """torchvision is not installed here: a stand-in builds the same AlexNet layout, and the local
-    state dict (random weights) must land in torchmetrics' LPIPS slices."""
+    """A stand-in for torchvision builds the same AlexNet layout (so the test needs no torchvision), and
+    the local state dict (random weights) must land in torchmetrics' LPIPS slices."""
     import sys
     import types
 
@@ -196,9 +207,9 @@ def test_stats_save_load_and_gather(tmp_path):
     assert back.count == 64
     gathered = s.gather(Accelerator(cpu=True))  # one process: the gather is the identity
     np.testing.assert_allclose(gathered.mean, s.mean)
-    with pytest.raises(ValueError, match="dimension"):
+    with pytest.raises(EvalError, match="dimension"):
         s.update(np.zeros((2, 5)))
-    with pytest.raises(ValueError, match="NaN"):
+    with pytest.raises(EvalError, match="NaN"):
         M.FrechetStats().update(np.full((2, 3), np.nan))
 
 
@@ -279,32 +290,32 @@ def test_videomae_extractor_from_a_local_folder(tmp_path):
     assert isinstance(extractor, M.FeatureExtractor) and extractor.num_frames == 4
     feats = extractor(torch.rand(3, 4, 3, 40, 48))
     assert feats.shape == (3, 32) and torch.isfinite(feats).all()
-    with pytest.raises(ValueError, match="4-frame clips"):
+    with pytest.raises(EvalError, match="4-frame clips"):
         extractor(torch.rand(1, 8, 3, 32, 32))
     assert isinstance(M.load_feature_extractor(f"videomae:{tmp_path / 'videomae'}"), M.VideoMAEExtractor)
 
 
 def test_videomae_loader_errors_name_the_problem(tmp_path):
-    with pytest.raises(FileNotFoundError, match="not found.*config.json"):
+    with pytest.raises(EvalError, match="not found.*config.json"):
         M.VideoMAEExtractor(tmp_path / "nowhere")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="not a VideoMAE checkpoint folder"):
+    with pytest.raises(EvalError, match="not a VideoMAE checkpoint folder"):
         M.VideoMAEExtractor(tmp_path / "empty")
     weights = tmp_path / "weights.pth"
     weights.write_bytes(b"not a folder")
-    with pytest.raises(ValueError, match="not a VideoMAE checkpoint folder"):
+    with pytest.raises(EvalError, match="not a VideoMAE checkpoint folder"):
         M.VideoMAEExtractor(weights)
     wrong = tmp_path / "wrong"
     wrong.mkdir()
     (wrong / "config.json").write_text('{"model_type": "vit"}')
-    with pytest.raises(ValueError, match="model_type='vit'"):
+    with pytest.raises(EvalError, match="model_type='vit'"):
         M.VideoMAEExtractor(wrong)
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "config.json").write_text((_tiny_videomae(tmp_path / "ok") / "config.json").read_text())
-    with pytest.raises((ValueError, OSError), match="broken"):
+    with pytest.raises(EvalError, match="broken"):
         M.VideoMAEExtractor(broken)  # config without weights
-    with pytest.raises(ValueError, match="unknown feature extractor"):
+    with pytest.raises(EvalError, match="unknown feature extractor"):
         M.load_feature_extractor("clip:/x")
 
 
@@ -331,10 +342,10 @@ def test_torchscript_extractors(tmp_path):
     feats = i3d(clips)
     assert feats.shape == (2, 6)
     torch.testing.assert_close(feats[:, :3], clips.mean(dim=(1, 3, 4)) * 2 - 1, atol=1e-5, rtol=0)
-    with pytest.raises(ValueError, match="at least 9 frames"):
+    with pytest.raises(EvalError, match="at least 9 frames"):
         i3d(torch.rand(1, 8, 3, 8, 8))
-    with pytest.raises(FileNotFoundError, match="i3d TorchScript file"):
+    with pytest.raises(EvalError, match="i3d TorchScript file"):
         M.TorchScriptExtractor(tmp_path / "missing.pt")
     (tmp_path / "junk.pt").write_bytes(b"junk")
-    with pytest.raises(ValueError, match="not a TorchScript module"):
+    with pytest.raises(EvalError, match="not a TorchScript module"):
         M.TorchScriptExtractor(tmp_path / "junk.pt")

@@ -1,11 +1,27 @@
+"""The decoder zoo's shared contract: presets per module, one upsampling factor, input checks, empty inputs,
+non-finite outputs, config sizes and the TAE mid-block index."""
+import importlib
+
 import pytest
 import torch
 
 import fastdec
+from factories import is_video
 from fastdec import create_decoder, get_latent_space, list_decoders
+from fastdec.errors import FastdecError, NonFiniteOutputError, UnknownNameError, UsageError
+from fastdec.models import ARCHITECTURES, PRESETS
+from fastdec.models.tae import TAEConfig, mid_block_end, tae_layers
 
 IMAGE_PRESETS = list_decoders(video=False)
+ALL_PRESETS = list_decoders()
 SPACES = ["sd15", "sdxl", "sd3", "flux1", "flux2", "svd", "sana"]
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def latents_for(preset: str, space: str, n: int = 2, t: int = 3, h: int = 2, w: int = 3) -> torch.Tensor:
+    channels = get_latent_space(space).channels
+    return torch.randn(n, t, channels, h, w) if is_video(preset) else torch.randn(n, channels, h, w)
 
 
 def test_required_presets_exist():
@@ -13,16 +29,21 @@ def test_required_presets_exist():
         assert name in IMAGE_PRESETS
 
 
+@pytest.mark.parametrize("preset", ALL_PRESETS)
+def test_each_architecture_module_registers_its_own_presets(preset):
+    cls = ARCHITECTURES[PRESETS[preset].architecture]
+    assert PRESETS[preset].make_config.__module__ == cls.__module__
+    assert cls.__module__ in {f"fastdec.models.{m}" for m in ("tae", "effvit", "temporal", "causal")}
+
+
 @pytest.mark.parametrize("preset", IMAGE_PRESETS)
 @pytest.mark.parametrize("space", ["sdxl", "flux1", "flux2", "sana"])
-def test_preset_decodes_to_rgb_in_unit_range(preset, space):
-    torch.manual_seed(0)
-    decoder = create_decoder(preset, space).eval()
+def test_preset_decodes_to_rgb_in_unit_range(preset, space, make_decoder):
+    decoder = make_decoder(preset, space)
     s = get_latent_space(space)
     h, w = (2, 3) if s.spatial_factor == 32 else (4, 6)
-    z = 3 * torch.randn(2, s.channels, h, w)
     with torch.no_grad():
-        out = decoder(z)
+        out = decoder(3 * torch.randn(2, s.channels, h, w))
     f = s.spatial_factor
     assert decoder.upsample_factor == f
     assert out.shape == (2, 3, f * h, f * w)
@@ -30,17 +51,34 @@ def test_preset_decodes_to_rgb_in_unit_range(preset, space):
     assert out.min() >= 0 and out.max() <= 1
 
 
-def test_bad_latents_give_clear_errors():
-    decoder = create_decoder("tae-64", "sdxl")
-    with pytest.raises(ValueError, match=r"expects 4 latent channels \(sdxl\), got 16.*sd3"):
+@pytest.mark.parametrize("preset", ALL_PRESETS)
+@pytest.mark.parametrize("space", SPACES)
+def test_upsample_factor_is_the_latent_spaces_for_every_preset(preset, space, make_decoder):
+    decoder = make_decoder(preset, space)
+    assert decoder.upsample_factor == get_latent_space(space).spatial_factor
+    with torch.no_grad():
+        out = decoder(latents_for(preset, space, n=1, t=2, h=1, w=2))
+    assert out.shape[-2:] == (decoder.upsample_factor, 2 * decoder.upsample_factor)
+
+
+@pytest.mark.parametrize("preset", ["tae-64", "tae-causal-64", "tae-temporal-192"])
+def test_tae_layout_that_upsamples_by_another_factor_is_refused(preset):
+    # three 2x stages give 8x pictures: Sana's 32x latents would come out at a quarter of their size
+    with pytest.raises(UsageError, match=r"upsample x8 but latent space 'sana'.*x32.*stage_blocks.*needs 5"):
+        create_decoder(preset, "sana", stage_blocks=(1, 1, 1))
+
+
+def test_bad_latents_give_clear_errors(make_decoder):
+    decoder = make_decoder("tae-64", "sdxl")
+    with pytest.raises(UsageError, match=r"expects 4 latent channels \(sdxl\), got 16.*sd3"):
         decoder(torch.randn(1, 16, 4, 4))
-    with pytest.raises(ValueError, match=r"\(N, C, h, w\).*batch dimension"):
+    with pytest.raises(UsageError, match=r"\(N, C, h, w\).*batch dimension"):
         decoder(torch.randn(4, 4, 4))
-    with pytest.raises(ValueError, match="video"):
+    with pytest.raises(UsageError, match="video"):
         decoder(torch.randn(1, 2, 4, 4, 4))
     z = torch.randn(1, 4, 4, 4)
     z[0, 0, 0, 0] = float("nan")
-    with pytest.raises(ValueError, match="NaN or inf"):
+    with pytest.raises(UsageError, match="NaN or inf"):
         decoder(z)
     with pytest.raises(TypeError, match="floating point"):
         decoder(torch.ones(1, 4, 4, 4, dtype=torch.int64))
@@ -48,23 +86,143 @@ def test_bad_latents_give_clear_errors():
         decoder([[1.0]])
 
 
-def test_other_input_dtypes_are_cast():
-    decoder = create_decoder("tae-64", "sd15").eval()
+def test_other_input_dtypes_are_cast(make_decoder):
+    decoder = make_decoder("tae-64", "sd15")
     z = torch.randn(1, 4, 4, 4)
     with torch.no_grad():
         ref = decoder(z)
         out = decoder(z.to(torch.bfloat16))
     assert out.dtype == torch.float32
+    # bf16 keeps 8 bits of mantissa: the rounded input moves the output by well under 0.05
     assert (out - ref).abs().max() < 0.05
 
 
 def test_unknown_preset_and_space():
-    with pytest.raises(KeyError, match="unknown decoder preset 'tae-65'.*tae-64"):
+    with pytest.raises(UnknownNameError, match="unknown decoder preset 'tae-65'.*tae-64"):
         create_decoder("tae-65", "sdxl")
     with pytest.raises(KeyError, match="unknown latent space"):
         create_decoder("tae-64", "sdxxl")
 
 
+# -- empty inputs: batch 0 and T = 0 decode to empty results of the right shape ---------------------------
+@pytest.mark.parametrize("preset", ALL_PRESETS)
+def test_empty_batch_decodes_to_an_empty_result(preset, make_decoder):
+    decoder = make_decoder(preset, "sdxl")
+    z = latents_for(preset, "sdxl", n=0, t=3, h=2, w=3)
+    with torch.no_grad():
+        out = decoder(z)
+    assert out.shape == z.shape[:-3] + (3, 16, 24) and out.dtype == torch.float32
+
+
+@pytest.mark.parametrize("preset", list_decoders(video=True))
+def test_clip_without_frames_decodes_to_an_empty_result(preset, make_decoder):
+    decoder = make_decoder(preset, "svd")
+    with torch.no_grad():
+        assert decoder(torch.randn(2, 0, 4, 2, 3)).shape == (2, 0, 3, 16, 24)
+
+
+@pytest.mark.parametrize("preset", ALL_PRESETS)
+def test_latents_of_zero_height_or_width_are_refused(preset, make_decoder):
+    decoder = make_decoder(preset, "sdxl")
+    for h, w in ((0, 3), (2, 0)):
+        with pytest.raises(UsageError, match="zero height or width"):
+            decoder(latents_for(preset, "sdxl", h=h, w=w))
+
+
+def test_empty_pushes_and_chunks(make_decoder):
+    causal = make_decoder("tae-causal-64", "svd")
+    stream = causal.stream()
+    with torch.no_grad():
+        assert stream.push(torch.randn(2, 0, 4, 2, 3)).shape == (2, 0, 3, 16, 24)
+        assert stream.state is None and stream.frames_decoded == 0  # an empty push leaves the stream as it was
+        stream.push(torch.randn(2, 1, 4, 2, 3))
+        assert stream.push(torch.randn(2, 0, 4, 2, 3)).shape == (2, 0, 3, 16, 24)
+        assert stream.frames_decoded == 1
+    temporal = make_decoder("tae-temporal-192", "svd")
+    with torch.no_grad():
+        assert list(temporal.decode_chunks(torch.randn(1, 0, 4, 2, 3))) == []
+        [(first, rgb)] = temporal.decode_chunks(torch.randn(0, 5, 4, 2, 3))
+    assert first == 0 and rgb.shape == (0, 5, 3, 16, 24)
+
+
+# -- non-finite output ---------------------------------------------------------------------------------
+def poison(decoder: torch.nn.Module) -> torch.nn.Module:
+    """One NaN weight in the last conv, as a corrupt checkpoint would hold."""
+    last = [m for m in decoder.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+    with torch.no_grad():
+        last.weight.view(-1)[0] = float("nan")
+    return decoder
+
+
+@pytest.mark.parametrize("preset", ALL_PRESETS)
+def test_nan_output_is_an_error_naming_the_decoder(preset, make_decoder):
+    decoder = poison(make_decoder(preset, "flux1"))
+    architecture = PRESETS[preset].architecture
+    with pytest.raises(NonFiniteOutputError, match=rf"decoder '{architecture}' for 'flux1'.*NaN.*weights"):
+        with torch.no_grad():
+            decoder(latents_for(preset, "flux1"))
+    assert issubclass(NonFiniteOutputError, FastdecError)
+
+
+def test_nan_output_is_an_error_when_streaming_and_in_chunks(make_decoder):
+    z = torch.randn(1, 3, 4, 2, 2)
+    with torch.no_grad():
+        with pytest.raises(NonFiniteOutputError, match="tae-causal"):
+            poison(make_decoder("tae-causal-64", "svd")).stream().push(z)
+        with pytest.raises(NonFiniteOutputError, match="tae-temporal"):
+            next(poison(make_decoder("tae-temporal-192", "svd")).decode_chunks(z))
+
+
+def test_output_check_leaves_training_path_and_saturated_pixels_alone(make_decoder):
+    # decode_layers is what training differentiates: no check, no clamp there
+    decoder = poison(make_decoder("tae-64", "sdxl"))
+    assert torch.isnan(decoder.decode_layers(torch.randn(1, 4, 2, 2))).any()
+    # an inf that the clamp turns into a saturated pixel is a picture, not an error
+    healthy = make_decoder("tae-64", "sdxl")
+    assert torch.equal(healthy.finish(torch.tensor([float("inf"), -float("inf"), 0.25])), torch.tensor([1.0, 0.0, 0.25]))
+
+
+# -- config sizes ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("preset, field, value", [
+    ("tae-64", "width", 0), ("tae-64", "width", -8), ("tae-64", "width", 10**7), ("tae-64", "stage_blocks", (3, -1, 3)),
+    ("tae-causal-64", "final_blocks", -1), ("effvit-attn", "widths", (128, 128, 128, 0)),
+    ("effvit-attn", "depths", (0, 1, -2, 1)), ("effvit-attn", "head_dim", 0), ("tae-temporal-192", "head_dim", 0),
+    ("tae-temporal-192", "chunk_size", 2.5),
+])
+def test_absurd_sizes_are_refused_naming_the_field(preset, field, value):
+    overrides = {field: value}
+    if preset.startswith("effvit") and field in ("widths", "depths"):  # the three per-stage lists go together
+        overrides = {"widths": (128,) * 4, "depths": (0, 1, 1, 1), "block_types": ("res",) * 4, **overrides}
+    with pytest.raises(UsageError, match=rf"{field}=.*{field} must (hold integers|be an integer)"):
+        create_decoder(preset, "sdxl", **overrides)
+
+
+# -- the mid-block index -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("stage_blocks", [(3, 3, 3), (1, 2, 3), (0, 1, 1), (2, 1, 1, 1, 1)])
+@pytest.mark.parametrize("gn", [False, True])
+def test_mid_block_end_follows_the_config(stage_blocks, gn):
+    layers = tae_layers(TAEConfig(width=8, stage_blocks=stage_blocks, use_midblock_gn=gn))
+    end = mid_block_end(layers)
+    blocks = [m for m in layers[:end] if hasattr(m, "fuse")]
+    assert len(blocks) == stage_blocks[0]
+    assert isinstance(layers[end], torch.nn.Upsample)
+    assert not any(isinstance(m, torch.nn.Upsample) for m in layers[:end])
+    # TAEF2's GroupNorm branch sits in exactly these blocks
+    assert [b.pool is not None for b in layers if hasattr(b, "pool")] == [gn] * stage_blocks[0] + [False] * (
+        sum(stage_blocks[1:]) + 1)
+
+
+def test_temporal_attention_runs_after_the_mid_blocks(make_decoder):
+    decoder = make_decoder("tae-temporal-192", "svd", stage_blocks=(2, 1, 1))
+    assert decoder.mid_index == 3 + 2  # Clamp, conv, ReLU, then the two latent-resolution blocks
+    seen = []
+    decoder.temporal_mid.register_forward_hook(lambda mod, args, out: seen.append(tuple(args[0].shape[-2:])))
+    with torch.no_grad():
+        decoder(torch.randn(1, 2, 4, 3, 5))
+    assert seen == [(3, 5)]  # at the latent resolution
+
+
+# -- modules and old paths -------------------------------------------------------------------------------
 def test_tae64_matches_autoencoder_tiny_parameter_count():
     from diffusers import AutoencoderTiny
 
@@ -77,3 +235,14 @@ def test_tae64_matches_autoencoder_tiny_parameter_count():
 def test_public_api_names():
     for name in ("LatentSpace", "create_decoder", "save_decoder", "load_decoder", "load_encoder"):
         assert hasattr(fastdec, name)
+
+
+def test_causal_names_live_in_causal_and_keep_their_old_temporal_path():
+    causal = importlib.import_module("fastdec.models.causal")
+    temporal = importlib.import_module("fastdec.models.temporal")
+    for name in ("MemBlock", "CausalTAEConfig", "CausalTAEDecoder", "CausalStream"):
+        assert getattr(temporal, name) is getattr(causal, name)
+        assert getattr(causal, name).__module__ == "fastdec.models.causal"
+    for name in temporal.__all__:
+        assert hasattr(temporal, name), name
+    assert temporal.TemporalTAEDecoder.__module__ == "fastdec.models.temporal"

@@ -1,28 +1,43 @@
 """ONNX export: dynamic shapes, onnxruntime matches PyTorch, metadata, same errors, the CLI."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 pytest.importorskip("onnxruntime")
 
-from fastdec import create_decoder  # noqa: E402
+from factories import tiny_decoder  # noqa: E402
+
 from fastdec.cli import main  # noqa: E402
-from fastdec.export import OnnxDecoder, export_onnx  # noqa: E402
+from fastdec.errors import CheckpointError, NonFiniteOutputError, OnnxExportError, UsageError  # noqa: E402
+from fastdec.io.checkpoints import save_decoder  # noqa: E402
+from fastdec.runtime import onnx as runtime_onnx  # noqa: E402
+from fastdec.runtime.onnx import OnnxDecoder, export_checked, export_onnx  # noqa: E402
+from fastdec.runtime.tiling import measure_receptive_field  # noqa: E402
+
+# onnxruntime and torch run the same fp32 graph with different conv kernels: ~1e-7 apart per layer, so 1e-4 on
+# [0, 1] RGB is far above rounding and far below any wrong op or frozen shape.
+FP32_TOLERANCE = 1e-4
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    torch.manual_seed(0)
-    decoder = create_decoder("tae-64", "sdxl").eval()
+    decoder = tiny_decoder("tae-64", "sdxl")
     path = export_onnx(decoder, tmp_path_factory.mktemp("onnx") / "decoder.onnx")
     return decoder, path
+
+
+@pytest.fixture
+def checkpoint(tmp_path, make_decoder):
+    """A tiny trained-looking decoder on disk: what `fastdec export onnx --decoder FILE` is for."""
+    return save_decoder(make_decoder("tae-64", "sd15"), tmp_path / "tiny.safetensors")
 
 
 def test_onnxruntime_matches_pytorch_at_new_resolutions(exported):
     decoder, path = exported
     onnx_decoder = OnnxDecoder(path)
-    assert onnx_decoder.providers == ["CPUExecutionProvider"]
     # export used 8x8; check other batch sizes and non-square sizes
     for shape in [(2, 4, 12, 20), (1, 4, 32, 24)]:
         z = torch.randn(*shape)
@@ -30,15 +45,17 @@ def test_onnxruntime_matches_pytorch_at_new_resolutions(exported):
             reference = decoder(z)
         out = onnx_decoder(z)
         assert isinstance(out, torch.Tensor) and out.shape == reference.shape
-        assert (out - reference).abs().max() <= 1e-4
+        assert (out - reference).abs().max() <= FP32_TOLERANCE
         assert out.min() >= 0 and out.max() <= 1
 
 
 def test_metadata_and_validation(exported):
-    _, path = exported
+    decoder, path = exported
     onnx_decoder = OnnxDecoder(path)
     assert onnx_decoder.latent_space.name == "sdxl" and onnx_decoder.upsample_factor == 8
-    assert onnx_decoder.receptive_field_info.radius == 19
+    assert onnx_decoder.receptive_field_info == measure_receptive_field(decoder)
+    assert onnx_decoder.architecture == decoder.architecture
+    assert onnx_decoder.config_dict() == json.loads(json.dumps(decoder.config_dict()))  # JSON: lists, not tuples
     with pytest.raises(ValueError, match="channels"):
         onnx_decoder(torch.randn(1, 16, 8, 8))
     with pytest.raises(ValueError, match="batch dimension"):
@@ -50,14 +67,105 @@ def test_metadata_and_validation(exported):
     assert sorted(p.name for p in path.parent.iterdir()) == ["decoder.onnx"]
 
 
+def test_empty_batch_and_nan_output_follow_the_decoder_contract(exported, tmp_path, make_decoder):
+    _, path = exported
+    assert OnnxDecoder(path)(torch.randn(0, 4, 8, 8)).shape == (0, 3, 64, 64)
+    broken = make_decoder()
+    last = [m for m in broken.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+    with torch.no_grad():
+        last.bias.fill_(float("nan"))  # as a corrupt checkpoint would
+    with pytest.raises(NonFiniteOutputError, match="NaN"):
+        OnnxDecoder(export_onnx(broken, tmp_path / "nan.onnx"))(torch.randn(1, 4, 8, 8))
+    # the checked export refuses it and leaves nothing behind
+    with pytest.raises(NonFiniteOutputError):
+        export_checked(broken, tmp_path / "checked" / "nan.onnx")
+    assert not (tmp_path / "checked").exists() or list((tmp_path / "checked").iterdir()) == []
+
+
+def test_an_onnx_decoder_is_not_exported_or_optimized_again(exported, tmp_path):
+    from fastdec.runtime import optimize
+
+    onnx_decoder = OnnxDecoder(exported[1])
+    with pytest.raises(UsageError, match="already an ONNX model"):
+        export_onnx(onnx_decoder, tmp_path / "again.onnx")
+    with pytest.raises(UsageError, match="onnxruntime"):
+        optimize(onnx_decoder)
+
+
 def test_missing_file_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="fastdec export onnx"):
+    with pytest.raises(CheckpointError, match="fastdec export onnx"):
         OnnxDecoder(tmp_path / "nope.onnx")
 
 
-def test_cli_export(tmp_path, capsys):
+def test_unknown_exporter_is_refused_before_any_work(tmp_path, make_decoder):
+    with pytest.raises(UsageError, match="torchscript, dynamo"):
+        export_onnx(make_decoder(), tmp_path / "x.onnx", exporter="nope")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_video_decoders_are_refused(tmp_path, make_decoder):
+    with pytest.raises(OnnxExportError, match="image decoders"):
+        export_onnx(make_decoder("tae-causal-64"), tmp_path / "x.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_checked_reports_the_difference(tmp_path, make_decoder):
+    result = export_checked(make_decoder("tae-64", "sd15"), tmp_path / "checked.onnx")
+    assert result.path.is_file() and result.latent_space == "sd15" and result.upsample_factor == 8
+    assert 0 <= result.max_difference <= FP32_TOLERANCE
+    assert result.check_shape == (1, 4, 12, 20)
+    assert "max |diff|" in result.summary() and "opset 17" in result.summary()
+
+
+def test_cli_export_from_a_checkpoint(checkpoint, tmp_path, capsys):
     out = tmp_path / "cli.onnx"
-    assert main(["export", "onnx", "--decoder", "tae-64", "--latent-space", "sd15", "--out", str(out)]) == 0
-    text = capsys.readouterr().out
-    assert "RANDOM weights" in text and "max |diff|" in text
+    assert main(["export", "onnx", "--decoder", str(checkpoint), "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "max |diff|" in captured.out and captured.err == ""
     assert OnnxDecoder(out).latent_space.name == "sd15"
+
+
+def test_cli_export_of_a_preset_needs_random_weights(tmp_path, capsys):
+    out = tmp_path / "preset.onnx"
+    assert main(["export", "onnx", "--decoder", "tae-64", "--out", str(out)]) == 2
+    captured = capsys.readouterr()
+    assert "fastdec export onnx: error:" in captured.err and "untrained" in captured.err
+    assert "--random-weights" in captured.err and captured.out == ""
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_cli_export_of_a_preset_with_random_weights(tmp_path, capsys):
+    out = tmp_path / "preset.onnx"
+    args = ["export", "onnx", "--decoder", "tae-64", "--latent-space", "sd15", "--random-weights", "--out", str(out)]
+    assert main(args) == 0
+    assert "max |diff|" in capsys.readouterr().out
+    assert OnnxDecoder(out).latent_space.name == "sd15"
+
+
+@pytest.mark.parametrize("difference", [0.5, float("nan")])
+def test_a_failed_check_leaves_no_file(checkpoint, tmp_path, capsys, monkeypatch, difference):
+    """Issue 15: the model gets its name only after onnxruntime agrees with torch; a mismatch removes it."""
+    monkeypatch.setattr(runtime_onnx, "onnx_torch_difference", lambda *args, **kwargs: difference)
+    out = tmp_path / "out" / "bad.onnx"
+    assert main(["export", "onnx", "--decoder", str(checkpoint), "--out", str(out)]) == 2
+    captured = capsys.readouterr()
+    assert "fastdec export onnx: error:" in captured.err and "differs from torch" in captured.err
+    assert captured.out == ""
+    assert list(out.parent.iterdir()) == []  # neither the model nor its temporary file
+
+
+def test_a_wrong_graph_fails_the_real_comparison(tmp_path, make_decoder, monkeypatch):
+    """The comparison itself (not a stand-in): a graph that computes something else is caught and removed."""
+    def black(self, z):
+        return torch.zeros(z.shape[0], 3, 8 * z.shape[-2], 8 * z.shape[-1])
+
+    monkeypatch.setattr(OnnxDecoder, "decode_layers", black)
+    with pytest.raises(OnnxExportError, match="differs from torch"):
+        export_checked(make_decoder(), tmp_path / "wrong.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_out_that_is_a_folder_is_refused_before_export(checkpoint, tmp_path, capsys):
+    assert main(["export", "onnx", "--decoder", str(checkpoint), "--out", str(tmp_path)]) == 2
+    assert "is a folder" in capsys.readouterr().err

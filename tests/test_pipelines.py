@@ -257,7 +257,10 @@ def test_save_pretrained_round_trip(swapped, name, tmp_path):
     if name == "flux2":
         torch.testing.assert_close(loaded.vae.bn.running_var, pipe.vae.bn.running_var, atol=0, rtol=0)
     after = run(loaded, name)
-    torch.testing.assert_close(after, before, atol=0, rtol=0)
+    # a reloaded pipeline is a separately built set of modules: the same weights, but the CPU's kernels may
+    # pick other code paths for other buffers (1.8e-7 seen on an AMD EPYC). fp32 pictures after a few
+    # denoising steps through ~50 layers: 1e-5 is ~100 ulps of fp32 near 1, far below one 8-bit level (4e-3)
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
 
 
 def test_fast_vae_save_load_alone(tmp_path):
@@ -267,7 +270,8 @@ def test_fast_vae_save_load_alone(tmp_path):
     loaded = FastVAE.from_pretrained(tmp_path)
     raw, image = torch.randn(2, 4, 4, 4), torch.rand(1, 3, 32, 32) * 2 - 1
     with torch.no_grad():
-        torch.testing.assert_close(loaded.decode(raw).sample, fast.decode(raw).sample, atol=0, rtol=0)
+        # separately built modules with the same weights: fp32 kernels may differ by a few ulps (see above)
+        torch.testing.assert_close(loaded.decode(raw).sample, fast.decode(raw).sample, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(loaded.encode(image).latent_dist.mean, vae.encode(image).latent_dist.mean)
     assert loaded.latent_space == fast.latent_space
 
@@ -401,13 +405,9 @@ def test_slicing_decodes_one_sample_at_a_time(sd_fast, monkeypatch):
     torch.testing.assert_close(sliced, batched, atol=1e-5, rtol=0)
 
 
-def test_tiling_uses_fastdec_tiling_or_says_it_is_missing(sd_fast):
-    try:
-        from fastdec.tiling import decode_tiled
-    except ImportError:
-        with pytest.raises(NotImplementedError, match="fastdec.tiling"):
-            sd_fast.enable_tiling()
-        return
+def test_tiling_decodes_like_decode_tiled(sd_fast):
+    from fastdec.runtime.tiling import decode_tiled
+
     raw = torch.randn(1, 4, 12, 12)
     sd_fast.enable_tiling(tile_size=8, overlap=2)  # explicit overlap: skips the receptive-field probe
     try:

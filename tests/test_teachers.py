@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from fastdec.errors import FastdecError, UsageError
 from fastdec.metrics import psnr
 from fastdec.teachers import DiffusersTeacher, TAETeacher, TeacherError, load_teacher, space_for_vae
 
@@ -30,7 +31,7 @@ def test_teacher_without_decoder_says_how_to_add_one(taef2_encoder_path):
     assert not teacher.has_decoder
     with pytest.raises(TeacherError, match="teacher-decoder"):
         teacher.decode(torch.zeros(1, 32, 4, 4))
-    with pytest.raises(ValueError, match="multiple of"):
+    with pytest.raises(UsageError, match="multiple of"):
         teacher.encode(torch.rand(1, 3, 30, 30))
 
 
@@ -103,9 +104,23 @@ def test_space_detection_uses_config_values():
 
 
 def test_bad_teacher_sources_are_named(tmp_path):
-    with pytest.raises(TeacherError, match="neither a diffusers VAE"):
+    with pytest.raises(TeacherError, match="missing_encoder.pth.*neither a diffusers VAE.*no such file"):
         load_teacher(tmp_path / "missing_encoder.pth")
+    with pytest.raises(TeacherError, match="'tae-64' is neither"):  # a decoder preset is no teacher
+        load_teacher("tae-64")
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"not a checkpoint")
     with pytest.raises(TeacherError, match="junk.pth"):
         load_teacher(junk)
+
+
+def test_tae_teacher_takes_a_dtype_name_and_a_decoder_object(tmp_path, make_decoder):
+    from _train_helpers import tiny_encoder_file
+
+    encoder = tiny_encoder_file(tmp_path / "taesdxl_encoder.pth")
+    teacher = load_teacher(encoder, decoder=make_decoder("tae-64", "sdxl"), dtype="bf16")
+    assert teacher.encoder.layers[0].weight.dtype == torch.bfloat16 and teacher.has_decoder
+    assert teacher.decode(teacher.encode(torch.rand(1, 3, 16, 16))).shape == (1, 3, 16, 16)
+    with pytest.raises(TeacherError, match="'sd3' but the encoder gives 'sdxl'"):
+        load_teacher(encoder, decoder=make_decoder("tae-64", "sd3"))
+    assert issubclass(TeacherError, FastdecError)

@@ -143,18 +143,13 @@ def test_failed_writes_leave_no_file(tmp_path):
 
 # ----------------------------------------------------------------------------- decode-video CLI
 def _tiny(kind: str):
-    from fastdec.models import TAEConfig, TAEDecoder
+    from factories import tiny_decoder
+
     from fastdec.models.temporal import CausalTAEDecoder, TemporalTAEDecoder
 
-    from fastdec.latent_spaces import get_latent_space
-
-    torch.manual_seed(0)
-    image = TAEDecoder(TAEConfig(latent_channels=4, width=16, stage_blocks=(1, 1, 1)), get_latent_space("svd"))
-    # biases so the random decoder's output is not all clamped to 0: the comparison below needs real pixels
-    with torch.no_grad():
-        image.layers[-1].bias.fill_(0.5)
+    image = tiny_decoder("tae-64", "svd", width=16)
     if kind == "image":
-        return image.eval()
+        return image
     if kind == "causal":
         decoder = CausalTAEDecoder.from_image_decoder(image)
         for name, p in decoder.named_parameters():

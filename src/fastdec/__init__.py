@@ -20,8 +20,8 @@ _LAZY = {
     "restore_decoder": "pipelines",
     "PreviewCallback": "pipelines",
     "optimize": "runtime",
-    "decode_tiled": "tiling",
-    "OnnxDecoder": "export",
+    "decode_tiled": "runtime",
+    "OnnxDecoder": "runtime",
 }
 
 

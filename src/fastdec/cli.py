@@ -11,16 +11,15 @@ import sys
 from typing import Callable
 
 from .errors import FastdecError
+from .plugins import load_plugins
 
 # module -> registers one or more subcommands via add_commands(subparsers)
 COMMAND_MODULES = [
-    "fastdec.bench",        # fastdec bench
-    "fastdec.train",        # fastdec train
-    "fastdec.evaluate",     # fastdec eval images|video
-    "fastdec.decode",       # fastdec decode
-    "fastdec.decode_video", # fastdec decode-video
-    "fastdec.bulk",         # fastdec decode-batch
-    "fastdec.export",       # fastdec export onnx
+    "fastdec.bench.cli",    # fastdec bench (images, --video, --pipeline)
+    "fastdec.train.cli",    # fastdec train
+    "fastdec.eval.cli",     # fastdec eval images|video
+    "fastdec.decode.cli",   # fastdec decode, decode-video, decode-batch
+    "fastdec.runtime.cli",  # fastdec export onnx
 ]
 
 
@@ -29,6 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="fastdec", description="Fast latent decoders for diffusion models.")
     parser.add_argument("--version", action="version", version=f"fastdec {__version__}")
+    parser.add_argument("--plugin", action="append", default=[], metavar="FILE_OR_MODULE",
+                        help="import a module or .py file that registers your own decoders (repeatable; also "
+                             "$FASTDEC_PLUGINS)")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).add_commands(subparsers)
@@ -55,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     try:
+        load_plugins(args.plugin)
         result = args.func(args)
     except FastdecError as e:
         print(f"{_command_names(parser).get(args.func, 'fastdec')}: error: {e}", file=sys.stderr)

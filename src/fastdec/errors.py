@@ -88,3 +88,26 @@ class MetricUnavailable(FastdecError, RuntimeError):
 
 class UnsafePathError(FastdecError, ValueError):
     """A name (a latent key, a file name, metadata) that would write outside the output folder."""
+
+
+class PipelineError(FastdecError, ValueError):
+    """A diffusers pipeline (or its VAE) that a fast decoder cannot be swapped into or decode for."""
+
+
+class PipelineStateError(FastdecError, RuntimeError):
+    """A pipeline whose state forbids the call (an offloaded VAE, no encoder kept)."""
+
+
+class LatentSpaceError(FastdecError, ValueError):
+    """A latent space name, shape or statistics that do not fit."""
+
+
+class UnknownNameError(FastdecError, KeyError):
+    """An unknown preset, architecture or latent-space name (the message lists the known ones)."""
+
+    def __str__(self) -> str:  # KeyError would print the message with quotes around it
+        return str(self.args[0]) if self.args else ""
+
+
+class InputTypeError(UsageError, TypeError):
+    """A value of the wrong type: latents that are not a float tensor, an object that is not a fastdec decoder."""

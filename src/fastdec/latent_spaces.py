@@ -19,6 +19,8 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from .errors import LatentSpaceError, UnknownNameError
+
 
 @dataclass(frozen=True)
 class LatentSpace:
@@ -82,7 +84,7 @@ class LatentSpace:
 
     def _bn_mean_std(self, like: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor):
         if self.batch_norm_eps is None:
-            raise ValueError(f"latent space '{self.name}' has no batch-norm statistics")
+            raise LatentSpaceError(f"latent space '{self.name}' has no batch-norm statistics")
         mean = running_mean.view(1, -1, 1, 1).to(like)
         return mean, torch.sqrt(running_var.view(1, -1, 1, 1).to(like) + self.batch_norm_eps)
 
@@ -189,7 +191,7 @@ def get_latent_space(space: "str | LatentSpace") -> LatentSpace:
     aliases = {"sd1": "sd15", "sd": "sd15", "sd21": "sd15", "sd2": "sd15", "flux": "flux1", "flux1dev": "flux1"}
     key = aliases.get(key, key)
     if key not in PRESETS:
-        raise KeyError(f"unknown latent space '{space}'; choose one of {', '.join(PRESETS)}")
+        raise UnknownNameError(f"unknown latent space '{space}'; choose one of {', '.join(PRESETS)}")
     return PRESETS[key]
 
 

@@ -29,7 +29,10 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.autoencoders.vae import DecoderOutput
 from diffusers.utils.accelerate_utils import apply_forward_hook
 
-from .checkpoints import atomic_write, load_decoder
+from .errors import InputTypeError, PipelineError, PipelineStateError
+from .io.files import atomic_write
+from .io.images import to_uint8
+from .resolve import resolve_decoder
 from .latent_spaces import PRESETS as SPACES, LatentSpace, get_latent_space
 from .models.base import LatentDecoder
 from .models.registry import build_decoder
@@ -72,7 +75,7 @@ def detect_latent_space(vae: nn.Module) -> LatentSpace:
     channels = _config_get(config, "latent_channels")
     candidates = [s for s in SPACES.values() if s.channels == channels and s.name not in _SPACE_BY_VAE_CLASS.values()]
     if not candidates:
-        raise ValueError(
+        raise PipelineError(
             f"cannot tell the latent space of this {class_name} ({channels} latent channels): fastdec knows "
             f"{', '.join(f'{s.name} ({s.channels} ch)' for s in SPACES.values())}"
         )
@@ -95,15 +98,15 @@ def check_decoder_fits(
     ds = decoder.latent_space
     suggestion = f"use a {vae_space.name} decoder, e.g. fastdec.create_decoder('tae-64', '{vae_space.name}') or a checkpoint trained for it"
     if ds.channels != vae_space.channels:
-        raise ValueError(
+        raise PipelineError(
             f"decoder expects {ds.channels} channels ({ds.name}), {what} has {vae_space.channels}: {suggestion}"
         )
     if ds.spatial_factor != vae_space.spatial_factor:
-        raise ValueError(
+        raise PipelineError(
             f"decoder upsamples {ds.spatial_factor}x ({ds.name}), {what} is {vae_space.spatial_factor}x: {suggestion}"
         )
     if not allow_other_statistics and not _spaces_compatible(ds, vae_space):
-        raise ValueError(
+        raise PipelineError(
             f"decoder was made for {ds.name} latents, {what} is {vae_space.name} (same channel count, different "
             f"statistics: the picture would be wrong): {suggestion}. If this VAE really shares the decoder's latent "
             "space (a fine-tune), pass force=True"
@@ -113,7 +116,7 @@ def check_decoder_fits(
 # ----------------------------------------------------------------------------- encoder view
 def _refuse_offloaded(vae: nn.Module) -> None:
     if hasattr(vae, "_hf_hook"):
-        raise RuntimeError(
+        raise PipelineStateError(
             "the pipeline's VAE has accelerate offload hooks: call swap_decoder(pipe, ...) before "
             "pipe.enable_model_cpu_offload() / enable_sequential_cpu_offload()"
         )
@@ -141,7 +144,7 @@ def _encoder_from_config(class_name: str, config: dict) -> nn.Module:
 
     cls = getattr(diffusers, class_name, None)
     if cls is None:
-        raise ValueError(f"FastVAE config names encoder class '{class_name}', which this diffusers version lacks")
+        raise PipelineError(f"FastVAE config names encoder class '{class_name}', which this diffusers version lacks")
     vae = cls.from_config(config)
     for name in _DECODE_ONLY_MODULES:
         if name in vae._modules:
@@ -215,7 +218,7 @@ class FastVAE(ModelMixin, AutoencoderMixin, ConfigMixin):
         """Wrap ``decoder``; with ``vae`` (the pipeline's original VAE) take its config values and, if
         ``keep_encoder``, its encoder (shared weights, no copy). The decoder module itself is used, not copied."""
         if not isinstance(decoder, LatentDecoder):
-            raise TypeError(f"FastVAE needs a fastdec LatentDecoder, got {type(decoder).__name__}")
+            raise InputTypeError(f"FastVAE needs a fastdec LatentDecoder, got {type(decoder).__name__}")
         space = decoder.latent_space
         levels = int(math.log2(space.spatial_factor)) + 1
         width = int(getattr(decoder.config, "width", 64))
@@ -253,7 +256,7 @@ class FastVAE(ModelMixin, AutoencoderMixin, ConfigMixin):
                 values["encoder_config"] = {k: v for k, v in dict(vae.config).items()}
             bn_source = getattr(vae, "bn", None)
         if values.get("batch_norm_eps") is not None and not isinstance(bn_source, nn.BatchNorm2d):
-            raise ValueError(
+            raise PipelineError(
                 f"{space.name} pipelines normalise latents with the VAE's batch-norm statistics: pass the original "
                 "VAE (FastVAE.from_decoder(decoder, vae=pipe.vae)) or use swap_decoder(pipe, decoder)"
             )
@@ -280,16 +283,9 @@ class FastVAE(ModelMixin, AutoencoderMixin, ConfigMixin):
 
     # -- tiling / slicing --------------------------------------------------------------
     def enable_tiling(self, tile_size: int = 64, overlap: int | None = None) -> None:
-        """Decode in overlapping tiles of ``tile_size`` latent pixels (``fastdec.tiling.decode_tiled``)."""
-        try:
-            from .tiling import decode_tiled  # noqa: F401
-        except ImportError as e:
-            raise NotImplementedError(
-                f"tiled decoding needs fastdec.tiling, which this install lacks ({e}); decode without tiling "
-                "(fast decoders need far less memory than the original VAE) or use enable_slicing()"
-            ) from e
+        """Decode in overlapping tiles of ``tile_size`` latent pixels (``fastdec.runtime.tiling.decode_tiled``)."""
         if self.decoder.is_video:
-            raise NotImplementedError(
+            raise PipelineError(
                 "tiling is for image decoders; a video decoder decodes whole frames: lower decode_chunk_size instead"
             )
         self.use_tiling = True
@@ -305,7 +301,7 @@ class FastVAE(ModelMixin, AutoencoderMixin, ConfigMixin):
     def encode(self, x: torch.Tensor, return_dict: bool = True):
         """The original VAE's ``encode`` (its ``AutoencoderKLOutput`` with ``latent_dist``)."""
         if self.encoder_vae is None:
-            raise RuntimeError(
+            raise PipelineStateError(
                 "this FastVAE has no encoder (made with keep_encoder=False), but the pipeline needs vae.encode "
                 "(img2img, inpainting, SVD image conditioning): swap with keep_encoder=True"
             )
@@ -315,7 +311,7 @@ class FastVAE(ModelMixin, AutoencoderMixin, ConfigMixin):
     # -- decode ------------------------------------------------------------------------
     def _decode_images(self, z: torch.Tensor) -> torch.Tensor:
         if self.use_tiling:
-            from .tiling import decode_tiled
+            from .runtime.tiling import decode_tiled
 
             return torch.cat([decode_tiled(self.decoder, s, tile=self.tile_size, overlap=self.tile_overlap)
                               for s in z.split(1)])
@@ -325,10 +321,10 @@ class FastVAE(ModelMixin, AutoencoderMixin, ConfigMixin):
 
     def _decode_video(self, z: torch.Tensor, num_frames: int | None) -> torch.Tensor:
         if self.use_tiling:
-            raise NotImplementedError("tiling is for image decoders: disable_tiling() for a video decoder")
+            raise PipelineError("tiling is for image decoders: disable_tiling() for a video decoder")
         frames = num_frames or 1  # without a frame count every latent is a one-frame clip
         if z.shape[0] % frames:
-            raise ValueError(
+            raise PipelineError(
                 f"decode got {z.shape[0]} latent frames with num_frames={num_frames}: the frame count must divide "
                 "the batch (pass frames as (clips*num_frames, C, h, w))"
             )
@@ -354,15 +350,15 @@ class FastVAE(ModelMixin, AutoencoderMixin, ConfigMixin):
         ``generator`` is accepted for API compatibility (decoding is deterministic).
         """
         if not isinstance(z, torch.Tensor):
-            raise TypeError(f"latents must be a torch.Tensor, got {type(z).__name__}")
+            raise InputTypeError(f"latents must be a torch.Tensor, got {type(z).__name__}")
         space = self.latent_space
         if z.ndim != 4:
-            raise ValueError(
+            raise PipelineError(
                 f"FastVAE.decode expects VAE latents shaped (N, C, h, w), got {tuple(z.shape)}; video frames go "
                 "flattened as (clips*frames, C, h, w) with num_frames=frames"
             )
         if z.shape[1] != space.channels:
-            raise ValueError(space.channel_mismatch_message(z.shape[1]))
+            raise PipelineError(space.channel_mismatch_message(z.shape[1]))
         # convert in float32: bf16 (FLUX) loses visible precision in the shift/scale
         latents = space.vae_to_decoder(z.float())
         if self.decoder.is_video:
@@ -390,13 +386,17 @@ class FastVAE(ModelMixin, AutoencoderMixin, ConfigMixin):
 
 # ----------------------------------------------------------------------------- swapping
 def _as_decoder(decoder_or_path: LatentDecoder | str | os.PathLike, space: LatentSpace) -> LatentDecoder:
+    if isinstance(decoder_or_path, nn.Module) and not isinstance(decoder_or_path, LatentDecoder):
+        raise PipelineError(f"swap_decoder needs a fastdec decoder, a pretrained name, a checkpoint path or a Hub id, "
+                            f"got a {type(decoder_or_path).__name__}")
     if isinstance(decoder_or_path, LatentDecoder):
         return decoder_or_path
-    if isinstance(decoder_or_path, (str, os.PathLike)):
-        return load_decoder(decoder_or_path, latent_space=get_latent_space(space.name))
-    raise TypeError(
-        f"swap_decoder needs a fastdec decoder, a checkpoint path or a Hub id, got {type(decoder_or_path).__name__}"
-    )
+    # the pipeline's space only picks between spaces a TAESD .pth cannot tell apart; check_decoder_fits judges
+    return resolve_decoder(decoder_or_path, latent_space=space.name if _is_plain_file(decoder_or_path) else None)
+
+
+def _is_plain_file(spec: Any) -> bool:
+    return isinstance(spec, (str, os.PathLike)) and Path(spec).expanduser().exists()
 
 
 def _module_placement(module: nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -420,7 +420,7 @@ def swap_decoder(
     """
     current = getattr(pipe, "vae", None)
     if current is None:
-        raise ValueError(f"{type(pipe).__name__} has no vae component to swap")
+        raise PipelineError(f"{type(pipe).__name__} has no vae component to swap")
     _refuse_offloaded(current)
     original = getattr(pipe, _ORIGINAL_VAE_ATTR, None)
     source = original if original is not None else current
@@ -428,7 +428,7 @@ def swap_decoder(
     decoder = _as_decoder(decoder_or_path, vae_space)
     check_decoder_fits(decoder, vae_space, allow_other_statistics=force)
     if not keep_encoder and type(pipe).__name__.startswith("StableVideoDiffusion"):
-        raise ValueError(
+        raise PipelineError(
             "StableVideoDiffusionPipeline encodes its conditioning image with vae.encode: swap with keep_encoder=True"
         )
     device, dtype = _module_placement(current)
@@ -452,7 +452,7 @@ def restore_decoder(pipe: Any) -> Any:
     """Put back the VAE that :func:`swap_decoder` replaced, on the FastVAE's current device and dtype."""
     original = getattr(pipe, _ORIGINAL_VAE_ATTR, None)
     if original is None:
-        raise ValueError(
+        raise PipelineError(
             "this pipeline has no original VAE to restore: it was not swapped with swap_decoder in this session "
             "(a pipeline loaded from disk with a FastVAE has only its encoder; reload the original pipeline)"
         )
@@ -468,7 +468,7 @@ def _unpack_tokens(tokens: torch.Tensor, height: int, width: int) -> torch.Tenso
     """Packed transformer latents (B, h/2*w/2, C*4) -> (B, C*4, h/2, w/2) (FLUX.1 and FLUX.2 share the layout)."""
     b, seq, d = tokens.shape
     if height * width != seq:
-        raise ValueError(f"packed latents have {seq} tokens, not {height}x{width}: pass the pipeline's height/width")
+        raise PipelineError(f"packed latents have {seq} tokens, not {height}x{width}: pass the pipeline's height/width")
     return tokens.transpose(1, 2).reshape(b, d, height, width)
 
 
@@ -482,8 +482,7 @@ def _takes_args(fn: Callable, count: int) -> bool:
 def _to_pil(rgb: torch.Tensor) -> list:
     from PIL import Image
 
-    array = (rgb.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(a) for a in array]
+    return [Image.fromarray(a) for a in to_uint8(rgb)]
 
 
 class PreviewCallback:
@@ -510,10 +509,10 @@ class PreviewCallback:
         width: int | None = None,
     ):
         if every < 1:
-            raise ValueError(f"every must be >= 1, got {every}")
+            raise PipelineError(f"every must be >= 1, got {every}")
         if on_preview is None and out_dir is None:
-            raise ValueError("PreviewCallback needs somewhere to put previews: pass on_preview=fn or out_dir=...")
-        self.decoder = decoder if isinstance(decoder, LatentDecoder) else load_decoder(decoder)
+            raise PipelineError("PreviewCallback needs somewhere to put previews: pass on_preview=fn or out_dir=...")
+        self.decoder = resolve_decoder(decoder)
         self.every = every
         self.on_preview = on_preview
         self.out_dir = Path(out_dir) if out_dir is not None else None
@@ -527,7 +526,7 @@ class PreviewCallback:
             return self.height // scale, self.width // scale
         side = math.isqrt(n_tokens)
         if side * side != n_tokens:
-            raise ValueError(
+            raise PipelineError(
                 f"the pipeline's latents are packed ({n_tokens} tokens) and the image is not square: pass "
                 "height= and width= (as given to the pipeline) to PreviewCallback"
             )
@@ -547,7 +546,7 @@ class PreviewCallback:
             bn = getattr(getattr(pipe, "vae", None), "bn", None)
             if space.batch_norm_eps is not None:
                 if not isinstance(bn, nn.BatchNorm2d):
-                    raise ValueError("FLUX.2 previews need the pipeline VAE's bn statistics (pipe.vae.bn)")
+                    raise PipelineError("FLUX.2 previews need the pipeline VAE's bn statistics (pipe.vae.bn)")
                 eps_space = space.with_vae_config({"batch_norm_eps": bn.eps})
                 raw = eps_space.bn_denormalize(grid.float(), bn.running_mean, bn.running_var)
                 return space.vae_to_decoder(raw)
@@ -564,7 +563,7 @@ class PreviewCallback:
             return callback_kwargs
         latents = callback_kwargs.get("latents")
         if latents is None:
-            raise ValueError(
+            raise PipelineError(
                 "PreviewCallback needs the latents: pass callback_on_step_end_tensor_inputs=['latents'] to the pipeline"
             )
         rgb = self.decoder(self.decoder_latents(pipe, latents))

@@ -22,15 +22,15 @@ from typing import Any
 
 import torch
 
-from .checkpoints import CheckpointError, load_decoder, load_encoder
+from .dtypes import parse_dtype
+from .errors import CheckpointError, DecoderSpecError, TeacherError, UsageError
 from .latent_spaces import PRESETS as SPACES, LatentSpace, get_latent_space
 from .models.base import LatentDecoder
+from .resolve import load_decoder, load_encoder, locate
 
 VAE_CLASSES = ("AutoencoderKL", "AutoencoderKLTemporalDecoder", "AutoencoderDC", "AutoencoderKLFlux2")
-
-
-class TeacherError(ValueError):
-    """A teacher that cannot be loaded or cannot do what was asked; the message says how to fix it."""
+_NOT_A_TEACHER = ("a diffusers VAE (folder with config.json, or a vae/ subfolder; single-file .safetensors) "
+                  "nor a TAESD-family encoder")
 
 
 class Teacher:
@@ -53,10 +53,10 @@ class Teacher:
 
     def _check_images(self, images: torch.Tensor) -> None:
         if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"teacher expects RGB images shaped (N, 3, H, W) in [0, 1], got {tuple(images.shape)}")
+            raise UsageError(f"teacher expects RGB images shaped (N, 3, H, W) in [0, 1], got {tuple(images.shape)}")
         f = self.spatial_factor
         if images.shape[-1] % f or images.shape[-2] % f:
-            raise ValueError(f"image size {tuple(images.shape[-2:])} is not a multiple of the teacher's factor {f}")
+            raise UsageError(f"image size {tuple(images.shape[-2:])} is not a multiple of the teacher's factor {f}")
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(space={self.latent_space.name}, decoder={self.has_decoder})"
@@ -240,15 +240,17 @@ def load_teacher(
     decoder: str | os.PathLike | LatentDecoder | None = None,
     latent_space: LatentSpace | str | None = None,
     device: torch.device | str = "cpu",
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     sample: bool = False,
 ) -> Teacher:
     """Load a teacher from a TAESD-family encoder file, a diffusers VAE folder / single file, or a Hub id.
 
     ``decoder`` (TAESD-family teachers only) is an optional decoder for teacher-matching losses and
     validation grids; diffusers VAEs bring their own. ``latent_space`` overrides detection.
-    ``sample=True`` draws from the latent distribution instead of taking its mode.
+    ``sample=True`` draws from the latent distribution instead of taking its mode. ``dtype``: a torch dtype
+    or a name (``fp32|fp16|bf16``).
     """
+    dtype = parse_dtype(dtype)
     space = get_latent_space(latent_space) if latent_space is not None else None
     path = Path(source).expanduser()
     if path.is_dir():
@@ -268,26 +270,30 @@ def load_teacher(
         vae, class_name, config = _load_vae_single_file(path, space, dtype)
         detected = space_for_vae(class_name, config)
         return DiffusersTeacher(vae.to(device), space or detected, f"{class_name}:{_file_fingerprint(path)}", sample)
-    if path.exists() or not _looks_like_hub_id(str(source)):
-        try:
-            encoder = load_encoder(path if path.exists() else source, latent_space=space, device=device, dtype=dtype)
-        except CheckpointError as e:
+    if path.exists():
+        return _load_tae_teacher(path, decoder, space, device, dtype)
+    if _is_hub_id(source):
+        return _load_hub_teacher(str(source), space, device, dtype, sample)
+    raise TeacherError(f"teacher '{source}' is neither {_NOT_A_TEACHER}: no such file or folder (relative paths "
+                       f"start from {Path.cwd()}), and not a Hub id (owner/name)")
+
+
+def _load_tae_teacher(path: Path, decoder, space: LatentSpace | None, device, dtype) -> TAETeacher:
+    """A TAESD-family encoder file or AutoencoderTiny folder, with an optional decoder of the same space."""
+    try:
+        encoder = load_encoder(path, latent_space=space, device=device, dtype=dtype)
+    except CheckpointError as e:
+        raise TeacherError(f"'{path}' is neither {_NOT_A_TEACHER}: {e}") from e
+    student = None
+    if decoder is not None:
+        student = decoder if isinstance(decoder, LatentDecoder) else load_decoder(
+            decoder, latent_space=encoder.latent_space, device=device, dtype=dtype)
+        if student.latent_space.channels != encoder.latent_space.channels:
             raise TeacherError(
-                f"'{source}' is neither a diffusers VAE (folder with config.json, or a vae/ subfolder; single-file "
-                f".safetensors) nor a TAESD-family encoder: {e}"
-            ) from e
-        student = None
-        fingerprint = f"tae:{_file_fingerprint(path) if path.exists() else source}"
-        if decoder is not None:
-            student = decoder if isinstance(decoder, LatentDecoder) else load_decoder(
-                decoder, latent_space=encoder.latent_space, device=device, dtype=dtype)
-            if student.latent_space.channels != encoder.latent_space.channels:
-                raise TeacherError(
-                    f"teacher decoder is for '{student.latent_space.name}' but the encoder gives "
-                    f"'{encoder.latent_space.name}' latents"
-                )
-        return TAETeacher(encoder, student, fingerprint)
-    return _load_hub_teacher(str(source), space, device, dtype, sample)
+                f"teacher decoder is for '{student.latent_space.name}' but the encoder gives "
+                f"'{encoder.latent_space.name}' latents"
+            )
+    return TAETeacher(encoder, student, f"tae:{_file_fingerprint(path)}")
 
 
 def _is_taesd_file(path: Path) -> bool:
@@ -296,17 +302,22 @@ def _is_taesd_file(path: Path) -> bool:
         return False
     from safetensors import safe_open
 
+    from safetensors import SafetensorError
+
     try:
         with safe_open(str(path), framework="pt") as f:
             keys = list(f.keys())
-    except Exception:
+    except (OSError, SafetensorError):  # not readable as safetensors: the VAE loader names the problem
         return False
     return "0.weight" in keys or any(k.startswith("encoder.layers.") for k in keys)
 
 
-def _looks_like_hub_id(text: str) -> bool:
-    parts = text.split("/")
-    return len(parts) == 2 and all(parts) and not text.startswith((".", "/", "~"))
+def _is_hub_id(source: str | os.PathLike) -> bool:
+    """Whether a spec that is no local path reads as a Hub id, by fastdec.resolve's one rule."""
+    try:
+        return locate(source).kind == "hub"
+    except DecoderSpecError:  # a missing file or an unknown name: not a Hub id either
+        return False
 
 
 def _load_hub_teacher(repo_id: str, space, device, dtype, sample) -> Teacher:

@@ -19,11 +19,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, InputTypeError, UsageError
 from ..latent_spaces import PRESETS as SPACES, LatentSpace, get_latent_space
 from ..models.base import LatentDecoder
 from ..models.registry import build_decoder
-from ..models.tae import TAEConfig, TAEDecoder, TAEEncoder, TAEEncoderConfig
+from ..models.tae import TAEConfig, TAEDecoder, TAEEncoder, TAEEncoderConfig, tae_factor
 from .files import atomic_write
 
 FORMAT = "fastdec"
@@ -34,10 +34,10 @@ FORMAT_VERSION = "1"
 def save_decoder(decoder: LatentDecoder, path: str | os.PathLike, extra_metadata: Mapping[str, str] | None = None) -> Path:
     """Write ``decoder`` to a self-describing safetensors file (atomically)."""
     if not isinstance(decoder, LatentDecoder):
-        raise TypeError(f"save_decoder expects a fastdec decoder, got {type(decoder).__name__}")
+        raise InputTypeError(f"save_decoder expects a fastdec decoder, got {type(decoder).__name__}")
     path = Path(path)
     if path.suffix != ".safetensors":
-        raise ValueError(f"decoders are saved as .safetensors, got '{path}'")
+        raise UsageError(f"decoders are saved as .safetensors, got '{path}': name the file *.safetensors")
     state = {k: v.detach().contiguous().cpu() for k, v in decoder.state_dict().items()}
     metadata = {
         "format": FORMAT,
@@ -153,12 +153,17 @@ def _prefixed(state: Mapping[str, torch.Tensor], prefix: str, offset: int = 0) -
 
 def _decoder_from_taesd_state(state, path: Path, latent_space) -> TAEDecoder:
     config = _taesd_decoder_config(state, path)
-    factor = 2 ** len(config.stage_blocks)
+    factor = tae_factor(config)
     space = get_latent_space(latent_space) if latent_space else _guess_space(config.latent_channels, factor, path.name)
     if space.channels != config.latent_channels:
         raise CheckpointError(
             f"'{path}' decodes {config.latent_channels}-channel latents but latent space '{space.name}' "
             f"has {space.channels}"
+        )
+    if space.spatial_factor != factor:
+        raise CheckpointError(
+            f"'{path}' upsamples x{factor} but latent space '{space.name}' is x{space.spatial_factor}: "
+            "pass the latent space this decoder was trained for"
         )
     decoder = TAEDecoder(config, space)
     state = {"layers." + k: v for k, v in state.items()}
@@ -173,8 +178,12 @@ def _from_fastdec_file(state, metadata, path: Path, latent_space) -> LatentDecod
         architecture = metadata["architecture"]
     except (KeyError, json.JSONDecodeError) as e:
         raise CheckpointError(f"'{path}': fastdec metadata is incomplete ({e})") from e
-    if latent_space is not None and get_latent_space(latent_space).channels != space.channels:
-        raise CheckpointError(f"'{path}' is a decoder for '{space.name}', not '{get_latent_space(latent_space).name}'")
+    want = get_latent_space(latent_space) if latent_space is not None else None
+    if want is not None and want.channels != space.channels:
+        raise CheckpointError(
+            f"'{path}' decodes {space.channels}-channel '{space.name}' latents, not {want.channels}-channel "
+            f"'{want.name}': pick a decoder for '{want.name}' (a preset is built in any space)"
+        )
     try:
         decoder = build_decoder(architecture, config, space)
     except (KeyError, ValueError, TypeError) as e:

@@ -59,7 +59,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], Any], suffix: s
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
-    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8", newline=""))
 
 
 def json_safe(obj: Any) -> Any:

@@ -60,5 +60,5 @@ def save_image(image: torch.Tensor | np.ndarray, path: str | os.PathLike, image_
     pil_format, _ = IMAGE_FORMATS[image_format]
     options: dict[str, Any] = {"quality": quality} if image_format in ("webp", "jpeg") else {"compress_level": 1}
     picture = Image.fromarray(array)
-    return atomic_write(path, lambda tmp: picture.save(tmp, format=pil_format, **options),
-                        suffix=IMAGE_FORMATS[image_format][1])
+    # PIL is told the format, so the temporary name need not end in .png: a glob for outputs never sees it
+    return atomic_write(path, lambda tmp: picture.save(tmp, format=pil_format, **options))

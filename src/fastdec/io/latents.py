@@ -147,6 +147,30 @@ def index_latent_file(path: str | os.PathLike) -> list[LatentRef]:
     return refs
 
 
+def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Every tensor of a latents file by name, whatever its shape (a video clip is one (T, C, h, w) or
+    (1, T, C, h, w) tensor, which :func:`index_latent_file` does not list as latents)."""
+    path = Path(path)
+    if not path.is_file():
+        raise LatentFileError(f"no latents file at '{path}': check the path")
+    suffix = path.suffix.lower()
+    if suffix not in LATENT_SUFFIXES:
+        raise LatentFileError(f"{path}: unknown latent file type (use {', '.join(LATENT_SUFFIXES)})")
+    try:
+        if suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return dict(load_file(str(path)))
+        if suffix == ".npy":
+            return {path.stem: torch.from_numpy(np.load(path, allow_pickle=False))}
+        return {name: t for name, (t, _) in _pt_tensors(_load_pt(str(path)), path).items()}
+    except LatentFileError:
+        raise
+    except Exception as e:  # every reader has its own error types; all mean "unreadable file"
+        raise LatentFileError(f"{path}: cannot read latents ({type(e).__name__}: {_first_line(e)}): the file is "
+                              "truncated, corrupt or not a latents file") from e
+
+
 def find_latent_files(spec: str | os.PathLike) -> list[Path]:
     """Files named by a folder (searched recursively), a single file, or a glob pattern, sorted."""
     path = Path(spec).expanduser()

@@ -19,7 +19,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from ..errors import VideoError
+from ..errors import InputTypeError, UsageError, VideoError
 from .files import _UMASK, TEMP_MARKER
 from .images import IMAGE_SUFFIXES
 
@@ -201,7 +201,7 @@ def iter_video(
     """Yield uint8 frames (k, 3, H, W), at most ``chunk`` at a time: for videos too long to hold in memory."""
     path = _existing(path)
     if chunk < 1:
-        raise ValueError(f"chunk must be >= 1, got {chunk}")
+        raise UsageError(f"chunk must be >= 1, got {chunk}")
     if path.is_dir():
         return _iter_folder(path, start, num_frames, chunk)
     return _iter_file(path, start, num_frames, chunk)
@@ -216,7 +216,7 @@ def read_video(path: str | os.PathLike, start: int = 0, num_frames: int | None =
 def _to_uint8(frames: torch.Tensor) -> np.ndarray:
     """(k, 3, H, W) uint8 or float in [0, 1] -> (k, H, W, 3) uint8."""
     if not isinstance(frames, torch.Tensor):
-        raise TypeError(f"frames must be a torch.Tensor, got {type(frames).__name__}")
+        raise InputTypeError(f"frames must be a torch.Tensor, got {type(frames).__name__}")
     if frames.ndim == 3:
         frames = frames[None]
     if frames.ndim != 4 or frames.shape[1] != 3:

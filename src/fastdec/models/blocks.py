@@ -11,6 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..errors import UsageError
+
 
 def conv3x3(n_in: int, n_out: int, **kwargs) -> nn.Conv2d:
     return nn.Conv2d(n_in, n_out, 3, padding=1, **kwargs)
@@ -109,9 +111,9 @@ class ReLULinearAttention(nn.Module):
     def __init__(self, channels: int, head_dim: int = 32, scales: tuple[int, ...] = (5,), eps: float = 1e-15):
         super().__init__()
         if channels % head_dim:
-            raise ValueError(f"channels ({channels}) must be a multiple of head_dim ({head_dim})")
+            raise UsageError(f"channels ({channels}) must be a multiple of head_dim ({head_dim})")
         if any(k < 1 or k % 2 == 0 for k in scales):
-            raise ValueError(f"attention scales must be odd kernel sizes >= 1, got {tuple(scales)}")
+            raise UsageError(f"attention scales must be odd kernel sizes >= 1, got {tuple(scales)}")
         self.head_dim = head_dim
         self.eps = eps
         self.qkv = conv1x1(channels, 3 * channels)

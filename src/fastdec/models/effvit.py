@@ -16,8 +16,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from ..errors import UsageError
 from ..latent_spaces import LatentSpace
-from .base import LatentDecoder
+from .base import LatentDecoder, check_sizes, doublings
 from .blocks import Clamp, GLUMBConv, ReLULinearAttention, ResBlock, conv3x3
 from .registry import register_architecture, register_preset
 
@@ -43,18 +44,18 @@ class EffViTConfig:
         self.block_types = tuple(str(b) for b in self.block_types)
         self.attention_scales = tuple(int(k) for k in self.attention_scales)
         if not len(self.widths) == len(self.depths) == len(self.block_types):
-            raise ValueError(
+            raise UsageError(
                 f"widths, depths and block_types need one entry per stage, got "
                 f"{len(self.widths)}, {len(self.depths)} and {len(self.block_types)} (overriding one of them? "
                 f"pass all three with the same length)"
             )
+        check_sizes("EffViT", {"widths": self.widths, "head_dim": self.head_dim, "mlp_expansion": self.mlp_expansion},
+                    {"depths": self.depths})
         for stage, (width, depth, kind) in enumerate(zip(self.widths, self.depths, self.block_types)):
             if kind not in BLOCK_TYPES:
-                raise ValueError(f"block_types[{stage}] is '{kind}': use one of {BLOCK_TYPES}")
-            if width < 1 or depth < 0:
-                raise ValueError(f"stage {stage} has width {width} and depth {depth}: need width >= 1, depth >= 0")
+                raise UsageError(f"block_types[{stage}] is '{kind}': use one of {BLOCK_TYPES}")
             if kind == "vit" and depth and width % self.head_dim:
-                raise ValueError(
+                raise UsageError(
                     f"stage {stage} holds EfficientViT blocks of width {width}, not a multiple of head_dim "
                     f"{self.head_dim}: change the width or head_dim"
                 )
@@ -78,19 +79,18 @@ class EffViTDecoder(LatentDecoder):
 
     def __init__(self, config: EffViTConfig, latent_space: LatentSpace):
         super().__init__(config, latent_space)
-        entry = latent_space.spatial_factor.bit_length() - 1  # 8 -> 3, 32 -> 5
-        if 2**entry != latent_space.spatial_factor:
-            raise ValueError(f"EffViTDecoder upsamples by powers of 2; '{latent_space.name}' has spatial factor "
-                             f"{latent_space.spatial_factor}")
+        # the latents enter at the stage of their resolution (8x -> 3, 32x -> 5): the layout upsamples by the
+        # latent space's factor by construction
+        entry = doublings(latent_space, "EffViT")
         if len(config.widths) <= entry:
-            raise ValueError(
+            raise UsageError(
                 f"latent space '{latent_space.name}' is {latent_space.spatial_factor}x smaller than the image, so "
                 f"the decoder needs {entry + 1} stages (1 down to 1/{latent_space.spatial_factor}); the config "
                 f"has {len(config.widths)}"
             )
         unused = [s for s in range(entry + 1, len(config.depths)) if config.depths[s]]
         if unused:
-            raise ValueError(
+            raise UsageError(
                 f"stages {unused} lie below the latent resolution of '{latent_space.name}' (1/"
                 f"{latent_space.spatial_factor}) and would never run: set their depths to 0"
             )
@@ -104,10 +104,6 @@ class EffViTDecoder(LatentDecoder):
         layers += [nn.ReLU(), conv3x3(widths[0], 3)]
         self.layers = nn.Sequential(*layers)
         self.entry_stage = entry
-
-    @property
-    def upsample_factor(self) -> int:
-        return 2**self.entry_stage
 
     @property
     def num_attention_blocks(self) -> int:

@@ -1,7 +1,8 @@
 """Named decoder presets (timm-style): ``create_decoder("tae-64", "sdxl")``.
 
 A preset maps a latent space to a config of one architecture; architectures
-are the decoder classes checkpoints refer to by name.
+are the decoder classes checkpoints refer to by name. Each architecture module
+(tae, effvit, temporal, causal) registers its own class and presets when imported.
 """
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from ..errors import UnknownNameError, UsageError
 from ..latent_spaces import LatentSpace, get_latent_space
 from .base import LatentDecoder
 
@@ -42,19 +44,19 @@ def register_preset(name: str, architecture: str, description: str) -> Callable:
 def build_decoder(architecture: str, config: dict[str, Any], latent_space: LatentSpace | str) -> LatentDecoder:
     """Instantiate an architecture from a plain config dict (as stored in checkpoints)."""
     if architecture not in ARCHITECTURES:
-        raise KeyError(f"unknown decoder architecture '{architecture}'; known: {', '.join(sorted(ARCHITECTURES))}")
+        raise UnknownNameError(f"unknown decoder architecture '{architecture}'; known: {', '.join(sorted(ARCHITECTURES))}")
     cls = ARCHITECTURES[architecture]
     fields = {f.name for f in dataclasses.fields(cls.config_class)}
     unknown = set(config) - fields
     if unknown:
-        raise ValueError(f"config for '{architecture}' has unknown fields {sorted(unknown)}")
+        raise UsageError(f"config for '{architecture}' has unknown fields {sorted(unknown)}")
     return cls(cls.config_class(**config), get_latent_space(latent_space))
 
 
 def create_decoder(name: str, latent_space: LatentSpace | str = "sdxl", **overrides: Any) -> LatentDecoder:
     """A decoder preset for a latent space, with random weights. ``overrides`` change config fields."""
     if name not in PRESETS:
-        raise KeyError(f"unknown decoder preset '{name}'; choose one of {', '.join(list_decoders())}")
+        raise UnknownNameError(f"unknown decoder preset '{name}'; choose one of {', '.join(list_decoders())}")
     space = get_latent_space(latent_space)
     preset = PRESETS[name]
     config = {"latent_channels": space.channels, **preset.make_config(space), **overrides}

@@ -1,63 +1,36 @@
-"""Video decoders: (N, T, C, h, w) decoder-space latents -> (N, T, 3, H, W) RGB in [0, 1].
+"""Chunked temporal-attention video decoder: (N, T, C, h, w) decoder-space latents -> (N, T, 3, H, W) RGB.
 
-Two ways to make a TAE decoder see time:
+``TemporalTAEDecoder`` (preset ``tae-temporal-192``, the paper's decoder) is
+the TAE layout plus one temporal self-attention block after the
+latent-resolution (mid) blocks. Every latent pixel attends over the same pixel
+in the other frames of its chunk. Frames are decoded in overlapping chunks (see
+``chunk_windows``) so every frame is produced exactly once and always with
+temporal context, which removes the seam a plain split into chunks would leave.
 
-* ``TemporalTAEDecoder`` (preset ``tae-temporal-192``, the paper's decoder): the
-  TAE layout plus one temporal self-attention block at the lowest resolution.
-  Every latent pixel attends over the same pixel in the other frames of its
-  chunk. Frames are decoded in overlapping chunks (see ``chunk_windows``) so
-  every frame is produced exactly once and always with temporal context, which
-  removes the seam a plain split into chunks would leave.
-* ``CausalTAEDecoder`` (presets ``tae-causal-64``, ``tae-causal-192``,
-  TAEHV-style): every residual block also sees its own input at the previous
-  frame through a ``memory`` conv. Nothing looks ahead, so the same weights
-  decode all frames in one call (``decoder(z)``; memory grows with T) or stream them
-  (``decoder.stream()``: push latent frames, get RGB frames back; state is one
-  frame of features per block, whatever the video length).
+It keeps the image decoder's layer names and its attention output projection
+starts at zero, so ``from_image_decoder`` gives a video decoder that starts
+exactly equal to a trained image decoder.
 
-Both keep the image decoder's layer names, and their temporal parts start at
-zero (attention output projection, memory convs), so ``from_image_decoder``
-gives a video decoder that starts exactly equal to a trained image decoder.
+The causal decoder (memory blocks, streaming) lives in :mod:`fastdec.models.causal`; its names are
+re-exported here, where they used to be defined.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterator, NamedTuple
+from typing import Iterator, NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..errors import UsageError
 from ..latent_spaces import LatentSpace
-from .base import LatentDecoder
-from .blocks import ResBlock, conv3x3
-from .presets import _tae_stages
+from .base import LatentDecoder, check_sizes
+from .causal import CausalStream, CausalTAEConfig, CausalTAEDecoder, MemBlock  # noqa: F401  (old import path)
 from .registry import register_architecture, register_preset
-from .tae import TAEConfig, TAEDecoder, tae_layers
-
-_IMAGE_FIELDS = ("latent_channels", "width", "stage_blocks", "final_blocks", "use_midblock_gn")
-
-
-def _config_from_image(image_decoder: LatentDecoder, overrides: dict) -> dict:
-    if not isinstance(image_decoder, TAEDecoder):
-        raise TypeError(
-            f"from_image_decoder needs a TAE image decoder (tae-64, tae-192 or a TAESD-family checkpoint), "
-            f"got {type(image_decoder).__name__}"
-        )
-    base = {name: getattr(image_decoder.config, name) for name in _IMAGE_FIELDS}
-    return {**base, **overrides}
-
-
-def _load_image_weights(video_decoder: nn.Module, image_decoder: TAEDecoder, temporal_prefixes: tuple[str, ...]) -> None:
-    """Copy an image decoder's weights; only the (zero-initialised) temporal parts may stay unset."""
-    result = video_decoder.load_state_dict(image_decoder.state_dict(), strict=False)
-    missing = [k for k in result.missing_keys if not any(p in k for p in temporal_prefixes)]
-    if missing or result.unexpected_keys:
-        raise ValueError(
-            f"image decoder does not match this video decoder's layout (missing {missing[:4]}, "
-            f"unexpected {result.unexpected_keys[:4]}): build it with from_image_decoder(image_decoder)"
-        )
+from .tae import TAEConfig, TAEDecoder, check_tae_upsampling, load_image_weights, mid_block_end, tae_layers, \
+    tae_layout, video_config_from_image
 
 
 # =============================================================================== chunked temporal decoder
@@ -79,7 +52,7 @@ def chunk_windows(num_frames: int, chunk_size: int, overlap: int) -> list[Window
     still holds ``chunk_size`` frames.
     """
     if chunk_size < 1 or overlap < 0 or chunk_size - 2 * overlap < 1:
-        raise ValueError(
+        raise UsageError(
             f"chunk_size={chunk_size}, overlap={overlap}: need chunk_size >= 2 * overlap + 1 so each chunk keeps a frame"
         )
     if num_frames <= chunk_size:
@@ -123,7 +96,7 @@ class TemporalAttention(nn.Module):
     def __init__(self, channels: int, head_dim: int = 64):
         super().__init__()
         if channels % head_dim:
-            raise ValueError(f"channels ({channels}) must be a multiple of head_dim ({head_dim})")
+            raise UsageError(f"channels ({channels}) must be a multiple of head_dim ({head_dim})")
         self.heads = channels // head_dim
         self.norm = nn.LayerNorm(channels)
         self.qkv = nn.Linear(channels, 3 * channels)
@@ -151,6 +124,8 @@ class TemporalTAEConfig(TAEConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        check_sizes("TAE temporal", {"head_dim": self.head_dim}, {"chunk_size": self.chunk_size,
+                                                                   "chunk_overlap": self.chunk_overlap})
         chunk_windows(self.chunk_size + 1, self.chunk_size, self.chunk_overlap)  # validates the pair
 
 
@@ -163,24 +138,20 @@ class TemporalTAEDecoder(LatentDecoder):
 
     def __init__(self, config: TemporalTAEConfig, latent_space: LatentSpace):
         super().__init__(config, latent_space)
+        check_tae_upsampling(self, config)
         # The same nn.Sequential as TAEDecoder, so image weights load under the same names.
-        w = config.width
         self.layers = tae_layers(config)
-        # after the lowest-resolution residual blocks, before the first upsampling
-        self.mid_index = 3 + config.stage_blocks[0]
-        self.temporal_mid = TemporalAttention(w, config.head_dim)
+        # the attention runs after the latent-resolution (mid) blocks, before the first upsampling
+        self.mid_index = mid_block_end(self.layers)
+        self.temporal_mid = TemporalAttention(config.width, config.head_dim)
 
     @classmethod
     def from_image_decoder(cls, image_decoder: TAEDecoder, **overrides) -> "TemporalTAEDecoder":
         """A temporal decoder holding ``image_decoder``'s weights; its temporal block starts as the identity."""
-        config = TemporalTAEConfig(**_config_from_image(image_decoder, overrides))
+        config = TemporalTAEConfig(**video_config_from_image(image_decoder, overrides))
         decoder = cls(config, image_decoder.latent_space)
-        _load_image_weights(decoder, image_decoder, ("temporal_mid.",))
+        load_image_weights(decoder, image_decoder, ("temporal_mid.",))
         return decoder.to(device=image_decoder.device, dtype=image_decoder.dtype)
-
-    @property
-    def upsample_factor(self) -> int:
-        return 2 ** len(self.config.stage_blocks)
 
     def windows(self, num_frames: int) -> list[Window]:
         return chunk_windows(num_frames, self.config.chunk_size, self.config.chunk_overlap)
@@ -198,9 +169,12 @@ class TemporalTAEDecoder(LatentDecoder):
         """Yield ``(first_frame, rgb)`` per window, rgb (N, k, 3, H, W) in [0, 1]: for long videos, to write
         frames as they come instead of holding the whole decoded clip."""
         z = self.check_latents(z)
+        if self.is_empty(z):  # no clips: one empty chunk covers the frames; no frames: no chunks
+            yield from [(0, self.empty_output(z))] if z.shape[1] else []
+            return
         for win in self.windows(z.shape[1]):
             keep = slice(win.keep_start - win.start, win.keep_stop - win.start)
-            yield win.keep_start, self._decode_window(z[:, win.start : win.stop], keep).clamp(0, 1)
+            yield win.keep_start, self.finish(self._decode_window(z[:, win.start : win.stop], keep))
 
     def decode_layers(self, z: torch.Tensor) -> torch.Tensor:
         outs = []
@@ -210,149 +184,8 @@ class TemporalTAEDecoder(LatentDecoder):
         return torch.cat(outs, dim=1)
 
 
-# =============================================================================== causal decoder
-class MemBlock(ResBlock):
-    """ResBlock whose first conv also sees the block input at the previous frame.
-
-    ``conv[0](x_t) + memory(x_{t-1})`` is a conv over concat(x_t, x_{t-1})
-    split in two, so a zero ``memory`` adds exactly 0.0: the block then equals
-    the image ResBlock bit for bit.
-    """
-
-    def __init__(self, n_in: int, n_out: int, use_gn_branch: bool = False):
-        super().__init__(n_in, n_out, use_gn_branch=use_gn_branch)
-        self.memory = conv3x3(n_in, n_out, bias=False)
-        nn.init.zeros_(self.memory.weight)
-
-    def forward_frames(
-        self, x: torch.Tensor, num_clips: int, previous: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: (N*T, C, h, w) frames in order; previous: (N, C, h, w) input at the frame before x, or None."""
-        if self.pool is not None:
-            x = x + self.pool(x)
-        frames = x.unflatten(0, (num_clips, -1))
-        if previous is None:
-            previous = torch.zeros_like(frames[:, 0])
-        past = torch.cat([previous[:, None], frames[:, :-1]], dim=1).flatten(0, 1)
-        h = self.conv[0](x) + self.memory(past)
-        out = self.fuse(self.conv[1:](h) + self.skip(x))
-        # clone: a view of the last frame would keep the whole chunk's features alive
-        return out, frames[:, -1].clone()
-
-
-@dataclass
-class CausalTAEConfig(TAEConfig):
-    """The image decoder's config: the memory blocks add no settings."""
-
-
-class CausalTAEDecoder(LatentDecoder):
-    """TAE decoder with memory blocks: frame t depends on latent frames 0..t only; parallel or streaming."""
-
-    architecture = "tae-causal"
-    config_class = CausalTAEConfig
-    is_video = True
-
-    def __init__(self, config: CausalTAEConfig, latent_space: LatentSpace):
-        super().__init__(config, latent_space)
-        self.layers = tae_layers(config, block=MemBlock)
-
-    @classmethod
-    def from_image_decoder(cls, image_decoder: TAEDecoder) -> "CausalTAEDecoder":
-        """A causal decoder holding ``image_decoder``'s weights, memory convs at zero: it starts equal to it."""
-        config = CausalTAEConfig(**_config_from_image(image_decoder, {}))
-        decoder = cls(config, image_decoder.latent_space)
-        _load_image_weights(decoder, image_decoder, (".memory.",))
-        return decoder.to(device=image_decoder.device, dtype=image_decoder.dtype)
-
-    @property
-    def upsample_factor(self) -> int:
-        return 2 ** len(self.config.stage_blocks)
-
-    @property
-    def num_memory_blocks(self) -> int:
-        return sum(isinstance(m, MemBlock) for m in self.layers)
-
-    def run_frames(
-        self, z: torch.Tensor, state: list[torch.Tensor] | None = None
-    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Decode checked latents (N, T, C, h, w) continuing from ``state`` (None: start of a video).
-
-        Returns unclamped RGB (N, T, 3, H, W) and the state after the last frame.
-        """
-        n, t = z.shape[:2]
-        x = z.flatten(0, 1)
-        new_state: list[torch.Tensor] = []
-        for layer in self.layers:
-            if isinstance(layer, MemBlock):
-                previous = state[len(new_state)] if state is not None else None
-                x, last = layer.forward_frames(x, n, previous)
-                new_state.append(last)
-            else:
-                x = layer(x)
-        return x.unflatten(0, (n, t)), new_state
-
-    def decode_layers(self, z: torch.Tensor) -> torch.Tensor:
-        return self.run_frames(z)[0]
-
-    def stream(self, run_frames: Callable | None = None) -> "CausalStream":
-        """A streaming decoder: ``push`` latent frames in order, get their RGB frames back.
-
-        ``run_frames`` replaces :meth:`run_frames` for the pushes (``fastdec.optimize`` passes a compiled one).
-        """
-        return CausalStream(self, run_frames)
-
-
-class CausalStream:
-    """Streaming state of a ``CausalTAEDecoder``.
-
-    ``push(z)`` takes (N, k, C, h, w) latent frames (or (N, C, h, w) for one
-    frame) and returns their (N, k, 3, H, W) RGB frames in [0, 1]; the result
-    equals parallel decoding of the whole video, for any split into pushes.
-    Between pushes it holds one frame of features per memory block. Use it
-    under ``torch.inference_mode()``: with autograd on, the graph of every
-    pushed frame stays alive.
-    """
-
-    def __init__(self, decoder: CausalTAEDecoder, run_frames: Callable | None = None):
-        self.decoder = decoder
-        self._run_frames = run_frames or decoder.run_frames
-        self.state: list[torch.Tensor] | None = None
-        self.frames_decoded = 0
-        self._clips: int | None = None
-
-    def push(self, z: torch.Tensor) -> torch.Tensor:
-        if isinstance(z, torch.Tensor) and z.ndim == 4:
-            z = z[:, None]
-        z = self.decoder.check_latents(z)
-        if self._clips is not None and z.shape[0] != self._clips:
-            raise ValueError(
-                f"this stream decodes {self._clips} clip(s) at once, got a push of {z.shape[0]}: "
-                f"start a new decoder.stream() for a different batch"
-            )
-        if self.state is not None and z.shape[-2:] != self.state[0].shape[-2:]:
-            raise ValueError(
-                f"latent frame size changed mid-stream from {tuple(self.state[0].shape[-2:])} to {tuple(z.shape[-2:])}"
-            )
-        out, self.state = self._run_frames(z, self.state)
-        self._clips = z.shape[0]
-        self.frames_decoded += z.shape[1]
-        return out.clamp(0, 1)
-
-    def reset(self) -> None:
-        """Forget the past: the next push starts a new video."""
-        self.state, self.frames_decoded, self._clips = None, 0, None
-
-    def state_bytes(self) -> int:
-        return sum(s.numel() * s.element_size() for s in self.state or [])
-
-
 # =============================================================================== registry
 register_architecture(TemporalTAEDecoder)
-register_architecture(CausalTAEDecoder)
-
-
-def _image_layout(space: LatentSpace, width: int) -> dict:
-    return dict(width=width, stage_blocks=_tae_stages(space), use_midblock_gn=space.name == "flux2")
 
 
 @register_preset(
@@ -360,17 +193,7 @@ def _image_layout(space: LatentSpace, width: int) -> dict:
     "the paper's video decoder: TAE-192 + temporal self-attention at the lowest resolution, overlapping 8-frame chunks",
 )
 def tae_temporal_192(space: LatentSpace) -> dict:
-    return dict(_image_layout(space, 192), chunk_size=8, chunk_overlap=2)
-
-
-@register_preset("tae-causal-64", "tae-causal", "causal TAE-64 with memory blocks (TAEHV-style): parallel or streaming")
-def tae_causal_64(space: LatentSpace) -> dict:
-    return _image_layout(space, 64)
-
-
-@register_preset("tae-causal-192", "tae-causal", "causal TAE-192 with memory blocks: parallel or streaming")
-def tae_causal_192(space: LatentSpace) -> dict:
-    return _image_layout(space, 192)
+    return dict(tae_layout(space, 192), chunk_size=8, chunk_overlap=2)
 
 
 __all__ = [

@@ -14,25 +14,11 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from .models.base import LatentDecoder
+from ..dtypes import parse_dtype
+from ..errors import InputTypeError, UsageError
+from ..models.base import LatentDecoder
 
 FP16_MAX = float(torch.finfo(torch.float16).max)  # 65504
-
-_DTYPES = {
-    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
-    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-}
-
-
-def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    """'fp16' / 'bf16' / 'fp32' (or a torch.dtype, or None) -> torch.dtype (or None)."""
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    key = str(dtype).lower().removeprefix("torch.")
-    if key not in _DTYPES:
-        raise ValueError(f"unknown dtype '{dtype}'; use one of fp32, fp16, bf16")
-    return _DTYPES[key]
 
 
 def activation_ranges(decoder: nn.Module, z: torch.Tensor) -> dict[str, float]:
@@ -150,12 +136,11 @@ class OptimizedDecoder(nn.Module):
         self.decoder = decoder
         self.channels_last = channels_last
         self.compile_requested = compile
-        # Image decoders share LatentDecoder.forward: compiling decode_layers keeps check_latents in eager.
-        # Decoders that override forward (video) are compiled whole; their NaN scan is skipped inside the graph,
-        # which is why check_latents runs here first.
-        overrides_forward = type(decoder).forward is not LatentDecoder.forward
-        self._core = _CompiledCall(decoder.forward if overrides_forward else self._layers_and_clamp, compile,
-                                   compile_kwargs)
+        # fastdec's decoders share LatentDecoder.forward: its contract (input checks, the empty-batch rule, the
+        # NaN-output check) stays in eager through decode_with and only the layers are compiled. A decoder that
+        # overrides forward is compiled whole, after the eager input checks.
+        self._whole = type(decoder).forward is not LatentDecoder.forward
+        self._core = _CompiledCall(decoder.forward if self._whole else decoder.decode_layers, compile, compile_kwargs)
         # streaming pushes go through run_frames, not forward: compile it too (not again if compiling just failed)
         self._stream_step = _CompiledCall(decoder.run_frames, self._core.compiled, compile_kwargs) \
             if hasattr(decoder, "stream") else None
@@ -164,14 +149,15 @@ class OptimizedDecoder(nn.Module):
     def compiled(self) -> bool:
         return self._core.compiled
 
-    def _layers_and_clamp(self, z: torch.Tensor) -> torch.Tensor:
-        return self.decoder.decode_layers(z).clamp(0, 1)
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        z = self.decoder.check_latents(z)
+    def _layers(self, z: torch.Tensor) -> torch.Tensor:
         if self.channels_last and z.ndim == 4:
             z = z.contiguous(memory_format=torch.channels_last)
         return self._core(z)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        if self._whole:
+            return self._layers(self.decoder.check_latents(z))
+        return self.decoder.decode_with(self._layers, z)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return self(z)
@@ -212,7 +198,11 @@ def optimize(
     if isinstance(decoder, OptimizedDecoder):
         decoder = decoder.decoder
     if not isinstance(decoder, LatentDecoder):
-        raise TypeError(f"optimize expects a fastdec LatentDecoder, got {type(decoder).__name__}")
+        raise InputTypeError(f"optimize expects a fastdec LatentDecoder, got {type(decoder).__name__}")
+    from .onnx import OnnxDecoder
+
+    if isinstance(decoder, OnnxDecoder):
+        raise UsageError("an OnnxDecoder already runs in onnxruntime: optimize the torch decoder it was exported from")
     decoder.eval().requires_grad_(False)
     torch_dtype = parse_dtype(dtype)
     if torch_dtype is not None:

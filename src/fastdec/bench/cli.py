@@ -1,0 +1,135 @@
+"""The ``fastdec bench`` command: its options, and one call of the image, video or pipeline bench.
+
+``--video`` and ``--pipeline`` read the same options as the image bench (sizes, dtypes, decoders,
+repeats, ...) plus a few of their own.
+"""
+from __future__ import annotations
+
+import argparse
+
+from ..dtypes import add_dtype_argument
+from ..errors import UsageError
+from ..io.files import check_output_file
+from .baselines import BASELINES
+from .images import BACKENDS, DEFAULT_DECODERS, DEFAULT_SIZES, BenchConfig, bench_images
+from .pipeline import PipelineBenchConfig, bench_pipeline
+from .video import DEFAULT_FRAMES, VideoBenchConfig, bench_video
+
+
+def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    return BenchConfig(
+        sizes=list(args.sizes) if args.sizes else list(DEFAULT_SIZES), batch=args.batch, frames=args.frames,
+        dtypes=list(args.dtype), device=args.device, channels_last=args.channels_last, decoders=args.decoders,
+        baselines=args.baselines, backends=list(args.backends or ["eager"]), repeats=args.repeats,
+        warmup=args.warmup, latent_space=args.latent_space, seed=args.seed, threads=args.threads,
+        memory=not args.no_memory, upcast=not args.no_upcast,
+    )
+
+
+def video_config_from_args(args: argparse.Namespace) -> VideoBenchConfig:
+    frames = list(args.video_frames or DEFAULT_FRAMES)
+    return VideoBenchConfig(
+        sizes=list(args.sizes) if args.sizes else VideoBenchConfig().sizes, frames=frames,
+        svd_frames=list(args.svd_frames) if args.svd_frames else None, svd_chunk=args.svd_chunk,
+        decoders=args.decoders, baselines=args.baselines, backends=list(args.backends or ["eager"]),
+        dtypes=list(args.dtype), channels_last=bool(args.channels_last), device=args.device, repeats=args.repeats,
+        warmup=args.warmup, seed=args.seed, threads=args.threads, memory=not args.no_memory,
+        latent_space=args.latent_space, json=args.json,
+    )
+
+
+def pipeline_config_from_args(args: argparse.Namespace) -> PipelineBenchConfig:
+    return PipelineBenchConfig(
+        sizes=args.sizes, steps=args.steps, repeats=args.repeats, warmup=args.warmup, decoders=args.decoders,
+        dtypes=list(args.dtype), device=args.device or "cpu", config=args.pipeline_config, seed=args.seed,
+        threads=args.threads, json=args.json,
+    )
+
+
+def bench_command(args: argparse.Namespace) -> int:
+    """``fastdec bench``: the image benchmark, or ``--video`` / ``--pipeline``."""
+    if args.video and args.pipeline:
+        raise UsageError("choose one of --video and --pipeline")
+    # an output that cannot be written fails now, not after the whole benchmark ran
+    for path, flag in ((args.json, "--json"), (args.plot, "--plot")):
+        if path:
+            check_output_file(path, flag)
+    if args.video:
+        return bench_video(video_config_from_args(args))
+    if args.pipeline:
+        return bench_pipeline(pipeline_config_from_args(args))
+    if args.sizes is None:
+        print(f"default run: {', '.join(map(str, DEFAULT_SIZES))} px output only, so it finishes in under 3 minutes "
+              "on a 2-core CPU; pass --sizes 256 512 (or 1024) for larger images")
+    return bench_images(config_from_args(args), json_path=args.json, plot_path=args.plot, plot_x=args.plot_x)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``fastdec bench`` options (shared with ``--video`` and ``--pipeline``, which read the same namespace)."""
+    p = parser
+    p.add_argument("--sizes", type=int, nargs="+", default=None, metavar="PX",
+                   help=f"output sizes in pixels (square); default {' '.join(map(str, DEFAULT_SIZES))} (fits 3 min "
+                        "on 2 CPU cores)")
+    p.add_argument("--batch", type=int, default=1, help="images per decode call (default 1)")
+    p.add_argument("--frames", type=int, default=1, help="frames per SVD decode call (num_frames; default 1 = per frame)")
+    add_dtype_argument(p, default=["fp32"], nargs="+",
+                       help="weights and latents dtype(s); every row runs in each, and speed-up is relative to the "
+                            "baseline in the first (default fp32). On CPUs with AMX/AVX512-BF16, bf16 with "
+                            "--backends channels_last is the fastest")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    p.add_argument("--channels-last", action="store_true", help="run every eager row in channels_last memory format")
+    p.add_argument("--decoders", nargs="+", default=None, metavar="DECODER",
+                   help="presets (built with random weights), 'all', checkpoints, pretrained names or Hub ids; "
+                        f"default {' '.join(DEFAULT_DECODERS)}")
+    p.add_argument("--baselines", nargs="+", default=None, choices=[*BASELINES, "none"],
+                   help="diffusers VAEs to compare with (random weights, real configs); the first 'baseline' kind is "
+                        "the speed-up reference; default sdxl svd tiny")
+    p.add_argument("--backends", nargs="+", default=None, choices=BACKENDS,
+                   help="backend rows for our decoders: eager, channels_last, compile (fastdec.optimize), "
+                        "onnx (ONNX Runtime); default eager")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per row; the median is reported (default 5)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs before timing (default 1)")
+    p.add_argument("--latent-space", default=None,
+                   help="latent space presets are built for (default sdxl; --video: svd); checkpoints are checked "
+                        "against it when given")
+    p.add_argument("--seed", type=int, default=0, help="seed for weights and latents (default 0)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--no-memory", action="store_true", help="skip the isolated-process peak-memory probes (faster)")
+    p.add_argument("--no-upcast", action="store_true",
+                   help="with --dtype fp16, run force_upcast VAEs in fp16 too instead of fp32 as pipelines do")
+    p.add_argument("--json", default=None, metavar="PATH", help="write all results as JSON")
+    p.add_argument("--plot", default=None, metavar="PNG", help="write a speed-up plot (log-log)")
+    p.add_argument("--plot-x", choices=["gflops", "params"], default="gflops", help="x axis of --plot (default gflops)")
+    p.add_argument("--video", action="store_true", help="benchmark video decoders (fastdec.bench.video)")
+    p.add_argument("--pipeline", action="store_true", help="benchmark full diffusers pipelines (fastdec.bench.pipeline)")
+
+
+def add_video_arguments(group: argparse._ArgumentGroup) -> None:
+    """Options of ``fastdec bench --video``."""
+    group.add_argument("--video-frames", type=int, nargs="+", default=None, metavar="T",
+                       help=f"--video: frames per clip (default {' '.join(map(str, DEFAULT_FRAMES))})")
+    group.add_argument("--svd-chunk", type=int, default=8,
+                       help="--video: SVD decode_chunk_size, frames per SVD decoder call (default 8)")
+    group.add_argument("--svd-frames", type=int, nargs="+", default=None, metavar="T",
+                       help="--video: frame counts to run SVD at (default: all of --video-frames); other rows' speed-up "
+                            "uses the closest, since chunked SVD costs the same per frame at any clip length")
+
+
+def add_pipeline_arguments(group: argparse._ArgumentGroup) -> None:
+    """Options of ``fastdec bench`` that only ``--pipeline`` reads."""
+    group.add_argument("--steps", type=int, default=None,
+                       help="--pipeline: denoising steps, the same for every decoder (default 10 tiny / 30 real)")
+    group.add_argument("--pipeline-config", choices=["tiny", "real"], default=None,
+                       help="--pipeline: tiny SDXL-like stand-in (CPU default) or the real SDXL configs (CUDA default)")
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "bench", help="benchmark decoders side by side (time, speed-up, memory, params, GFLOPs)",
+        description="Decoders side by side in one run: diffusers baselines (SDXL and SVD VAE decoders, "
+                    "AutoencoderTiny; real configs, random weights) against fastdec presets, on the same latents.",
+    )
+    add_arguments(parser)
+    add_video_arguments(parser.add_argument_group("fastdec bench --video"))
+    add_pipeline_arguments(parser.add_argument_group("fastdec bench --pipeline"))
+    parser.set_defaults(func=bench_command)

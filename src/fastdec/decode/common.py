@@ -1,0 +1,58 @@
+"""What the three decode commands share: the decoder they run and the device they run it on."""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from ..errors import DecodeError, UsageError
+from ..models import LatentDecoder
+from ..resolve import resolve_decoder
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch.device, refused (``UsageError``) before any work when this machine lacks it."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise UsageError(f"unknown --device '{device}': use cpu, cuda, cuda:N or mps") from e
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (parsed.index or 0) >= count:
+            raise UsageError(f"--device {device} is not available: this machine has {count} CUDA device(s); "
+                             "use --device cpu")
+    elif parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {device} is not available on this machine: use --device cpu")
+    return parsed
+
+
+def build_decoder(
+    spec: Any,
+    *,
+    latent_space: str | None = None,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype = "fp32",
+    random_weights: bool = False,
+    channels_last: bool = True,
+) -> LatentDecoder:
+    """The decoder ``spec`` names (through :func:`fastdec.resolve_decoder`), on ``device`` in ``dtype``, in
+    eval mode, in channels_last memory layout unless asked otherwise."""
+    from ..runtime import to_channels_last
+
+    decoder = resolve_decoder(spec, latent_space=latent_space, device=device, dtype=dtype,
+                              random_weights=random_weights).eval()
+    if channels_last:
+        to_channels_last(decoder)
+    return decoder
+
+
+def describe_spec(spec: Any) -> str:
+    """How messages name a decoder: its path or name as given, or its class for a decoder object."""
+    return os.fspath(spec) if isinstance(spec, (str, os.PathLike)) else type(spec).__name__
+
+
+def require_image_decoder(decoder: LatentDecoder, spec: Any, command: str) -> None:
+    if decoder.is_video:
+        raise DecodeError(f"'{describe_spec(spec)}' is a video decoder: {command} writes images; "
+                          "use `fastdec decode-video`")

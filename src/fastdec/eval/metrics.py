@@ -1,0 +1,471 @@
+"""Fidelity metrics: PSNR/SSIM/MS-SSIM/LPIPS, confidence intervals, streamed Fréchet statistics,
+a temporal flicker score, and feature extractors for Fréchet distances (FID / FVD).
+
+All image tensors are RGB in [0, 1], (N, 3, H, W); clips are (N, T, 3, H, W). Per-image functions
+return one value per image so callers can build confidence intervals and per-image tables.
+Bad inputs raise :class:`~fastdec.errors.EvalError`; a metric whose weights or package are missing
+raises :class:`~fastdec.errors.MetricUnavailable` with the fix.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import EvalError, MetricUnavailable
+from ..io.files import atomic_write
+
+# SSIM with the settings of Wang et al. and scikit-image's reference (gaussian_weights=True):
+# 11x11 Gaussian window, sigma 1.5, K1=0.01, K2=0.03, population (not sample) covariance.
+SSIM_KERNEL = 11
+SSIM_SIGMA = 1.5
+MS_SSIM_SCALES = 5
+
+# what `fastdec eval` reports for each kind of input, and the references every decode is compared with
+IMAGE_METRICS = ("psnr", "ssim", "ms_ssim", "lpips")
+VIDEO_METRICS = ("psnr", "ssim", "flicker")
+REFERENCES = ("original", "teacher")
+HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "ms_ssim": True, "lpips": False, "flicker": False, "fid": False,
+                    "fvd": False}
+
+
+# ----------------------------------------------------------------------------- per-image metrics
+def _check_pair(pred: torch.Tensor, target: torch.Tensor) -> None:
+    if pred.shape != target.shape:
+        raise EvalError(
+            f"prediction {tuple(pred.shape)} and reference {tuple(target.shape)} differ in shape: "
+            "crop both to the same size (multiples of the decoder's spatial factor) before comparing"
+        )
+    if pred.ndim != 4 or pred.shape[1] != 3:
+        raise EvalError(f"expected RGB images shaped (N, 3, H, W), got {tuple(pred.shape)}")
+
+
+def psnr(pred: torch.Tensor, target: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
+    """Peak signal-to-noise ratio in dB per image, (N,). Identical images give +inf."""
+    from torchmetrics.functional.image import peak_signal_noise_ratio
+
+    _check_pair(pred, target)
+    return peak_signal_noise_ratio(
+        pred.double(), target.double(), data_range=data_range, reduction="none", dim=(1, 2, 3)
+    ).float()
+
+
+def ssim(pred: torch.Tensor, target: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
+    """Structural similarity per image, (N,), matching scikit-image's ``structural_similarity``
+    with ``gaussian_weights=True, sigma=1.5, use_sample_covariance=False``.
+
+    torchmetrics computes the SSIM map over a reflect-padded image; the reference implementation
+    (Wang et al., scikit-image) averages only where the 11x11 window fits inside the image, so the
+    5-pixel border is cropped from torchmetrics' full map before averaging.
+    """
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    _check_pair(pred, target)
+    pad = (SSIM_KERNEL - 1) // 2
+    if min(pred.shape[-2:]) <= 2 * pad:
+        raise EvalError(f"SSIM needs images larger than {2 * pad} px per side, got {tuple(pred.shape[-2:])}")
+    # float32: float64 convolutions are ~10x slower on CPU and agree with skimage to ~1e-6 anyway
+    _, full = structural_similarity_index_measure(
+        pred.float(), target.float(), gaussian_kernel=True, sigma=SSIM_SIGMA, kernel_size=SSIM_KERNEL,
+        data_range=data_range, reduction="none", return_full_image=True,
+    )
+    return full[..., pad:-pad, pad:-pad].double().mean(dim=(1, 2, 3)).float()
+
+
+def ms_ssim_min_size(kernel_size: int = SSIM_KERNEL, scales: int = MS_SSIM_SCALES) -> int:
+    """Smallest image side MS-SSIM accepts: the whole window must still fit after ``scales - 1``
+    halvings (176 px for 5 scales of an 11-px window, torchmetrics' limit)."""
+    return kernel_size * 2 ** (scales - 1)
+
+
+def ms_ssim(pred: torch.Tensor, target: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
+    """Multi-scale SSIM per image, (N,) (torchmetrics, 5 scales, the standard weights).
+
+    Raises ``MetricUnavailable`` for images smaller than ``ms_ssim_min_size()`` (176 px) per side.
+    """
+    from torchmetrics.functional.image import multiscale_structural_similarity_index_measure
+
+    _check_pair(pred, target)
+    need = ms_ssim_min_size()
+    if min(pred.shape[-2:]) < need:
+        raise MetricUnavailable(
+            f"MS-SSIM needs images of at least {need} px per side (5 scales of an 11-px window), got "
+            f"{tuple(pred.shape[-2:])}: use larger images or a larger --resolution"
+        )
+    return multiscale_structural_similarity_index_measure(
+        pred.float(), target.float(), gaussian_kernel=True, sigma=SSIM_SIGMA, kernel_size=SSIM_KERNEL,
+        data_range=data_range, reduction="none",
+    ).float()
+
+
+class LPIPS:
+    """LPIPS distance per image, from torchmetrics' implementation with a LOCAL backbone.
+
+    ``backbone_weights`` is a torchvision state dict of the backbone (``alex``: AlexNet, e.g.
+    ``alexnet-owt-7be5be79.pth``; ``vgg``: VGG16 ``vgg16-397923af.pth``); the small LPIPS linear
+    heads ship inside torchmetrics. Nothing is downloaded: a missing file or package raises
+    ``MetricUnavailable`` with the fix.
+    """
+
+    def __init__(self, backbone_weights: str | os.PathLike, net: str = "alex", device: str | torch.device = "cpu"):
+        path = Path(backbone_weights).expanduser()
+        if not path.is_file():
+            raise MetricUnavailable(
+                f"LPIPS backbone weights '{path}' not found. Download torchvision's {net} ImageNet weights "
+                "(alex: https://download.pytorch.org/models/alexnet-owt-7be5be79.pth, "
+                "vgg: https://download.pytorch.org/models/vgg16-397923af.pth) on a connected machine and "
+                "pass the file with --lpips-weights"
+            )
+        try:
+            import torchvision  # noqa: F401  (torchmetrics builds the backbone from torchvision)
+            from torchmetrics.functional.image.lpips import _LPIPS
+        except ImportError as e:
+            raise MetricUnavailable(
+                f"LPIPS needs torchvision for its backbone ({e}): pip install torchvision (the build matching your torch)"
+            ) from e
+        model = _LPIPS(pretrained=True, net=net, pnet_rand=True)  # random backbone, replaced just below
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+        features = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
+        if not features:
+            raise MetricUnavailable(f"'{path}' is not a torchvision {net} state dict (no 'features.*' entries)")
+        # torchmetrics splits torchvision's `features` Sequential into slices that keep the indices
+        loaded = {}
+        for name, param in model.named_parameters():
+            if not name.startswith("net."):
+                continue
+            key = ".".join(name.split(".")[2:])  # net.sliceK.<index>.<param> -> <index>.<param>
+            if key not in features or features[key].shape != param.shape:
+                raise MetricUnavailable(f"'{path}' does not match the LPIPS {net} backbone (features.{key})")
+            loaded[name] = features[key]
+        result = model.load_state_dict(loaded, strict=False)
+        if result.unexpected_keys:
+            raise MetricUnavailable(f"'{path}': unexpected LPIPS keys {result.unexpected_keys[:3]}")
+        self.model = model.eval().to(device)
+        self.device = device
+
+    @torch.no_grad()
+    def __call__(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        _check_pair(pred, target)
+        out = self.model(pred.float().to(self.device) * 2 - 1, target.float().to(self.device) * 2 - 1)
+        return out.flatten().cpu()
+
+
+# ----------------------------------------------------------------------------- confidence intervals
+@dataclass(frozen=True)
+class MeanCI:
+    """Mean of per-sample values with a two-sided confidence interval (Student t, ``n - 1`` dof)."""
+
+    mean: float
+    low: float
+    high: float
+    n: int
+    confidence: float = 0.95
+
+    def to_dict(self) -> dict[str, float | int]:
+        return {"mean": self.mean, "ci_low": self.low, "ci_high": self.high, "n": self.n, "confidence": self.confidence}
+
+    def __str__(self) -> str:
+        half = (self.high - self.low) / 2
+        return f"{self.mean:.4f} ± {half:.4f}" if math.isfinite(half) else f"{self.mean:.4f}"
+
+
+def mean_ci(values: Any, confidence: float = 0.95) -> MeanCI:
+    """Mean with a t-distribution confidence interval: mean ± t_{(1+c)/2, n-1} * s / sqrt(n).
+
+    Non-finite values (PSNR of an exact reconstruction is +inf) are rejected: averaging them
+    would print a meaningless number.
+    """
+    from scipy import stats
+
+    x = np.asarray(values, dtype=np.float64).ravel()
+    if x.size == 0:
+        raise EvalError("no values to average")
+    if not np.isfinite(x).all():
+        raise EvalError(f"{int((~np.isfinite(x)).sum())} non-finite values (exact reconstructions give PSNR=inf)")
+    mean = float(x.mean())
+    if x.size == 1:
+        return MeanCI(mean, float("nan"), float("nan"), 1, confidence)
+    sem = float(x.std(ddof=1) / math.sqrt(x.size))
+    half = float(stats.t.ppf((1 + confidence) / 2, df=x.size - 1)) * sem
+    return MeanCI(mean, mean - half, mean + half, int(x.size), confidence)
+
+
+def summarize(values: Iterable[float | None], confidence: float = 0.95) -> dict[str, Any] | None:
+    """Mean and t-interval of the finite values (``None``: not measured, left out). Exact matches
+    (PSNR = inf) are counted as ``n_infinite``, not averaged; only inf values give a mean of inf."""
+    measured = [v for v in values if v is not None]
+    finite = [v for v in measured if math.isfinite(v)]
+    if not finite:
+        return {"mean": float("inf"), "n": len(measured), "n_infinite": len(measured)} if measured else None
+    result = mean_ci(finite, confidence).to_dict()
+    if len(finite) < len(measured):
+        result["n_infinite"] = len(measured) - len(finite)
+    return result
+
+
+# ----------------------------------------------------------------------------- temporal consistency
+def flicker_score(decoded: torch.Tensor, original: torch.Tensor) -> float:
+    """Temporal-consistency error of a decoded clip against the original, (T, 3, H, W) in [0, 1].
+
+        flicker = mean_{t=1..T-1} mean_px | (D_{t+1} - D_t) - (O_{t+1} - O_t) |
+
+    The decoded clip's frame-to-frame change minus the original's: 0 for a perfect reconstruction
+    and for any error that is constant in time (a static bias), large when the error changes from
+    frame to frame (flicker, boiling textures). In units of the [0, 1] pixel range; lower is better.
+    """
+    if decoded.shape != original.shape or decoded.ndim != 4:
+        raise EvalError(f"expected two clips shaped (T, 3, H, W), got {tuple(decoded.shape)} and {tuple(original.shape)}")
+    if decoded.shape[0] < 2:
+        raise EvalError("flicker needs at least 2 frames")
+    d = decoded.double()
+    o = original.double()
+    return float(((d[1:] - d[:-1]) - (o[1:] - o[:-1])).abs().mean())
+
+
+# ----------------------------------------------------------------------------- Fréchet statistics
+class FrechetStats:
+    """Streamed first and second moments of feature vectors, in float64.
+
+    Keeps ``count``, ``mean`` and ``m2 = sum_i (x_i - mean)(x_i - mean)^T`` and merges batches with
+    Chan et al.'s parallel update, so the covariance is centred exactly (never E[xx^T] alone) and
+    memory is O(D^2) whatever the number of samples. Statistics from shards (processes, files)
+    combine with ``merge``; ``covariance`` is the unbiased estimate, identical to ``np.cov``.
+    """
+
+    def __init__(self, dim: int | None = None):
+        self.count = 0
+        self.mean: np.ndarray | None = None if dim is None else np.zeros(dim)
+        self.m2: np.ndarray | None = None if dim is None else np.zeros((dim, dim))
+
+    @property
+    def dim(self) -> int | None:
+        return None if self.mean is None else int(self.mean.shape[0])
+
+    def _combine(self, count: int, mean: np.ndarray, m2: np.ndarray) -> None:
+        if count == 0:
+            return
+        if self.mean is None or self.count == 0:
+            if self.dim is not None and self.dim != mean.shape[0]:
+                raise EvalError(f"feature dimension {mean.shape[0]} does not match the statistics' {self.dim}")
+            self.count, self.mean, self.m2 = count, mean.copy(), m2.copy()
+            return
+        if mean.shape[0] != self.dim:
+            raise EvalError(f"feature dimension {mean.shape[0]} does not match the statistics' {self.dim}")
+        total = self.count + count
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (count / total)
+        self.m2 = self.m2 + m2 + np.outer(delta, delta) * (self.count * count / total)
+        self.count = total
+
+    def update(self, features: torch.Tensor | np.ndarray) -> "FrechetStats":
+        """Add a batch of features (N, D)."""
+        x = features.detach().cpu().double().numpy() if isinstance(features, torch.Tensor) else np.asarray(features, np.float64)
+        if x.ndim != 2:
+            raise EvalError(f"features must be (N, D), got shape {x.shape}")
+        if not np.isfinite(x).all():
+            raise EvalError("features contain NaN or inf: check the extractor's input range and weights")
+        if x.shape[0]:
+            batch_mean = x.mean(axis=0)
+            centred = x - batch_mean
+            self._combine(x.shape[0], batch_mean, centred.T @ centred)
+        return self
+
+    def merge(self, other: "FrechetStats") -> "FrechetStats":
+        """Fold another shard's statistics into these (in place); returns self."""
+        if other.count:
+            self._combine(other.count, other.mean, other.m2)
+        return self
+
+    @property
+    def covariance(self) -> np.ndarray:
+        if self.count < 2:
+            raise EvalError(f"a covariance needs at least 2 samples, have {self.count}")
+        return self.m2 / (self.count - 1)
+
+    def frechet_distance(self, other: "FrechetStats", eps: float = 1e-6) -> float:
+        return frechet_distance(self.mean, self.covariance, other.mean, other.covariance, eps=eps)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"count": self.count, "mean": self.mean, "m2": self.m2}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> "FrechetStats":
+        stats = cls()
+        if state["count"]:
+            stats._combine(int(state["count"]), np.asarray(state["mean"], np.float64), np.asarray(state["m2"], np.float64))
+        return stats
+
+    def save(self, path: str | os.PathLike) -> Path:
+        state = self.state_dict()
+        return atomic_write(path, lambda tmp: np.savez(tmp, count=state["count"], mean=state["mean"], m2=state["m2"]), suffix=".npz")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "FrechetStats":
+        with np.load(path) as f:
+            return cls.from_state_dict({"count": int(f["count"]), "mean": f["mean"], "m2": f["m2"]})
+
+    def gather(self, accelerator: Any) -> "FrechetStats":
+        """Merge the statistics of every process of an ``accelerate.Accelerator`` (all get the total)."""
+        from accelerate.utils import gather_object
+
+        shards = gather_object([self.state_dict()])
+        total = FrechetStats()
+        for shard in shards:
+            total.merge(FrechetStats.from_state_dict(shard))
+        return total
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6) -> float:
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^{1/2}), with scipy.linalg.sqrtm.
+
+    As in the reference FID code: when the product is singular (fewer samples than dimensions)
+    ``eps`` is added to both diagonals; a small imaginary part from numerical error is dropped, a
+    large one is an error.
+    """
+    from scipy import linalg
+
+    mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
+    sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+        raise EvalError(f"statistics differ in dimension: {mu1.shape} vs {mu2.shape}")
+    diff = mu1 - mu2
+    covmean = linalg.sqrtm(sigma1 @ sigma2)
+    if not np.isfinite(covmean).all():
+        offset = np.eye(sigma1.shape[0]) * eps
+        covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise EvalError(
+                f"matrix square root has a large imaginary component ({np.abs(covmean.imag).max():.3g}): "
+                "the covariances are too ill-conditioned; use more samples"
+            )
+        covmean = covmean.real
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+# ----------------------------------------------------------------------------- feature extractors
+@runtime_checkable
+class FeatureExtractor(Protocol):
+    """Clips (N, T, 3, H, W) in [0, 1] -> features (N, D). Images are clips with T = 1."""
+
+    name: str
+    num_frames: int | None  # frames per clip the extractor was trained with (None: any)
+
+    def __call__(self, clips: torch.Tensor) -> torch.Tensor: ...
+
+
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class VideoMAEExtractor:
+    """VideoMAE (V2) features: the mean over tokens of the last hidden state (the encoder output the
+    classification head would pool), from a transformers ``VideoMAEModel``.
+
+    ``path`` is a LOCAL folder holding ``config.json`` and the weights (``model.safetensors`` or
+    ``pytorch_model.bin``) as written by ``VideoMAEModel.save_pretrained``. For FVD with VideoMAE V2
+    ViT-g convert the released checkpoint to that layout once; clips are resized to the model's
+    ``image_size`` (224) and must have ``num_frames`` frames (16, or 8 for the 8-frame variant).
+    """
+
+    name = "videomae"
+
+    def __init__(self, path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+        folder = Path(path).expanduser()
+        if not folder.exists():
+            raise EvalError(
+                f"VideoMAE checkpoint '{folder}' not found: pass a local folder with config.json and "
+                "model.safetensors (VideoMAEModel.save_pretrained layout); nothing is downloaded"
+            )
+        if not folder.is_dir() or not (folder / "config.json").is_file():
+            raise EvalError(
+                f"'{folder}' is not a VideoMAE checkpoint folder: expected a directory with config.json and "
+                "model.safetensors / pytorch_model.bin (from VideoMAEModel.save_pretrained)"
+            )
+        config = json.loads((folder / "config.json").read_text())
+        if config.get("model_type") != "videomae":
+            raise EvalError(f"'{folder}/config.json' has model_type={config.get('model_type')!r}, expected 'videomae'")
+        from transformers import VideoMAEModel
+
+        try:
+            self.model = VideoMAEModel.from_pretrained(str(folder), local_files_only=True, torch_dtype=dtype)
+        except (OSError, ValueError, RuntimeError) as e:
+            raise EvalError(f"cannot load VideoMAE weights from '{folder}': {e}") from e
+        self.model = self.model.eval().to(device)
+        self.num_frames = int(self.model.config.num_frames)
+        self.image_size = int(self.model.config.image_size)
+        self.device, self.dtype = device, dtype
+
+    @torch.no_grad()
+    def __call__(self, clips: torch.Tensor) -> torch.Tensor:
+        if clips.ndim != 5 or clips.shape[2] != 3:
+            raise EvalError(f"clips must be (N, T, 3, H, W), got {tuple(clips.shape)}")
+        if clips.shape[1] != self.num_frames:
+            raise EvalError(f"this VideoMAE takes {self.num_frames}-frame clips, got {clips.shape[1]}")
+        n, t = clips.shape[:2]
+        frames = F.interpolate(clips.flatten(0, 1).float(), size=(self.image_size, self.image_size),
+                               mode="bilinear", antialias=True, align_corners=False)
+        mean = torch.tensor(_IMAGENET_MEAN).view(1, 3, 1, 1)
+        std = torch.tensor(_IMAGENET_STD).view(1, 3, 1, 1)
+        pixels = ((frames - mean) / std).view(n, t, 3, self.image_size, self.image_size)
+        hidden = self.model(pixel_values=pixels.to(self.device, self.dtype)).last_hidden_state
+        return hidden.float().mean(dim=1).cpu()
+
+
+class TorchScriptExtractor:
+    """Features from a local TorchScript detector in the StyleGAN(-V) convention.
+
+    ``kind="i3d"``: ``i3d_torchscript.pt`` (Kinetics-400 I3D, the original FVD network), called on
+    (N, 3, T, H, W) in [0, 255] with ``rescale=True, resize=True, return_features=True`` (400-d).
+    ``kind="inception"``: ``inception-2015-12-05.pt`` (the FID network), called on uint8
+    (N, 3, H, W) with ``return_features=True`` (2048-d); clips are flattened to frames.
+    """
+
+    def __init__(self, path: str | os.PathLike, kind: str = "i3d", device: str | torch.device = "cpu"):
+        if kind not in ("i3d", "inception"):
+            raise EvalError(f"kind must be 'i3d' or 'inception', got {kind!r}")
+        file = Path(path).expanduser()
+        if not file.is_file():
+            raise EvalError(f"{kind} TorchScript file '{file}' not found: pass the local .pt file")
+        try:
+            with warnings.catch_warnings():
+                # the reference I3D/Inception detectors only exist as TorchScript; the deprecation is not actionable
+                warnings.simplefilter("ignore", DeprecationWarning)
+                self.model = torch.jit.load(str(file), map_location=device).eval()
+        except RuntimeError as e:
+            raise EvalError(f"'{file}' is not a TorchScript module ({e}); {kind} needs the TorchScript export") from e
+        self.name, self.kind, self.device = kind, kind, device
+        self.num_frames = None
+
+    @torch.no_grad()
+    def __call__(self, clips: torch.Tensor) -> torch.Tensor:
+        if clips.ndim != 5:
+            raise EvalError(f"clips must be (N, T, 3, H, W), got {tuple(clips.shape)}")
+        if self.kind == "i3d":
+            if clips.shape[1] < 9:
+                raise EvalError(f"I3D needs clips of at least 9 frames, got {clips.shape[1]}")
+            x = (clips.float().permute(0, 2, 1, 3, 4) * 255).contiguous().to(self.device)
+            return self.model(x, rescale=True, resize=True, return_features=True).float().cpu()
+        frames = (clips.flatten(0, 1).clamp(0, 1) * 255).round().to(torch.uint8).to(self.device)
+        feats = self.model(frames, return_features=True).float().cpu()
+        return feats.view(clips.shape[0], clips.shape[1], -1).mean(dim=1)
+
+
+def load_feature_extractor(spec: str, device: str | torch.device = "cpu") -> FeatureExtractor:
+    """``videomae:FOLDER``, ``i3d:FILE.pt`` or ``inception:FILE.pt`` (a bare folder means VideoMAE)."""
+    kind, sep, path = spec.partition(":")
+    if not sep:
+        kind, path = "videomae", spec
+    if kind == "videomae":
+        return VideoMAEExtractor(path, device=device)
+    if kind in ("i3d", "inception"):
+        return TorchScriptExtractor(path, kind=kind, device=device)
+    raise EvalError(f"unknown feature extractor {kind!r} in {spec!r}: use videomae:DIR, i3d:FILE.pt or inception:FILE.pt")

@@ -1,0 +1,623 @@
+"""The evaluation behind ``fastdec eval images|video``: one skeleton, two kinds of input.
+
+:func:`run_evaluation` is the whole procedure, written once: for each input (with a progress bar) get the
+original and its latents, decode them with every decoder (a non-finite output is an error, never a score),
+score each decode against the original and the teacher's own decode, then aggregate means with confidence
+intervals and write the report. :class:`ImageEvaluation` and :class:`VideoEvaluation` plug in what differs:
+how an input becomes (original, latents), what one score row holds, the Fréchet features and the figures.
+"""
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import DataError, EvalError, LatentFileError, MetricUnavailable, NonFiniteOutputError, UsageError
+from ..io.files import prepare_output_dir
+from ..io.images import IMAGE_SUFFIXES, list_images, load_image
+from ..io.latents import LATENT_SUFFIXES, check_latent, read_latents
+from ..io.video import VIDEO_SUFFIXES, read_video
+from ..latent_spaces import get_latent_space
+from ..resolve import resolve_decoder
+from . import metrics as M
+from .metrics import IMAGE_METRICS, REFERENCES, VIDEO_METRICS, summarize
+from .report import Table, write_frame_strip, write_image_grid, write_psnr_plot, write_report
+
+TEACHER_NAME = "teacher"  # the --decoder value that evaluates the teacher's own decoder
+ORIGINAL = "__original__"  # Fréchet statistics of the originals (no decoder is named like this)
+
+
+# ----------------------------------------------------------------------------- teacher and decoders
+def load_eval_teacher(source: str, decoder: str | None = None, latent_space: str | None = None, device: str = "cpu"):
+    """The teacher (``fastdec.teachers.load_teacher``): ``.encode`` RGB -> decoder-space latents, ``.decode``."""
+    from ..teachers import load_teacher
+
+    return load_teacher(source, decoder=decoder, latent_space=latent_space, device=device)
+
+
+@dataclass
+class EvalDecoder:
+    name: str
+    source: str
+    fn: Callable[[torch.Tensor], torch.Tensor]
+    is_video: bool = False
+    is_teacher: bool = False  # the teacher's own decoder: "vs teacher decode" would compare it with itself
+
+
+def decoder_names(sources: Sequence[str]) -> list[str]:
+    """Report names: the file name without suffixes (or the Hub repo name), made unique with -2, -3, ..."""
+    names: list[str] = []
+    for source in sources:
+        base = TEACHER_NAME if source == TEACHER_NAME else Path(source).name.split(".")[0] or source
+        name, k = base, 2
+        while name in names:
+            name, k = f"{base}-{k}", k + 1
+        names.append(name)
+    return names
+
+
+def _teacher_decoder(teacher, name: str = TEACHER_NAME) -> EvalDecoder:
+    if teacher is None or not teacher.has_decoder:
+        raise EvalError("--decoder teacher needs a teacher with a decoder: pass --teacher (and --teacher-decoder "
+                        "for a TAESD-family encoder .pth)")
+    return EvalDecoder(name, f"{TEACHER_NAME} decoder", teacher.decode, is_teacher=True)
+
+
+def _student_decoder(name: str, source: str, space, factor: int | None, device: str) -> EvalDecoder:
+    decoder = resolve_decoder(source, latent_space=space, device=device).eval()
+    if factor is not None and decoder.upsample_factor != factor:
+        raise EvalError(f"decoder '{source}' upsamples x{decoder.upsample_factor} but the teacher's latents are "
+                        f"/{factor}: evaluate it with a teacher of its own latent space")
+    if space is not None and decoder.latent_channels != space.channels:
+        raise EvalError(f"decoder '{source}': {space.channel_mismatch_message(decoder.latent_channels)}")
+    return EvalDecoder(name, str(source), decoder, bool(decoder.is_video))
+
+
+def load_decoders(sources: Sequence[str], teacher, latent_space, factor: int | None, device: str) -> list[EvalDecoder]:
+    """Each ``--decoder``: 'teacher', or any spec :func:`fastdec.resolve_decoder` takes."""
+    if not sources:
+        raise EvalError("no decoder to evaluate: pass --decoder PATH (repeatable) or --decoder teacher")
+    return [_teacher_decoder(teacher, name) if source == TEACHER_NAME
+            else _student_decoder(name, source, latent_space, factor, device)
+            for name, source in zip(decoder_names(sources), sources)]
+
+
+# ----------------------------------------------------------------------------- inputs
+def image_inputs(data: str | Path, limit: int | None = None) -> list[Path]:
+    """The images directly in ``data``, sorted by name, the first ``limit`` of them."""
+    files = list_images(data)
+    if not files:
+        raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in '{data}'")
+    return files[:limit] if limit else files
+
+
+def _has_frames(folder: Path) -> bool:
+    return any(p.suffix.lower() in IMAGE_SUFFIXES for p in folder.iterdir())
+
+
+def list_videos(data: str | Path, limit: int | None = None) -> list[Path]:
+    """Video files and frame folders directly under ``data`` (or ``data`` itself if it holds frames)."""
+    folder = Path(data)
+    if not folder.is_dir():
+        raise DataError(f"--data '{folder}' is not a folder of videos or frame folders")
+    items = sorted(p for p in folder.iterdir() if not p.name.startswith(".") and (
+        (p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES) or (p.is_dir() and _has_frames(p))))
+    if not items and _has_frames(folder):
+        items = [folder]
+    if not items:
+        raise DataError(f"no videos ({', '.join(VIDEO_SUFFIXES)}) or frame folders in '{folder}'")
+    return items[:limit] if limit else items
+
+
+def read_frames(path: Path, num_frames: int | None) -> torch.Tensor:
+    """The first ``num_frames`` frames, uint8 (T, 3, H, W) (``fastdec.io.video.read_video``)."""
+    return read_video(path, start=0, num_frames=num_frames)
+
+
+def find_latent(folder: Path, image: Path) -> Path:
+    """The latent file named like ``image`` in ``folder``."""
+    for suffix in LATENT_SUFFIXES:
+        candidate = folder / (image.stem + suffix)
+        if candidate.is_file():
+            return candidate
+    raise LatentFileError(f"no latents for '{image.name}' in '{folder}': expected "
+                          f"{image.stem}{{{','.join(LATENT_SUFFIXES)}}}")
+
+
+def read_latent(path: Path, channels: int | None = None) -> torch.Tensor:
+    """The one latent of an image's file, (1, C, h, w) float32, checked (``fastdec.io.latents``)."""
+    entries = read_latents(path)
+    if len(entries) > 1:  # several tensors: the one named 'latents'
+        entries = [(name, z) for name, z in entries if name == "latents"]
+    if len(entries) != 1:
+        raise LatentFileError(f"'{path}' holds several latents: store one per image, or name it 'latents'")
+    return check_latent(entries[0][1], path.name, channels)[None].float()
+
+
+def center_crop(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    h, w = x.shape[-2:]
+    if height > h or width > w:
+        raise EvalError(f"cannot crop {height}x{width} from a {h}x{w} image: use a smaller --resolution")
+    top, left = (h - height) // 2, (w - width) // 2
+    return x[..., top:top + height, left:left + width]
+
+
+def crop_to_factor(x: torch.Tensor, factor: int, resolution: int | None = None) -> torch.Tensor:
+    """Centre crop to ``resolution`` x ``resolution`` or, without it, to the largest multiples of ``factor``."""
+    if resolution:
+        if resolution % factor:
+            raise EvalError(f"--resolution {resolution} is not a multiple of the latent factor {factor}")
+        return center_crop(x, resolution, resolution)
+    h, w = x.shape[-2:]
+    if h < factor or w < factor:
+        raise EvalError(f"image of {h}x{w} px is smaller than one latent pixel ({factor} px)")
+    return center_crop(x, h - h % factor, w - w % factor)
+
+
+def resize_short_side(x: torch.Tensor, size: int) -> torch.Tensor:
+    h, w = x.shape[-2:]
+    scale = size / min(h, w)
+    new = (max(1, round(h * scale)), max(1, round(w * scale)))
+    if new == (h, w):
+        return x
+    return F.interpolate(x, size=new, mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
+
+
+# ----------------------------------------------------------------------------- checks
+def check_count(flag: str, value: int | None, minimum: int = 1) -> None:
+    """``value`` is None (not given) or a whole number >= ``minimum``; the error names the flag."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
+        raise UsageError(f"{flag} must be a whole number >= {minimum}, got {value!r}")
+
+
+def checked_output(who: str, item: str, produce: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """``produce()``, refused when it holds NaN or inf: one error naming who produced it and on which input.
+
+    fastdec decoders refuse a non-finite output themselves (without knowing the input); other decoders and
+    teachers are checked here.
+    """
+    advice = "check its weights (NaN/inf in the checkpoint, a diverged training) or an fp16 overflow"
+    try:
+        x = produce()
+    except NonFiniteOutputError as e:
+        raise NonFiniteOutputError(f"{who} produced NaN or inf on '{item}', which is never scored: {e}") from e
+    if not torch.isfinite(x).all():
+        raise NonFiniteOutputError(f"{who} produced NaN or inf on '{item}', which is never scored: {advice}")
+    return x
+
+
+@dataclass
+class Notes:
+    """Notes for the report (omitted metrics, short inputs), each printed once to stderr when first added."""
+
+    items: list[str] = field(default_factory=list)
+
+    def add(self, text: str) -> None:
+        if text not in self.items:
+            self.items.append(text)
+            print(f"note: {text}", file=sys.stderr)
+
+
+def _note_missing_reference(teacher, notes: Notes) -> None:
+    if teacher is None:
+        notes.add("'vs teacher decode' omitted: no --teacher given")
+    elif not teacher.has_decoder:
+        notes.add("'vs teacher decode' omitted: the teacher has no decoder (pass --teacher-decoder)")
+
+
+def _in_chunks(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch: int) -> torch.Tensor:
+    return torch.cat([fn(x[i:i + batch]).float() for i in range(0, x.shape[0], batch)])
+
+
+def decode_frames(dec: EvalDecoder, z: torch.Tensor, batch: int) -> torch.Tensor:
+    """Latents (T, C, h, w) -> frames (T, 3, H, W): the whole clip for video decoders, else in chunks.
+
+    An image is a one-frame clip, so image evaluation decodes through here too.
+    """
+    if dec.is_video:
+        return dec.fn(z[None])[0].float()
+    return _in_chunks(dec.fn, z, batch)
+
+
+class FrechetTracker:
+    """Streamed Fréchet statistics of the originals and of each decoder's output, from one extractor."""
+
+    def __init__(self, extractor: M.FeatureExtractor, decoders: Sequence[EvalDecoder]):
+        self.extractor = extractor
+        self.stats = {ORIGINAL: M.FrechetStats(), **{d.name: M.FrechetStats() for d in decoders}}
+
+    def add(self, name: str, clips: torch.Tensor) -> None:
+        """Features of clips (N, T, 3, H, W) (images: T = 1); extractors normalise on the CPU."""
+        self.stats[name].update(self.extractor(clips.cpu()))
+
+    def distance(self, name: str) -> dict[str, Any] | None:
+        """Fréchet distance of ``name``'s outputs to the originals, or None below 2 samples."""
+        if self.stats[name].count < 2:
+            return None
+        return {"value": self.stats[ORIGINAL].frechet_distance(self.stats[name]), "n": self.stats[name].count}
+
+
+# ----------------------------------------------------------------------------- the skeleton
+@dataclass
+class Sample:
+    """One input, ready to decode."""
+
+    name: str  # the input's file name: rows, notes and error messages use it
+    original: torch.Tensor  # (N, 3, H, W) on the device: one image (N = 1) or a clip's frames
+    z: torch.Tensor  # its latents (N, C, h, w)
+
+
+class Evaluation:
+    """What both kinds share; subclasses set the class attributes and plug in ``load``, ``score``,
+    ``observe``, ``decoder_extras``, ``settings``, ``tables`` and ``write_figures``."""
+
+    kind = unit = ""
+    metrics: tuple[str, ...] = ()
+
+    def __init__(self, *, data: str | Path, items: list[Path], teacher, decoders: list[EvalDecoder], space,
+                 factor: int, device: str, notes: Notes, options: dict[str, Any], batch_size: int = 1):
+        self.data, self.items, self.teacher, self.decoders = data, items, teacher, decoders
+        self.space, self.factor, self.device, self.notes, self.batch_size = space, factor, device, notes, batch_size
+        self.options = {"data": str(data), **options}
+        self.reference = _teacher_decoder(teacher) if teacher is not None and teacher.has_decoder else None
+        self.rows: list[dict[str, Any]] = []  # one per input x decoder x reference: what the means are over
+        self.skipped: dict[str, str] = {}
+        self.count = 0
+
+    def encode(self, original: torch.Tensor, name: str) -> torch.Tensor:
+        return checked_output("the teacher encoder", name,
+                              lambda: _in_chunks(self.teacher.encode, original, self.batch_size))
+
+    def decode(self, dec: EvalDecoder, sample: Sample) -> torch.Tensor:
+        return checked_output(f"decoder '{dec.name}' ({dec.source})", sample.name,
+                              lambda: decode_frames(dec, sample.z, self.batch_size))
+
+    def skip(self, item: Path, error: Exception) -> None:
+        print(f"warning: skipping '{item.name}': {error}", file=sys.stderr)
+        self.skipped[item.name] = str(error)
+
+    def load(self, item: Path) -> Sample | None:
+        raise NotImplementedError
+
+    def score(self, sample: Sample, dec: EvalDecoder, reference: str, decoded: torch.Tensor,
+              ref: torch.Tensor) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def observe(self, sample: Sample, decoded: dict[str, torch.Tensor]) -> None:
+        """Everything beyond the score rows: Fréchet features, figure samples, sizes seen."""
+
+    def decoder_extras(self, dec: EvalDecoder) -> dict[str, Any]:
+        return {}
+
+    def settings(self) -> dict[str, Any]:
+        return dict(self.options)
+
+    def tables(self) -> dict[str, Table]:
+        return {}
+
+    def write_figures(self, out: Path) -> list[str]:
+        return []
+
+
+def _progress(items: Sequence[Path], unit: str) -> Iterable[Path]:
+    from tqdm.auto import tqdm
+
+    images = unit == "images"
+    return tqdm(items, total=len(items), desc="images" if images else "videos", unit="img" if images else "clip",
+                file=sys.stderr)
+
+
+def _references(original: torch.Tensor, teacher_decode: torch.Tensor | None,
+                dec: EvalDecoder) -> Iterator[tuple[str, torch.Tensor]]:
+    yield "original", original
+    if teacher_decode is not None and not dec.is_teacher:
+        yield "teacher", teacher_decode
+
+
+def _teacher_decode(task: Evaluation, sample: Sample, decoded: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    if task.reference is None:
+        return None
+    same = next((decoded[d.name] for d in task.decoders if d.is_teacher), None)
+    return same if same is not None else task.decode(task.reference, sample)
+
+
+def aggregate(rows: Sequence[dict[str, Any]], decoder: str, metrics: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """reference -> metric -> mean with its confidence interval, over ``decoder``'s rows."""
+    summary = {}
+    for reference in REFERENCES:
+        chosen = [r for r in rows if r["decoder"] == decoder and r["reference"] == reference]
+        if chosen:
+            summary[reference] = {m: s for m in metrics if (s := summarize(r[m] for r in chosen)) is not None}
+    return summary
+
+
+def build_report(task: Evaluation) -> dict[str, Any]:
+    report: dict[str, Any] = {
+        "kind": task.kind, "count": task.count, "unit": task.unit, "settings": task.settings(), "decoders": {},
+        "notes": task.notes.items, "skipped": {"count": len(task.skipped), "files": task.skipped},
+    }
+    for dec in task.decoders:
+        entry = {"source": dec.source, "metrics": aggregate(task.rows, dec.name, task.metrics)}
+        report["decoders"][dec.name] = {**entry, **task.decoder_extras(dec)}
+    return report
+
+
+def run_evaluation(task: Evaluation, out: Path | None = None) -> dict[str, Any]:
+    """The one evaluation procedure (module docstring); returns the report and writes it to ``out``."""
+    for item in _progress(task.items, task.unit):
+        sample = task.load(item)
+        if sample is None:  # skipped, with a warning
+            continue
+        decoded = {dec.name: task.decode(dec, sample) for dec in task.decoders}
+        teacher_decode = _teacher_decode(task, sample, decoded)
+        for dec in task.decoders:
+            for reference, ref in _references(sample.original, teacher_decode, dec):
+                task.rows.append(task.score(sample, dec, reference, decoded[dec.name], ref))
+        task.observe(sample, decoded)
+        task.count += 1
+    if not task.count:
+        raise DataError(f"none of the {len(task.items)} {task.unit} in '{task.data}' could be read")
+    report = build_report(task)
+    if out is not None:
+        write_report(out, report, task.tables(), task.write_figures(out))
+    return report
+
+
+# ----------------------------------------------------------------------------- images
+class ImageEvaluation(Evaluation):
+    kind, unit, metrics = "images", "images", IMAGE_METRICS
+
+    def __init__(self, *, latents: str | Path | None, resolution: int | None, lpips: M.LPIPS | None,
+                 fid: FrechetTracker | None, grid: int, **common: Any):
+        super().__init__(**common)
+        self.latents = Path(latents) if latents is not None else None
+        self.resolution, self.lpips, self.fid, self.grid = resolution, lpips, fid, grid
+        self.channels = self.space.channels if self.space is not None else self.decoders[0].fn.latent_channels
+        self.samples: list[tuple[str, torch.Tensor, dict[str, torch.Tensor]]] = []
+        self.sizes: set[tuple[int, int]] = set()
+
+    def load(self, path: Path) -> Sample | None:
+        try:
+            image = load_image(path)
+        except DataError as e:  # one unreadable file does not end the evaluation
+            return self.skip(path, e)
+        if self.latents is None:
+            original = crop_to_factor(image, self.factor, self.resolution).to(self.device)
+            return Sample(path.name, original, self.encode(original, path.name))
+        z = read_latent(find_latent(self.latents, path), self.channels).to(self.device)
+        original = center_crop(image, z.shape[-2] * self.factor, z.shape[-1] * self.factor).to(self.device)
+        return Sample(path.name, original, z)
+
+    def score(self, sample, dec, reference, decoded, ref):
+        height, width = sample.original.shape[-2:]
+        scores: dict[str, float | None] = {
+            "psnr": float(M.psnr(decoded, ref)[0]), "ssim": float(M.ssim(decoded, ref)[0]), "ms_ssim": None,
+            "lpips": float(self.lpips(decoded, ref)[0]) if self.lpips is not None else None,
+        }
+        try:
+            scores["ms_ssim"] = float(M.ms_ssim(decoded, ref)[0])
+        except MetricUnavailable as e:
+            self.notes.add(f"MS-SSIM omitted for some images: {e}")
+        return {"image": sample.name, "decoder": dec.name, "reference": reference, "height": height,
+                "width": width, **scores}
+
+    def observe(self, sample, decoded):
+        self.sizes.add(tuple(sample.original.shape[-2:]))
+        if self.fid is not None:
+            self.fid.add(ORIGINAL, sample.original[:, None])
+            for name, images in decoded.items():
+                self.fid.add(name, images[:, None])
+        if len(self.samples) < self.grid:
+            self.samples.append((Path(sample.name).stem, sample.original[0].cpu(),
+                                 {name: images[0].cpu() for name, images in decoded.items()}))
+
+    def decoder_extras(self, dec):
+        fid = self.fid.distance(dec.name) if self.fid is not None else None
+        if self.fid is not None and fid is None:
+            self.notes.add("FID omitted: it needs at least 2 images")
+        return {"fid": fid} if fid is not None else {}
+
+    def settings(self):
+        crop = (f"centre {self.resolution}x{self.resolution}" if self.resolution
+                else f"full frame, centre-cropped to multiples of {self.factor}")
+        return {**self.options, "latent_space": getattr(self.space, "name", None), "spatial_factor": self.factor,
+                "crop": crop, "sizes": sorted(f"{h}x{w}" for h, w in self.sizes),
+                "confidence": "95% Student t over images"}
+
+    def tables(self):
+        return {"csv": ("per_image.csv", self.rows, ["image", "decoder", "reference", "height", "width",
+                                                     *IMAGE_METRICS])}
+
+    def write_figures(self, out):
+        return [write_image_grid(out / "grid.png", self.samples).name] if self.samples else []
+
+
+def _check_image_options(teacher, latents, resolution, limit, grid) -> None:
+    if teacher is None and latents is None:
+        raise EvalError("nothing to decode: pass --teacher ENCODER (images are encoded) or --latents DIR")
+    if latents is not None and resolution:
+        raise EvalError("--resolution cannot be combined with --latents: the latents fix the crop (their size x factor)")
+    check_count("--resolution", resolution)
+    check_count("--limit", limit)
+    check_count("--grid", grid, minimum=0)
+
+
+def _lpips_or_note(weights: str | None, net: str, device: str, notes: Notes) -> M.LPIPS | None:
+    if not weights:
+        notes.add("LPIPS omitted: pass --lpips-weights with a local torchvision AlexNet/VGG16 state dict "
+                  "(e.g. alexnet-owt-7be5be79.pth) to compute it")
+        return None
+    try:
+        return M.LPIPS(weights, net=net, device=device)
+    except MetricUnavailable as e:
+        notes.add(f"LPIPS omitted: {e}")
+        return None
+
+
+@torch.no_grad()
+def evaluate_images(
+    data: str | Path,
+    decoders: Sequence[str],
+    out: str | Path | None = None,
+    teacher: str | None = None,
+    teacher_decoder: str | None = None,
+    latents: str | Path | None = None,
+    latent_space: str | None = None,
+    resolution: int | None = None,
+    limit: int | None = None,
+    lpips_weights: str | None = None,
+    lpips_net: str = "alex",
+    fid_weights: str | None = None,
+    grid: int = 4,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """Evaluate image decoders on a folder of originals; returns the report dict (and writes it to ``out``).
+
+    Unreadable images are skipped with a warning and counted in ``report["skipped"]``.
+    """
+    _check_image_options(teacher, latents, resolution, limit, grid)
+    items = image_inputs(data, limit)
+    out_dir = prepare_output_dir(out) if out is not None else None
+    notes = Notes()
+    teach = load_eval_teacher(teacher, teacher_decoder, latent_space, device) if teacher else None
+    space = teach.latent_space if teach else (get_latent_space(latent_space) if latent_space else None)
+    decs = load_decoders(decoders, teach, space, teach.spatial_factor if teach else None, device)
+    _note_missing_reference(teach, notes)
+    lpips = _lpips_or_note(lpips_weights, lpips_net, device, notes)
+    fid = (FrechetTracker(M.TorchScriptExtractor(fid_weights, kind="inception", device=device), decs)
+           if fid_weights else None)
+    task = ImageEvaluation(
+        data=data, items=items, teacher=teach, decoders=decs, space=space, device=device, notes=notes,
+        factor=teach.spatial_factor if teach else decs[0].fn.upsample_factor,
+        options={"teacher": teacher, "teacher_decoder": teacher_decoder,
+                 "latents": str(latents) if latents else None, "resolution": resolution},
+        latents=latents, resolution=resolution, lpips=lpips, fid=fid, grid=grid)
+    return run_evaluation(task, out_dir)
+
+
+# ----------------------------------------------------------------------------- video
+class VideoEvaluation(Evaluation):
+    kind, unit, metrics = "video", "clips", VIDEO_METRICS
+
+    def __init__(self, *, frames: int | None, resolution: int | None, fvd: FrechetTracker | None,
+                 fvd_extractor: str | None, window: int, **common: Any):
+        super().__init__(**common)
+        self.frames, self.resolution, self.fvd, self.fvd_extractor, self.window = (
+            frames, resolution, fvd, fvd_extractor, window)
+        self.frame_rows: list[dict[str, Any]] = []
+        self.per_frame_psnr: dict[str, dict[str, list[float]]] = {d.name: {} for d in self.decoders}
+        self.strip: tuple[str, torch.Tensor, dict[str, torch.Tensor]] | None = None
+        self.shapes: set[tuple[int, int, int]] = set()
+
+    def load(self, item: Path) -> Sample:
+        clip = read_frames(item, self.frames).float() / 255
+        if self.frames and clip.shape[0] < self.frames:
+            self.notes.add(f"'{item.name}' has {clip.shape[0]} frames (< --frames {self.frames}): all of them were used")
+        if self.resolution:
+            clip = resize_short_side(clip, self.resolution)
+        original = crop_to_factor(clip, self.factor, self.resolution).to(self.device)
+        return Sample(item.name, original, self.encode(original, item.name))
+
+    def score(self, sample, dec, reference, decoded, ref):
+        psnrs, ssims = M.psnr(decoded, ref).tolist(), M.ssim(decoded, ref).tolist()
+        if reference == "original":
+            self.per_frame_psnr[dec.name][sample.name] = psnrs
+        self.frame_rows += [{"video": sample.name, "frame": i, "decoder": dec.name, "reference": reference,
+                             "psnr": p, "ssim": s} for i, (p, s) in enumerate(zip(psnrs, ssims))]
+        finite = [p for p in psnrs if math.isfinite(p)]
+        return {"video": sample.name, "decoder": dec.name, "reference": reference, "frames": decoded.shape[0],
+                "psnr": float(np.mean(finite)) if finite else float("inf"), "ssim": float(np.mean(ssims)),
+                "flicker": M.flicker_score(decoded, ref) if decoded.shape[0] > 1 else None}
+
+    def observe(self, sample, decoded):
+        self.shapes.add((sample.original.shape[0], *sample.original.shape[-2:]))
+        if self.fvd is not None:
+            self._add_fvd_windows(sample, decoded)
+        if self.strip is None:
+            self.strip = (sample.name, sample.original.cpu(), {k: v.cpu() for k, v in decoded.items()})
+
+    def _add_fvd_windows(self, sample: Sample, decoded: dict[str, torch.Tensor]) -> None:
+        starts = range(0, sample.original.shape[0] - self.window + 1, self.window)
+        if not starts:
+            self.notes.add(f"'{sample.name}' is shorter than the {self.window}-frame FVD window: not in FVD")
+        for s in starts:
+            self.fvd.add(ORIGINAL, sample.original[None, s:s + self.window])
+            for name, frames in decoded.items():
+                self.fvd.add(name, frames[None, s:s + self.window])
+
+    def decoder_extras(self, dec):
+        clips = [{k: r[k] for k in ("video", "frames", "psnr", "ssim", "flicker")}
+                 for r in self.rows if r["decoder"] == dec.name and r["reference"] == "original"]
+        extras: dict[str, Any] = {"clips": clips, "per_frame_psnr": self.per_frame_psnr[dec.name]}
+        fvd = self.fvd.distance(dec.name) if self.fvd is not None else None
+        if self.fvd is not None and fvd is None:
+            self.notes.add(f"FVD omitted: it needs at least 2 clips of {self.window} frames")
+        if fvd is not None:
+            extras["fvd"] = {**fvd, "extractor": self.fvd_extractor, "clip_frames": self.window}
+        return extras
+
+    def settings(self):
+        crop = (f"resized (antialiased bilinear) so the short side is {self.resolution} px, then centre "
+                f"{self.resolution}x{self.resolution}" if self.resolution
+                else f"full frame centre-cropped to multiples of {self.factor}")
+        return {**self.options, "latent_space": self.space.name, "spatial_factor": self.factor,
+                "frames": self.frames, "resolution": self.resolution, "crop": crop,
+                "shapes": sorted(f"{t}x{h}x{w}" for t, h, w in self.shapes),
+                "confidence": "95% Student t over clips (per-clip means)",
+                "flicker": "mean_t mean_px |(D[t+1]-D[t]) - (O[t+1]-O[t])|, pixels in [0, 1]"}
+
+    def tables(self):
+        return {"csv": ("per_frame.csv", self.frame_rows, ["video", "frame", "decoder", "reference", "psnr", "ssim"]),
+                "clips_csv": ("per_clip.csv", self.rows,
+                              ["video", "decoder", "reference", "frames", "psnr", "ssim", "flicker"])}
+
+    def write_figures(self, out):
+        figures = [write_frame_strip(out / "frames.png", *self.strip).name] if self.strip else []
+        return figures + [write_psnr_plot(out / "psnr_per_frame.png", self.per_frame_psnr).name]
+
+
+def _check_video_options(teacher, frames, resolution, limit, clip_frames, batch_size) -> None:
+    if teacher is None:
+        raise EvalError("video evaluation encodes the frames: pass --teacher ENCODER")
+    for flag, value in (("--frames", frames), ("--resolution", resolution), ("--limit", limit),
+                        ("--clip-frames", clip_frames), ("--batch-size", batch_size)):
+        check_count(flag, value)
+
+
+@torch.no_grad()
+def evaluate_video(
+    data: str | Path,
+    decoders: Sequence[str],
+    out: str | Path | None = None,
+    teacher: str | None = None,
+    teacher_decoder: str | None = None,
+    latent_space: str | None = None,
+    frames: int | None = 32,
+    resolution: int | None = None,
+    limit: int | None = None,
+    fvd_extractor: str | None = None,
+    clip_frames: int | None = None,
+    batch_size: int = 4,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """Evaluate decoders on videos: per-frame PSNR/SSIM, flicker, optional FVD; returns the report dict."""
+    _check_video_options(teacher, frames, resolution, limit, clip_frames, batch_size)
+    items = list_videos(data, limit)
+    out_dir = prepare_output_dir(out) if out is not None else None
+    notes = Notes()
+    teach = load_eval_teacher(teacher, teacher_decoder, latent_space, device)
+    decs = load_decoders(decoders, teach, teach.latent_space, teach.spatial_factor, device)
+    _note_missing_reference(teach, notes)
+    fvd = FrechetTracker(M.load_feature_extractor(fvd_extractor, device=device), decs) if fvd_extractor else None
+    window = clip_frames or (fvd.extractor.num_frames if fvd is not None else None) or 16
+    task = VideoEvaluation(
+        data=data, items=items, teacher=teach, decoders=decs, space=teach.latent_space, factor=teach.spatial_factor,
+        device=device, notes=notes, batch_size=batch_size, options={"teacher": teacher, "teacher_decoder": teacher_decoder},
+        frames=frames, resolution=resolution, fvd=fvd, fvd_extractor=fvd_extractor, window=window)
+    return run_evaluation(task, out_dir)

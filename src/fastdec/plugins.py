@@ -1,0 +1,48 @@
+"""Decoders defined outside fastdec: a user's module or ``.py`` file that registers its own architectures
+and presets (``register_architecture`` / ``register_preset``) is imported by ``fastdec --plugin FILE_OR_MODULE``
+(repeatable) or by the ``FASTDEC_PLUGINS`` environment variable (``os.pathsep``-separated), so every
+command, ``--decoder my-preset`` and ``load_decoder(checkpoint)`` know it. Nothing in fastdec is edited.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+from pathlib import Path
+from types import ModuleType
+
+from .errors import UsageError
+
+PLUGINS_ENV = "FASTDEC_PLUGINS"
+
+
+def load_plugin(spec: str) -> ModuleType:
+    """Import a module by name (``my_pkg.decoders``) or a Python file by path (``my_decoder.py``)."""
+    path = Path(spec).expanduser()
+    if spec.endswith(".py") or path.is_file():
+        if not path.is_file():
+            raise UsageError(f"plugin file '{spec}' not found: pass a .py file or an importable module name")
+        name = f"fastdec_plugin_{path.stem}"
+        if name in sys.modules:
+            return sys.modules[name]
+        module_spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[name] = module
+        try:
+            module_spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[name]
+            raise
+        return module
+    try:
+        return importlib.import_module(spec)
+    except ModuleNotFoundError as e:
+        raise UsageError(f"plugin module '{spec}' cannot be imported ({e}): pass a .py file or put the module "
+                         "on PYTHONPATH") from e
+
+
+def load_plugins(specs: list[str] | None = None) -> list[ModuleType]:
+    """The plugins named by ``specs`` and by ``$FASTDEC_PLUGINS``, each imported once."""
+    from_env = [s for s in os.environ.get(PLUGINS_ENV, "").split(os.pathsep) if s]
+    return [load_plugin(s) for s in [*from_env, *(specs or [])]]

@@ -1,0 +1,209 @@
+"""What a training run is asked to do: :class:`TrainConfig`, read from defaults < a YAML/TOML file <
+command-line flags, and checked before any work starts (a zero step count or batch size is a usage
+error here, not a ``ZeroDivisionError`` after the latent cache was built)."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import TrainError, UsageError
+
+MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
+
+
+@dataclass
+class TrainConfig:
+    teacher: str = ""                       # TAESD-family encoder .pth, or diffusers VAE folder/file/Hub id
+    teacher_decoder: str | None = None      # TAESD-family decoder for teacher matching / grids
+    latent_space: str | None = None         # override the teacher's detected space
+    decoder: str = "tae-192"                # preset name, or a fastdec checkpoint to continue from
+    init: str | None = None                 # initialise weights from this decoder checkpoint
+    data: str = ""
+    val: str | None = None
+    out: str = ""
+    resolution: int = 256
+    frames: int | None = None               # video decoders: clip length T
+    steps: int = 10000
+    batch_size: int = 8                     # per process, per micro-step
+    grad_accum: int = 1
+    lr: float = 5e-4
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    warmup: int = 200
+    ema: float = 0.999
+    clip_grad: float = 1.0
+    l1: float = 1.0
+    mse: float = 0.0
+    ms_ssim: float = 0.0
+    lpips: float = 0.0
+    lpips_weights: str | None = None
+    teacher_weight: float = 0.0
+    temporal: float = 0.0
+    adversarial: float = 0.0
+    adv_start: int = 2000                   # steps of reconstruction-only training before the GAN term
+    disc_lr: float = 2e-4
+    crops_per_image: int = 4
+    cache_dir: str | None = None
+    val_every: int = 500
+    val_count: int = 16
+    ckpt_every: int = 1000
+    log_every: int = 10
+    seed: int = 0
+    mixed_precision: str = "auto"           # auto | no | fp16 | bf16
+    workers: int = 2
+    resume: bool = False
+    stop_at: int | None = None              # stop (with a checkpoint) at this step; resume later
+    log_samples: bool = False               # debug: each rank logs the sample ids it trained on
+    cpu: bool = False
+    device_batch_encode: int = 16           # teacher batch size while building the cache
+
+
+HELP = {
+    "teacher": "teacher: TAESD-family encoder .pth, or a diffusers VAE folder / single file / Hub id",
+    "teacher_decoder": "TAESD-family decoder paired with a TAESD encoder teacher (teacher grids / --teacher-weight)",
+    "latent_space": "latent space name, overriding detection from the teacher",
+    "decoder": "decoder preset (see fastdec.list_decoders()) or a fastdec checkpoint to continue from",
+    "init": "initialise from a decoder checkpoint (same architecture, or an image decoder for a video decoder)",
+    "data": "training folder (images, recursive; videos with --frames)",
+    "val": "held-out folder for validation (center crops)",
+    "out": "run folder: checkpoints, metrics.csv, grids, decoder.safetensors",
+    "frames": "clip length T for video decoders",
+    "batch_size": "batch per process per micro-step",
+    "grad_accum": "micro-steps per optimizer step",
+    "warmup": "linear warm-up steps before the cosine decay",
+    "ema": "EMA decay of the exported weights",
+    "clip_grad": "gradient norm clip (0 = off)",
+    "ms_ssim": "weight of 1 - MS-SSIM",
+    "lpips": "weight of LPIPS (needs --lpips-weights)",
+    "lpips_weights": "local torchvision AlexNet weights for LPIPS (nothing is downloaded)",
+    "teacher_weight": "weight of L1 to the teacher decoder's output",
+    "temporal": "weight of the temporal-consistency loss (video)",
+    "adversarial": "weight of the hinge GAN loss (patch discriminator)",
+    "adv_start": "step at which the adversarial loss starts",
+    "crops_per_image": "random crops per file encoded into the latent cache",
+    "cache_dir": "latent cache root (default $FASTDEC_CACHE or ~/.cache/fastdec/latents)",
+    "val_count": "validation images (first N files, center crops)",
+    "mixed_precision": "auto (bf16 on GPUs that have it, else fp32) | no | fp16 | bf16",
+    "workers": "DataLoader worker processes",
+    "resume": "continue from the latest checkpoint in --out",
+    "stop_at": "stop with a checkpoint at this step (time-limited jobs); continue with --resume",
+    "log_samples": "debug: log the sample ids each rank trained on to OUT/samples/",
+    "cpu": "train on CPU even when a GPU is present",
+}
+
+REQUIRED = ("teacher", "data", "out")
+# numbers that must be > 0: each is a count, a period or a size the loop divides by or iterates over
+POSITIVE = ("steps", "batch_size", "grad_accum", "ckpt_every", "log_every", "val_every", "resolution", "lr",
+            "crops_per_image", "val_count", "device_batch_encode", "disc_lr", "frames", "stop_at")
+NON_NEGATIVE = ("warmup", "weight_decay", "clip_grad", "l1", "mse", "ms_ssim", "lpips", "teacher_weight", "temporal",
+                "adversarial", "adv_start", "workers", "seed")
+FRACTIONS = {"ema": (0.0, 1.0, "in [0, 1)"), "min_lr_ratio": (0.0, 1.0, "in [0, 1]")}
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def field_kind(field: dataclasses.Field) -> str:
+    """'int', 'float', 'str' or 'bool' for a TrainConfig field (annotations are strings here)."""
+    annotation = field.type if isinstance(field.type, str) else field.type.__name__
+    return annotation.split("|")[0].strip()
+
+
+def _coerce(field: dataclasses.Field, value: Any, where: str) -> Any:
+    """A config-file value as the field's type. YAML reads ``lr: 5e-4`` as the text '5e-4' (YAML 1.1 wants a
+    dot), so numbers written as text are accepted; anything else that does not fit is named."""
+    kind = field_kind(field)
+    if value is None or kind == "str" and isinstance(value, str):
+        return value
+    try:
+        if kind == "bool" and isinstance(value, bool):
+            return value
+        if kind == "int" and not isinstance(value, bool):
+            number = float(value)
+            if number.is_integer():
+                return int(number)
+        if kind == "float" and not isinstance(value, bool):
+            return float(value)
+    except (TypeError, ValueError):
+        pass
+    raise UsageError(f"{where}: '{field.name.replace('_', '-')}' must be {kind}, got {value!r}")
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """The options in a YAML/TOML file, keys as the flag names (``batch-size`` or ``batch_size``)."""
+    path = Path(path)
+    if path.suffix not in (".yaml", ".yml", ".toml"):
+        raise TrainError(f"config file '{path}' must be .yaml, .yml or .toml")
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise TrainError(f"cannot read config file '{path}': {e.strerror or e}") from e
+    values = _parse_config_text(text, path)
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    values = {str(k).replace("-", "_"): v for k, v in values.items()}
+    unknown = set(values) - set(fields)
+    if unknown:
+        raise TrainError(f"config file '{path}' has unknown keys {sorted(unknown)}; known: {sorted(fields)}")
+    return {name: _coerce(fields[name], value, f"config file '{path}'") for name, value in values.items()}
+
+
+def _parse_config_text(text: str, path: Path) -> dict[str, Any]:
+    if path.suffix == ".toml":
+        import tomllib
+
+        try:
+            values = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise TrainError(f"config file '{path}' is not valid TOML: {e}") from e
+    else:
+        import yaml
+
+        try:
+            values = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise TrainError(f"config file '{path}' is not valid YAML: {e}") from e
+    if not isinstance(values, dict):
+        raise TrainError(f"config file '{path}' must hold option: value pairs, got {type(values).__name__}")
+    return values
+
+
+def make_config(cli_values: dict[str, Any], config_file: str | None = None) -> TrainConfig:
+    """Defaults < config file < command-line flags; checked (:func:`validate_config`)."""
+    values = load_config_file(config_file) if config_file else {}
+    values.update(cli_values)
+    return validate_config(TrainConfig(**values))
+
+
+def validate_config(config: TrainConfig) -> TrainConfig:
+    """Refuse a config that cannot train, before any work: required paths, counts and weights in range."""
+    for name in REQUIRED:
+        if not getattr(config, name):
+            raise TrainError(f"{flag(name)} is required (on the command line or in --config)")
+    for name in POSITIVE:
+        value = getattr(config, name)
+        if value is not None and not _number(value) > 0:
+            raise UsageError(f"{flag(name)} must be greater than 0, got {value!r}")
+    for name in NON_NEGATIVE:
+        value = getattr(config, name)
+        if not _number(value) >= 0:
+            raise UsageError(f"{flag(name)} must be 0 or more, got {value!r}")
+    for name, (low, high, text) in FRACTIONS.items():
+        value = getattr(config, name)
+        inside = low <= _number(value) < high if name == "ema" else low <= _number(value) <= high
+        if not inside:
+            raise UsageError(f"{flag(name)} must be {text}, got {value!r}")
+    if config.mixed_precision not in MIXED_PRECISION:
+        raise UsageError(f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}, "
+                         f"got {config.mixed_precision!r}")
+    return config
+
+
+def _number(value: Any) -> float:
+    """``value`` as a number for range checks; NaN (and non-numbers) fail every comparison."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return math.nan
+    return float(value)

@@ -1,0 +1,409 @@
+"""The training loop, top to bottom: build the run, then step, validate-and-log, checkpoint; export at the end.
+
+1. build: the teacher and the student decoder, checked against each other and the options before any data
+   is touched; the checkpoint to resume from, read safely; the data folders and the latent cache (rank 0
+   builds it, the other ranks wait and read it); the validation crops; AdamW with warm-up + cosine decay,
+   the EMA copy, the optional discriminator; the data loader;
+2. one train step: gradient accumulation, clipping, the optimizer and schedule, the discriminator's step,
+   the EMA update;
+3. validate-and-log: loss terms, lr and speed every ``--log-every`` steps, validation PSNR/SSIM and a grid
+   every ``--val-every``, into metrics.csv (and TensorBoard when installed);
+4. checkpoint every ``--ckpt-every`` steps (atomic; every rank's RNG state gathered);
+5. export the EMA weights with ``save_decoder`` to ``OUT/decoder.safetensors``.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import time
+import warnings
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.nn as nn
+
+from ..errors import TrainError
+from ..io.checkpoints import save_decoder
+from ..io.files import prepare_output_dir, write_json
+from ..models.base import LatentDecoder
+from .cache import CachedCrops, LatentCache, build_cache
+from .config import TrainConfig, validate_config
+from .data import GlobalBatches, open_folder
+from .losses import DistillLoss, LossWeights, PatchDiscriminator, hinge_d_loss, hinge_g_loss
+from .state import (checkpoint_path, load_resume_state, read_csv, rng_state, save_checkpoint_file,
+                    set_rng_state, write_csv)
+from .student import TrainView, build_student, check_setup, ema_decay, update_ema
+from .validation import prepare_val_set, teacher_scores, validate
+
+
+@dataclass
+class Run:
+    """Everything one training run holds: filled in by the build steps, advanced by :func:`train_step`."""
+
+    config: TrainConfig
+    accelerator: Any
+    out: Path
+    teacher: Any = None
+    criterion: DistillLoss | None = None
+    dataset: Any = None
+    cache: LatentCache | None = None
+    val: dict[str, torch.Tensor] = field(default_factory=dict)  # rank 0 only
+    model: nn.Module | None = None          # TrainView of the student, prepared by accelerate
+    ema: LatentDecoder | None = None
+    optimizer: Any = None
+    scheduler: Any = None
+    discriminator: nn.Module | None = None
+    disc_optimizer: Any = None
+    batches: Iterator | None = None
+    step: int = 0
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    tensorboard: Any = None
+    sample_log: Any = None
+    clock: tuple[float, int] = (0.0, 0)     # (time, step) of the last speed measurement
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def stop(self) -> int:
+        """The step this invocation ends at: ``--steps``, or ``--stop-at`` for a time-limited job."""
+        return self.config.steps if self.config.stop_at is None else min(self.config.steps, self.config.stop_at)
+
+    @property
+    def student(self) -> LatentDecoder:
+        return self.accelerator.unwrap_model(self.model).decoder
+
+
+@dataclass
+class StepResult:
+    loss: torch.Tensor
+    parts: dict[str, float]
+    ids: list[int]  # the samples this rank trained on
+
+
+def train(config: TrainConfig) -> Path:
+    """Run (or resume) a training run; returns the exported decoder path (rank 0) or the run folder."""
+    from tqdm.auto import tqdm
+
+    run = build_run(validate_config(config))
+    validate_untrained(run)
+    run.clock = (time.perf_counter(), run.step)  # the speed counts training steps only
+    with tqdm(total=config.steps, initial=run.step, desc="training", unit="step", disable=not run.is_main) as bar:
+        while run.step < run.stop:
+            result = train_step(run)
+            bar.update(1)
+            log_and_validate(run, result, bar)
+            checkpoint(run, result)
+    close_logs(run)
+    return export(run)
+
+
+# ----------------------------------------------------------------------------- 1. build
+def build_run(config: TrainConfig) -> Run:
+    """Models first (so a mismatch fails before any data is read), then the resume state, data, optimizers."""
+    from accelerate.utils import set_seed
+
+    run = Run(config, make_accelerator(config), Path(config.out))
+    set_seed(config.seed)
+    decoder = build_models(run)
+    resume = load_resume_state(run.out) if config.resume else None
+    build_data(run)
+    build_optimization(run, decoder)
+    if resume is not None:
+        restore(run, *resume)
+    run.batches = iter(make_loader(run))
+    open_logs(run)
+    return run
+
+
+def make_accelerator(config: TrainConfig):
+    from accelerate import Accelerator
+
+    mixed_precision = config.mixed_precision
+    if mixed_precision == "auto":
+        on_gpu = torch.cuda.is_available() and not config.cpu
+        mixed_precision = "bf16" if on_gpu and torch.cuda.is_bf16_supported() else "no"
+    return Accelerator(mixed_precision=mixed_precision, cpu=config.cpu)
+
+
+def build_models(run: Run) -> LatentDecoder:
+    """The teacher and the loss on ``run``; returns the student, checked against both."""
+    from accelerate.utils import set_seed
+
+    from ..teachers import load_teacher
+
+    config = run.config
+    run.teacher = load_teacher(config.teacher, decoder=config.teacher_decoder, latent_space=config.latent_space)
+    set_seed(config.seed)  # the student's initialisation must not depend on what the teacher loading drew
+    decoder = build_student(config, run.teacher.latent_space)
+    check_setup(config, run.teacher, decoder)
+    weights = LossWeights(l1=config.l1, mse=config.mse, ms_ssim=config.ms_ssim, lpips=config.lpips,
+                          teacher=config.teacher_weight, temporal=config.temporal, adversarial=config.adversarial)
+    run.criterion = DistillLoss(weights, config.lpips_weights)
+    return decoder
+
+
+def build_data(run: Run) -> None:
+    """The data folders, the run folder, the latent cache and (rank 0) the encoded validation crops."""
+    config, teacher = run.config, run.teacher
+    with warnings.catch_warnings():
+        if not run.is_main:  # one warning per bad file, not one per process
+            warnings.simplefilter("ignore")
+        run.dataset = open_folder(config.data, config.resolution, teacher.spatial_factor, config.frames)
+        val_set = open_folder(config.val, config.resolution, teacher.spatial_factor, config.frames) if config.val else None
+    if run.is_main:
+        prepare_output_dir(run.out)  # a file or an unwritable folder at --out fails before the encoding pass
+    cache_root = Path(config.cache_dir or os.environ.get("FASTDEC_CACHE") or Path.home() / ".cache/fastdec/latents")
+    teacher.to(run.device)
+    with run.accelerator.main_process_first():
+        run.cache = build_cache(run.dataset, teacher, cache_root, per_file=config.crops_per_image, seed=config.seed,
+                                batch_size=config.device_batch_encode, num_workers=config.workers,
+                                progress=run.is_main)
+    if run.is_main and run.dataset.skipped:
+        print(f"skipped {len(run.dataset.skipped)} unreadable file(s) in {run.dataset.root}")
+    if val_set is not None and run.is_main:
+        run.val = prepare_val_set(val_set, teacher, config.val_count, config.device_batch_encode)
+
+
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warm-up to 1, then cosine decay to ``min_ratio`` at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_optimization(run: Run, decoder: LatentDecoder) -> None:
+    """The EMA copy, AdamW with its schedule, the optional discriminator; all prepared by accelerate."""
+    config, accelerator = run.config, run.accelerator
+    run.ema = copy.deepcopy(decoder).requires_grad_(False)
+    model = TrainView(decoder)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.99), weight_decay=config.weight_decay)
+    run.scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, config.warmup, config.steps, config.min_lr_ratio))
+    if config.adversarial:
+        discriminator = PatchDiscriminator()
+        disc_optimizer = torch.optim.AdamW(discriminator.parameters(), lr=config.disc_lr, betas=(0.5, 0.99))
+        run.discriminator, run.disc_optimizer = accelerator.prepare(discriminator, disc_optimizer)
+    run.model, run.optimizer = accelerator.prepare(model, optimizer)
+    run.ema.to(run.device)
+
+
+def restore(run: Run, path: Path, state: dict[str, Any]) -> None:
+    """Continue where ``state`` (read by :func:`load_resume_state`) stopped: weights, optimizers, step, RNG."""
+    if (run.discriminator is not None) != ("discriminator" in state):
+        raise TrainError(f"{path} was written by a run {'without' if run.discriminator else 'with'} --adversarial: "
+                         "resume with the options it was trained with")
+    run.student.load_state_dict(state["model"])
+    run.ema.load_state_dict(state["ema"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    if run.discriminator is not None:
+        run.accelerator.unwrap_model(run.discriminator).load_state_dict(state["discriminator"])
+        run.disc_optimizer.load_state_dict(state["disc_optimizer"])
+    run.step = state["step"]
+    if state.get("cache_key") != run.cache.key:
+        warnings.warn(f"{path} was trained on other data or crops (latent cache {state.get('cache_key')}, "
+                      f"now {run.cache.key}): weights and optimizer resume, the data order starts afresh", stacklevel=2)
+    rng = state["rng"]
+    set_rng_state(rng[run.rank] if run.rank < len(rng) else rng[0])
+    run.rows = read_csv(run.out / "metrics.csv", run.step)
+    if run.is_main:
+        print(f"resumed from {path} at step {run.step}")
+
+
+def make_loader(run: Run) -> torch.utils.data.DataLoader:
+    """Batches of (pixels, latents, ids) in the global order, from the step the run is at."""
+    config = run.config
+    sampler = GlobalBatches(len(run.cache), config.batch_size, run.rank, run.world, config.seed,
+                            start=run.step * config.grad_accum)
+    return torch.utils.data.DataLoader(
+        CachedCrops(run.cache, run.dataset), batch_sampler=sampler, num_workers=config.workers,
+        pin_memory=run.device.type == "cuda", persistent_workers=config.workers > 0,
+    )
+
+
+def open_logs(run: Run) -> None:
+    """config.json and TensorBoard (rank 0), the per-rank sample log (``--log-samples``)."""
+    if run.is_main:
+        write_json(run.out / "config.json", dataclasses.asdict(run.config))
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            run.tensorboard = SummaryWriter(str(run.out / "tensorboard"))
+        except ImportError:
+            pass
+    if run.config.log_samples:
+        (run.out / "samples").mkdir(parents=True, exist_ok=True)
+        run.sample_log = open(run.out / "samples" / f"rank{run.rank}.jsonl", "a")
+
+
+# ----------------------------------------------------------------------------- 2. one train step
+def forward_loss(run: Run, pixels: torch.Tensor, latents: torch.Tensor, use_gan: bool):
+    """The student's prediction and its loss (terms in ``parts``), under autocast."""
+    weights = run.criterion.weights
+    with run.accelerator.autocast():
+        pred = run.model(latents)
+        teacher_out = None
+        if weights.teacher:  # the teacher decodes frames, so clips are flattened and shaped back
+            flat = latents.flatten(0, 1) if run.config.frames else latents
+            teacher_out = run.teacher.decode(flat).view(pred.shape)
+        loss, parts = run.criterion(pred.float(), pixels, teacher_out)
+        if use_gan:
+            g_loss = hinge_g_loss(run.discriminator(pred.float()))
+            parts["gan_g"] = float(g_loss.detach())
+            loss = loss + weights.adversarial * g_loss
+    return pred, loss, parts
+
+
+def train_step(run: Run) -> StepResult:
+    """One optimizer step over ``--grad-accum`` micro-batches; gradients sync on the last one only."""
+    config, accelerator = run.config, run.accelerator
+    run.model.train()
+    use_gan = run.discriminator is not None and run.step >= config.adv_start
+    ids: list[int] = []
+    for micro in range(config.grad_accum):
+        pixels, latents, batch_ids = next(run.batches)
+        ids += batch_ids.tolist()
+        pixels, latents = pixels.to(run.device, non_blocking=True), latents.to(run.device, non_blocking=True)
+        last_micro = micro == config.grad_accum - 1
+        with nullcontext() if last_micro else accelerator.no_sync(run.model):
+            pred, loss, parts = forward_loss(run, pixels, latents, use_gan)
+            accelerator.backward(loss / config.grad_accum)
+    if config.clip_grad:
+        accelerator.clip_grad_norm_(run.model.parameters(), config.clip_grad)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    if use_gan:  # the discriminator learns on the last micro-batch, after the generator step
+        parts["gan_d"] = discriminator_step(run, pixels, pred)
+    update_ema(run.ema, run.student, ema_decay(run.step, config.ema))
+    run.step += 1
+    return StepResult(loss, parts, ids)
+
+
+def discriminator_step(run: Run, pixels: torch.Tensor, pred: torch.Tensor) -> float:
+    run.disc_optimizer.zero_grad(set_to_none=True)
+    with run.accelerator.autocast():
+        d_loss = hinge_d_loss(run.discriminator(pixels), run.discriminator(pred.detach().float()))
+    run.accelerator.backward(d_loss)
+    run.disc_optimizer.step()
+    return float(d_loss.detach())
+
+
+# ----------------------------------------------------------------------------- 3. validate and log
+def run_validation(run: Run) -> dict[str, float]:
+    """The EMA decoder on the validation crops, with a grid for this step (rank 0; empty without --val)."""
+    if not run.val:
+        return {}
+    grid = run.out / "grids" / f"step_{run.step:08d}.png"
+    return validate(run.ema, run.val, grid, run.config.device_batch_encode)
+
+
+def validate_untrained(run: Run) -> None:
+    """Step 0 of a new run: the untrained decoder's score, and the teacher decoder's, the target to beat."""
+    if not (run.is_main and run.step == 0 and run.val):
+        return
+    metrics = run_validation(run)
+    message = f"step 0 (untrained): val PSNR {metrics['val_psnr']:.2f} dB, SSIM {metrics['val_ssim']:.4f}"
+    if "teacher" in run.val:
+        metrics |= teacher_scores(run.val)
+        message += f"; teacher decoder: {metrics['teacher_val_psnr']:.2f} dB, SSIM {metrics['teacher_val_ssim']:.4f}"
+    run.rows.append({"step": 0, **metrics})
+    write_csv(run.out / "metrics.csv", run.rows)
+    print(message)
+
+
+def _speed(run: Run) -> float:
+    """Images (frames) per second since the last measurement, over all ranks."""
+    config = run.config
+    now, (last_time, last_step) = time.perf_counter(), run.clock
+    run.clock = (now, run.step)
+    images_per_step = config.batch_size * config.grad_accum * run.world * (config.frames or 1)
+    return (run.step - last_step) * images_per_step / max(now - last_time, 1e-9)
+
+
+def log_and_validate(run: Run, result: StepResult, bar) -> None:
+    config, step = run.config, run.step
+    row: dict[str, Any] = {}
+    if step % config.log_every == 0 or step == run.stop:
+        speed, loss = _speed(run), float(result.loss.detach())
+        row = {"step": step, "loss": loss, **result.parts, "lr": run.scheduler.get_last_lr()[0], "images_per_s": speed}
+        bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{speed:.1f}")
+    if run.val and (step % config.val_every == 0 or step == config.steps):
+        row = {"step": step, **row, **run_validation(run)}
+        bar.write(f"step {step}: val PSNR {row['val_psnr']:.2f} dB, SSIM {row['val_ssim']:.4f}")
+    if row and run.is_main:
+        run.rows.append(row)
+        write_csv(run.out / "metrics.csv", run.rows)
+        if run.tensorboard is not None:
+            for key, value in row.items():
+                if key != "step":
+                    run.tensorboard.add_scalar(key, value, step)
+
+
+# ----------------------------------------------------------------------------- 4. checkpoint
+def save_checkpoint(run: Run) -> list[str]:
+    """Rank 0 writes; every rank gathers its RNG state first (a collective: every rank must call this)."""
+    from accelerate.utils import gather_object
+
+    states = gather_object([rng_state()]) if run.world > 1 else [rng_state()]
+    if not run.is_main:
+        return []
+    state = {
+        "model": run.student.state_dict(), "ema": run.ema.state_dict(),
+        "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(), "step": run.step,
+        "rng": states, "config": dataclasses.asdict(run.config), "cache_key": run.cache.key,
+    }
+    if run.discriminator is not None:
+        state["discriminator"] = run.accelerator.unwrap_model(run.discriminator).state_dict()
+        state["disc_optimizer"] = run.disc_optimizer.state_dict()
+    return [str(save_checkpoint_file(checkpoint_path(run.out, run.step), state))]
+
+
+def checkpoint(run: Run, result: StepResult) -> None:
+    """A checkpoint every ``--ckpt-every`` steps and at the last step; the sample log notes what was written."""
+    due = run.step % run.config.ckpt_every == 0 or run.step == run.stop
+    wrote = save_checkpoint(run) if due else []
+    if run.sample_log is not None:
+        run.sample_log.write(json.dumps({"step": run.step, "rank": run.rank, "ids": result.ids, "wrote": wrote}) + "\n")
+        run.sample_log.flush()
+
+
+# ----------------------------------------------------------------------------- 5. export
+def close_logs(run: Run) -> None:
+    if run.sample_log is not None:
+        run.sample_log.close()
+    if run.tensorboard is not None:
+        run.tensorboard.close()
+
+
+def export(run: Run) -> Path:
+    """The EMA weights as ``OUT/decoder.safetensors`` once ``--steps`` are done (rank 0); else the run folder."""
+    run.accelerator.wait_for_everyone()
+    result = run.out
+    if run.is_main and run.step >= run.config.steps:
+        result = save_decoder(run.ema.cpu(), run.out / "decoder.safetensors",
+                              extra_metadata={"trained_steps": str(run.step), "teacher": str(run.config.teacher)})
+        print(f"exported {result} (EMA weights, {run.step} steps)")
+    run.accelerator.end_training()
+    return result

@@ -1,0 +1,145 @@
+"""Every command alike: one decoder resolution (resolve_decoder's precedence rule) and one error path
+(``fastdec <command>: error: <message>`` on stderr, exit status 2, nothing on stdout)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from _train_helpers import make_images, tiny_decoder_file, tiny_encoder_file
+
+import fastdec.resolve
+from fastdec.cli import main
+from fastdec.errors import CheckpointError, DecoderSpecError
+from fastdec.pretrained import PRETRAINED, PretrainedDecoder
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture
+def inputs(tmp_path) -> dict[str, Path]:
+    latents = tmp_path / "lat.pt"
+    torch.save(torch.randn(1, 4, 4, 4), latents)
+    clip = tmp_path / "clip.pt"
+    torch.save(torch.randn(3, 4, 4, 4), clip)
+    return {
+        "latents": latents, "clip": clip, "images": make_images(tmp_path / "images", 2, size=(32, 32)),
+        "teacher": tiny_encoder_file(tmp_path / "taesdxl_encoder.pth"),
+        "decoder": tiny_decoder_file(tmp_path / "decoder.safetensors"), "out": tmp_path / "out",
+    }
+
+
+# every command that takes a decoder spec, as argv given the spec
+DECODER_COMMANDS = {
+    "decode": lambda i, spec: ["decode", str(i["latents"]), "--decoder", spec, "--out", str(i["out"])],
+    "decode-video": lambda i, spec: ["decode-video", str(i["clip"]), "--decoder", spec,
+                                     "--out", str(i["out"] / "v.mp4")],
+    "decode-batch": lambda i, spec: ["decode-batch", "--latents", str(i["latents"]), "--decoder", spec,
+                                     "--out", str(i["out"]), "--no-progress"],
+    "export onnx": lambda i, spec: ["export", "onnx", "--decoder", spec, "--out", str(i["out"] / "d.onnx")],
+    "eval images": lambda i, spec: ["eval", "images", "--data", str(i["images"]), "--teacher", str(i["teacher"]),
+                                    "--decoder", spec, "--out", str(i["out"])],
+    "train --init": lambda i, spec: ["train", "--teacher", str(i["teacher"]), "--decoder", "tae-64", "--init", spec,
+                                     "--data", str(i["images"]), "--resolution", "32", "--steps", "1",
+                                     "--out", str(i["out"])],
+}
+
+
+def _run(argv: list[str], capsys) -> tuple[int, str, str]:
+    rc = main(argv)
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+def _fails_with(argv: list[str], capsys, prefix: str, *needles: str) -> None:
+    rc, out, err = _run(argv, capsys)
+    assert rc == 2, err
+    assert err.startswith(f"fastdec {prefix}: error: "), err
+    for needle in needles:
+        assert needle in err, err
+    assert "Traceback" not in err and not out.strip().startswith("error")
+
+
+@pytest.fixture
+def fake_pretrained(monkeypatch):
+    """A registered pretrained name whose weights file is reported missing: proves the name reached
+    the pretrained branch of the resolver (the real weights are the next issue's)."""
+    class Missing(PretrainedDecoder):
+        def path(self) -> Path:
+            raise DecoderSpecError(f"PRETRAINED-LOOKUP {self.name}")
+
+    monkeypatch.setitem(PRETRAINED, "test-pretrained", Missing("test-pretrained", "x.safetensors", "sdxl", "test"))
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    def download(repo_id: str) -> Path:
+        raise CheckpointError(f"HUB-DOWNLOAD {repo_id}")
+
+    monkeypatch.setattr(fastdec.resolve, "download", download)
+
+
+SPECS = {
+    # spec -> what every command must say
+    "missing file": ("runs/missing.safetensors", "decoder file 'runs/missing.safetensors' not found"),
+    "untrained preset": ("tae-64", "untrained architecture"),
+    "pretrained name": ("test-pretrained", "PRETRAINED-LOOKUP test-pretrained"),
+    "hub id": ("someone/some-decoder", "HUB-DOWNLOAD someone/some-decoder"),
+    "unknown name": ("no-such-decoder", "is not a decoder file, folder, pretrained name or Hub id"),
+}
+
+
+@pytest.mark.parametrize("kind", list(SPECS))
+@pytest.mark.parametrize("command", list(DECODER_COMMANDS))
+def test_every_command_resolves_a_spec_the_same_way(command, kind, inputs, fake_pretrained, fake_hub, capsys):
+    spec, message = SPECS[kind]
+    if command == "train --init" and kind == "untrained preset":
+        message = "untrained architecture"  # --init wants weights: a preset is refused there too
+    _fails_with(DECODER_COMMANDS[command](inputs, spec), capsys, command.split(" --")[0], message)
+    assert not inputs["out"].exists() or not any(inputs["out"].rglob("*.png"))
+
+
+def test_a_corrupt_checkpoint_is_the_same_error_everywhere(inputs, capsys):
+    bad = inputs["out"].parent / "bad.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    for command, argv in DECODER_COMMANDS.items():
+        _fails_with(argv(inputs, str(bad)), capsys, command.split(" --")[0], "cannot read checkpoint", str(bad))
+
+
+def test_a_local_file_wins_over_a_preset_name(tmp_path, monkeypatch):
+    """Rule 2 before rule 4: a file of yours named like a preset is what you mean."""
+    monkeypatch.chdir(tmp_path)
+    tiny_decoder_file(tmp_path / "tae-64" / "decoder.safetensors")  # a checkpoint folder named like a preset
+    decoder = fastdec.resolve.resolve_decoder("tae-64")
+    assert decoder.config.width == 16  # the file's (test-size) decoder, not the width-64 preset
+
+
+def test_random_weights_builds_the_preset(inputs, capsys):
+    argv = DECODER_COMMANDS["decode"](inputs, "tae-64") + ["--random-weights", "--quiet"]
+    rc, out, err = _run(argv, capsys)
+    assert rc == 0, err
+    assert len(list(inputs["out"].glob("*.png"))) == 1
+
+
+# every command, a missing input file: the same prefix, stderr, exit 2
+MISSING_INPUT = {
+    "decode": lambda i, m: ["decode", str(m), "--decoder", str(i["decoder"]), "--out", str(i["out"])],
+    "decode-video": lambda i, m: ["decode-video", str(m), "--decoder", str(i["decoder"]),
+                                  "--out", str(i["out"] / "v.mp4")],
+    "decode-batch": lambda i, m: ["decode-batch", "--latents", str(m), "--decoder", str(i["decoder"]),
+                                  "--out", str(i["out"]), "--no-progress"],
+    "export onnx": lambda i, m: ["export", "onnx", "--decoder", str(m), "--out", str(i["out"] / "d.onnx")],
+    "eval images": lambda i, m: ["eval", "images", "--data", str(m), "--teacher", str(i["teacher"]),
+                                 "--decoder", str(i["decoder"])],
+    "eval video": lambda i, m: ["eval", "video", "--data", str(m), "--teacher", str(i["teacher"]),
+                                "--decoder", str(i["decoder"])],
+    "train": lambda i, m: ["train", "--teacher", str(i["teacher"]), "--decoder", "tae-64", "--data", str(m),
+                           "--resolution", "32", "--steps", "1", "--out", str(i["out"])],
+    "bench": lambda i, m: ["bench", "--decoders", str(m), "--baselines", "none", "--sizes", "64"],
+}
+
+
+@pytest.mark.parametrize("command", list(MISSING_INPUT))
+def test_a_missing_input_file_is_the_same_error_in_every_command(command, inputs, capsys):
+    missing = inputs["out"].parent / "missing" / "input.safetensors"
+    _fails_with(MISSING_INPUT[command](inputs, missing), capsys, command, str(missing))
