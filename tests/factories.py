@@ -28,6 +28,9 @@ def tiny_config(preset: str, space: str = "sdxl", **overrides: Any) -> dict:
     full = PRESETS[preset].make_config(get_latent_space(space))
     if "stage_blocks" in full:
         tiny["stage_blocks"] = tuple(1 for _ in full["stage_blocks"])
+    if architecture == "tae" and full.get("widths"):  # per-stage widths (tae-turbo, tae-large): kept, scaled down
+        tiny["widths"] = tuple(max(4, w // 8) for w in full["widths"])
+        tiny["width"] = tiny["widths"][0]
     if "depths" in full:
         tiny["depths"] = tuple(min(d, 1) for d in full["depths"])
     return {**tiny, **overrides}

@@ -156,3 +156,138 @@ def test_taesd_pth_detects_latent_space(tmp_path):
     with torch.no_grad():
         # two modules built apart with the same weights: fp32 kernels may differ by a few ulps between them
         torch.testing.assert_close(loaded(z), decoder(z), atol=1e-6, rtol=1e-5)
+
+
+# -- per-stage widths: the real TAESana decoder layout, round trips, old uniform files -----------------------
+def taesd_decoder_layout(latent_channels, widths, stage_blocks, final_blocks):
+    """A TAESD-family decoder state dict built key for key, with random weights, and its layer list.
+
+    Written from madebyollin/taesd's taesd.py, independently of fastdec's model code: ``Decoder`` is
+    nn.Sequential(Clamp(), conv(latent_channels, w0), ReLU(), then per stage Block(w, w) x n, Upsample(),
+    conv(w, w_next, bias=False), then the final Block(s), conv(w_last, 3)); ``Block`` holds ``conv`` =
+    Sequential(conv, ReLU, conv, ReLU, conv) (keys conv.0/2/4) and a 1x1 ``skip`` only when its in/out widths
+    differ (never in these layouts: widths change in the conv after each upsampling). Its ``F32Decoder`` (TAESana,
+    Sana's 32x DC-AE space) is Clamp, conv(32->256), ReLU, 3 blocks, Upsample, conv(256->128, no bias), 3 blocks,
+    Upsample, conv(128->64), then three times (3 blocks, Upsample, conv(64->64)), 1 block, conv(64->3): widths
+    (256, 128, 64, 64, 64, 64), 3 blocks in each of its 5 stages, 1 final block. (The issue described 1-block
+    high-resolution stages; taesd.py has 3. The loader reads the counts from the keys: both are tested.)"""
+    generator = torch.Generator().manual_seed(0)
+
+    def conv(n_in, n_out, bias=True, k=3):
+        # He-scaled so activations stay O(1) through 20 layers and every weight matters
+        weight = torch.randn(n_out, n_in, k, k, generator=generator) * (2 / (n_in * k * k)) ** 0.5
+        return {"weight": weight, **({"bias": 0.1 * torch.randn(n_out, generator=generator)} if bias else {})}
+
+    def block(w):
+        return ("block", {f"conv.{i}.{k}": v for i in (0, 2, 4) for k, v in conv(w, w).items()})
+
+    layers = [("clamp", None), ("conv", conv(latent_channels, widths[0])), ("relu", None)]
+    for stage, n_blocks in enumerate(stage_blocks):
+        layers += [block(widths[stage]) for _ in range(n_blocks)]
+        layers += [("up", None), ("conv", conv(widths[stage], widths[stage + 1], bias=False))]
+    layers += [block(widths[-1]) for _ in range(final_blocks)] + [("conv", conv(widths[-1], 3))]
+    state = {f"{index}.{key}": value for index, (_, params) in enumerate(layers) for key, value in (params or {}).items()}
+    return state, layers
+
+
+def reference_decode(layers, z):
+    """The original nn.Sequential's forward, written out with torch.nn.functional (no fastdec code)."""
+    import torch.nn.functional as F
+
+    def conv(x, p):
+        return F.conv2d(x, p["weight"], p.get("bias"), padding=1)
+
+    x = z
+    for kind, params in layers:
+        if kind == "clamp":
+            x = torch.tanh(x / 3) * 3
+        elif kind == "relu":
+            x = F.relu(x)
+        elif kind == "up":
+            x = F.interpolate(x, scale_factor=2, mode="nearest")
+        elif kind == "conv":
+            x = conv(x, params)
+        else:
+            p = {i: {"weight": params[f"conv.{i}.weight"], "bias": params[f"conv.{i}.bias"]} for i in (0, 2, 4)}
+            h = conv(F.relu(conv(F.relu(conv(x, p[0])), p[2])), p[4])
+            x = F.relu(h + x)
+    return x
+
+
+TAESANA = dict(latent_channels=32, widths=(256, 128, 64, 64, 64, 64), stage_blocks=(3, 3, 3, 3, 3), final_blocks=1)
+
+
+@pytest.mark.parametrize("layout", [
+    TAESANA,  # taesd.py's F32Decoder
+    dict(TAESANA, stage_blocks=(3, 3, 3, 1, 1)),  # the same widths with 1-block high-resolution stages
+    dict(latent_channels=16, widths=(256, 128, 64, 64), stage_blocks=(3, 3, 3), final_blocks=1),  # TAEHV's widths
+])
+def test_taesana_decoder_layout_loads_strictly_and_decodes_as_the_original(tmp_path, layout):
+    state, layers = taesd_decoder_layout(**layout)
+    name = "taesana_decoder.pth" if layout["latent_channels"] == 32 else "taef1_decoder.pth"
+    torch.save(state, tmp_path / name)
+    decoder = load_decoder(tmp_path / name).eval()
+    assert decoder.config.stage_widths == layout["widths"]
+    assert decoder.config.stage_blocks == layout["stage_blocks"] and decoder.config.final_blocks == 1
+    assert decoder.latent_space.name == ("sana" if layout["latent_channels"] == 32 else "flux1")
+    z = 2 * torch.randn(1, layout["latent_channels"], 2, 3, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours, theirs = decoder.decode_layers(z), reference_decode(layers, z)
+    assert ours.shape == theirs.shape == (1, 3, 2 * decoder.upsample_factor, 3 * decoder.upsample_factor)
+    assert theirs.std() > 0.1  # a real picture, so a wrong layer would show
+    # the same fp32 convolutions in the same order: equal up to rounding (~1e-6 on O(1) values)
+    assert (ours - theirs).abs().max() <= 1e-4 * theirs.abs().max()
+    # strict: a key too many (a skip conv in a block whose widths are equal) is refused
+    torch.save({**state, "3.skip.weight": torch.zeros(256, 256, 1, 1)}, tmp_path / f"extra_{name}")
+    with pytest.raises(CheckpointError, match=r"(?s)does not match.*Unexpected key.*layers\.3\.skip\.weight"):
+        load_decoder(tmp_path / f"extra_{name}")
+
+
+def test_real_taesana_encoder_latents_decode_with_the_taesana_layout(tmp_path):
+    """A sanity check of the encoder side: the real TAESana encoder's latents fit the decoder layout."""
+    from conftest import shared_path
+
+    encoder = load_encoder(shared_path("weights", "taesana_encoder.pth"))
+    state, _ = taesd_decoder_layout(**TAESANA)
+    torch.save(state, tmp_path / "taesana_decoder.pth")
+    decoder = load_decoder(tmp_path / "taesana_decoder.pth")
+    assert encoder.latent_space.name == decoder.latent_space.name == "sana"
+    with torch.no_grad():
+        out = decoder(encoder(torch.rand(1, 3, 64, 96)))
+    assert out.shape == (1, 3, 64, 96)
+
+
+@pytest.mark.parametrize("preset", ["tae-turbo", "tae-large"])
+def test_per_stage_widths_and_head_round_trip(tmp_path, preset, make_decoder):
+    decoder = make_decoder(preset, "flux2")
+    path = save_decoder(decoder, tmp_path / f"{preset}.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        stored = json.loads(f.metadata()["config"])  # the metadata carries the layout
+    assert tuple(stored["widths"]) == decoder.config.widths and stored["head"] == decoder.config.head
+    loaded = load_decoder(path)
+    assert loaded.config == decoder.config
+    z = torch.randn(1, 32, 3, 4)
+    with torch.no_grad():
+        assert torch.equal(loaded(z), decoder(z))
+
+
+def test_uniform_checkpoints_written_before_per_stage_widths_load_unchanged(tmp_path, make_decoder):
+    """Files from before the widths/head fields hold a config JSON with ``width`` only."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    decoder = make_decoder("tae-64", "flux2", width=16)
+    path = save_decoder(decoder, tmp_path / "new.safetensors")
+    with safe_open(str(path), "pt") as f:
+        meta = dict(f.metadata())
+    config = json.loads(meta["config"])
+    assert config.pop("widths") is None and config.pop("head") == "conv"
+    meta["config"] = json.dumps(config, sort_keys=True)
+    save_file(load_file(str(path)), str(tmp_path / "old.safetensors"), metadata=meta)
+    old = load_decoder(tmp_path / "old.safetensors")
+    assert old.config == decoder.config and old.config.stage_widths == (16,) * 4 and old.config.head == "conv"
+    z = torch.randn(1, 32, 3, 4)
+    with torch.no_grad():
+        assert torch.equal(old(z), decoder(z))

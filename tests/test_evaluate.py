@@ -364,3 +364,52 @@ def test_old_import_paths_keep_working():
     assert old.EvalError is EvalError and callable(old.add_commands)
     assert old_metrics.psnr is M.psnr and old_metrics.FrechetStats is M.FrechetStats
     assert old_metrics.MetricUnavailable is M.MetricUnavailable and old_metrics.SSIM_KERNEL == 11
+
+
+# ----------------------------------------------------------------------------- VIF and gradient energy (issue 13)
+def test_vif_and_gradient_energy_in_every_report_format(tiny_images, tiny_decoder, latents, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["eval", "images", "--data", str(tiny_images), "--latents", str(latents),
+                 "--decoder", str(tiny_decoder), "--out", str(out), "--grid", "0"]) == 0
+    terminal = capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    stats = report["decoders"]["tiny"]["metrics"]["original"]
+    decoder = load_decoder(tiny_decoder)
+    expected = {"vif": [], "gradient_energy": []}
+    for path in sorted(tiny_images.glob("*.png")):  # decoded independently: the same crop as the latents test
+        image = torch.from_numpy(np.array(Image.open(path))).permute(2, 0, 1)[None].float() / 255
+        original = image[..., 2:58, 1:81]
+        with torch.no_grad():
+            decoded = decoder(_stored_latent(latents, path.stem)[None])
+        expected["vif"].append(float(M.vif(decoded, original)[0]))
+        expected["gradient_energy"].append(float(M.gradient_energy_ratio(decoded, original)[0]))
+    with open(out / "per_image.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r["reference"] == "original"]
+    for metric, values in expected.items():
+        stat = stats[metric]
+        # the same checkpoint decoding the same latents in both paths: float32 reordering only
+        np.testing.assert_allclose([float(r[metric]) for r in rows], values, rtol=1e-4, atol=1e-5)
+        assert stat["mean"] == pytest.approx(np.mean(values), rel=1e-4, abs=1e-5) and stat["n"] == 3
+        assert stat["ci_low"] < stat["mean"] < stat["ci_high"] and stat["confidence"] == 0.95
+    # an untrained decoder against photos: little information and none of the edges
+    assert 0 <= stats["vif"]["mean"] < 0.5
+    md = (out / "report.md").read_text()
+    for text in (md, terminal):
+        assert "| VIF ↑ |" in text and "| gradient energy → 1 |" in text
+    assert "0-255" in md and "Sobel" in md  # what was passed and computed is in the report
+    assert "0-255" in report["settings"]["vif"]
+
+
+def test_vif_is_left_out_with_a_note_for_images_under_41_px(tmp_path, tiny_decoder):
+    from safetensors.torch import save_file
+
+    images, latent_dir = tmp_path / "small", tmp_path / "small_latents"
+    images.mkdir(), latent_dir.mkdir()
+    rng = np.random.default_rng(0)
+    for k in range(2):  # 40 x 48 px: room for SSIM and the Sobel filter, not for VIF's 41-px windows
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(images / f"s{k}.png")
+        save_file({"latents": torch.randn(1, 4, 5, 6)}, str(latent_dir / f"s{k}.safetensors"))
+    report = evaluate_images(images, [str(tiny_decoder)], latents=latent_dir, grid=0)
+    stats = report["decoders"]["tiny"]["metrics"]["original"]
+    assert "vif" not in stats and stats["gradient_energy"]["n"] == 2
+    assert any("VIF omitted" in n and "41 px" in n for n in report["notes"])

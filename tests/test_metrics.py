@@ -349,3 +349,75 @@ def test_torchscript_extractors(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"junk")
     with pytest.raises(EvalError, match="not a TorchScript module"):
         M.TorchScriptExtractor(tmp_path / "junk.pt")
+
+
+# ----------------------------------------------------------------------------- VIF and gradient energy (issue 13)
+def _astronaut_crop() -> np.ndarray:
+    return data.astronaut()[100:260, 120:280].astype(np.float64) / 255  # 160 x 160: a face, hair and a flag
+
+
+def test_vif_is_one_for_the_image_itself_and_falls_with_blur_and_noise():
+    photo = _astronaut_crop()
+    rng = np.random.default_rng(0)
+    x = _t(photo)
+    # identical inputs: every local covariance equals the variance, so each scale's information ratio is 1;
+    # float32 gives exactly that (the same operations on the same numbers on both sides), 1e-6 is float32 eps
+    assert float(M.vif(x, x)[0]) == pytest.approx(1.0, abs=1e-6)
+    blur_1 = _t(filters.gaussian(photo, sigma=1.0, channel_axis=2))
+    blur_3 = _t(filters.gaussian(photo, sigma=3.0, channel_axis=2))
+    noise_small = _t(np.clip(photo + rng.normal(0, 0.01, photo.shape), 0, 1))
+    noise_large = _t(np.clip(photo + rng.normal(0, 0.05, photo.shape), 0, 1))
+    scores = {name: float(M.vif(y, x)[0]) for name, y in
+              (("blur 1", blur_1), ("blur 3", blur_3), ("noise .01", noise_small), ("noise .05", noise_large))}
+    assert all(0 < v < 0.9 for k, v in scores.items() if k != "noise .01"), scores
+    assert scores["blur 3"] < scores["blur 1"] and scores["noise .05"] < scores["noise .01"] < 1, scores
+    # in 8-bit units noise is a loss of information; on [0, 1] tensors torchmetrics' sigma_n^2 = 2 would hide it
+    from torchmetrics.functional.image import visual_information_fidelity
+
+    assert float(visual_information_fidelity(noise_large.double(), x.double())) > 0.95 > 0.6 > scores["noise .05"]
+
+
+def test_vif_is_torchmetrics_vif_in_8_bit_units():
+    from torchmetrics.image import VisualInformationFidelity
+
+    photo = _astronaut_crop()
+    x = _t(photo)
+    y = _t(np.clip(filters.gaussian(photo, sigma=0.8, channel_axis=2)
+                   + np.random.default_rng(1).normal(0, 0.02, photo.shape), 0, 1))
+    pred, target = torch.cat([y, x]), torch.cat([x, y])
+    reference = VisualInformationFidelity(reduction="none")(pred.double() * 255, target.double() * 255)
+    # float32 on mean-centred 0-255 values vs the float64 metric class: 1e-4 covers float32's rounding of
+    # local variances (measured: < 1e-4 on real decodes, see M.vif), far below a 0.01 CI
+    torch.testing.assert_close(M.vif(pred, target).double(), reference, rtol=0, atol=1e-4)
+    assert float(M.vif(y, x)[0]) != pytest.approx(float(M.vif(x, y)[0]), abs=1e-3)  # the reference is the 2nd
+    assert M.vif(x * 0.5, x * 0.5, data_range=0.5)[0] == pytest.approx(1.0, abs=1e-6)
+    with pytest.raises(M.MetricUnavailable, match="at least 41 px"):
+        M.vif(torch.rand(1, 3, 40, 64), torch.rand(1, 3, 40, 64))
+    assert M.vif(torch.rand(2, 3, 41, 41), torch.rand(2, 3, 41, 41)).shape == (2,)
+
+
+def test_gradient_energy_ratio_against_scipy_sobel():
+    from scipy import ndimage
+
+    photo = _astronaut_crop()
+    x = _t(photo)
+    blurred = filters.gaussian(photo, sigma=1.5, channel_axis=2)
+    noisy = np.clip(photo + np.random.default_rng(2).normal(0, 0.05, photo.shape), 0, 1)
+
+    def energy(image: np.ndarray) -> float:  # scipy's Sobel per channel, the 1-px border (padded) cut off
+        image = image.astype(np.float32).astype(np.float64)  # what the float32 tensor holds
+        return sum(float((ndimage.sobel(image[..., c], axis=a)[1:-1, 1:-1] ** 2).sum())
+                   for c in range(3) for a in (0, 1))
+
+    for other in (blurred, noisy):
+        expected = energy(other) / energy(photo)
+        # float64 sums of the same products in another order: 1e-6 relative is ample
+        assert float(M.gradient_energy_ratio(_t(other), x)[0]) == pytest.approx(expected, rel=1e-6)
+    assert float(M.gradient_energy_ratio(x, x)[0]) == 1.0  # the same number divided by itself
+    # blur removes edge energy, noise adds some (measured here: 0.34 and 1.13)
+    assert float(M.gradient_energy_ratio(_t(blurred), x)[0]) < 0.5
+    assert float(M.gradient_energy_ratio(_t(noisy), x)[0]) > 1.05
+    flat = torch.full((1, 3, 16, 16), 0.5)
+    assert torch.isnan(M.gradient_energy_ratio(torch.rand(1, 3, 16, 16), flat)).all()
+    with pytest.raises(EvalError, match="crop both"):
+        M.gradient_energy_ratio(torch.rand(1, 3, 16, 16), torch.rand(1, 3, 16, 20))

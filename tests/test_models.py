@@ -246,3 +246,92 @@ def test_causal_names_live_in_causal_and_keep_their_old_temporal_path():
     for name in temporal.__all__:
         assert hasattr(temporal, name), name
     assert temporal.TemporalTAEDecoder.__module__ == "fastdec.models.temporal"
+
+
+# -- per-stage widths and the pixel-shuffle head ------------------------------------------------------------
+def test_per_stage_widths_map_one_stage_to_the_next():
+    from fastdec.models.blocks import ResBlock
+
+    config = TAEConfig(latent_channels=4, widths=(32, 16, 8, 4), stage_blocks=(1, 2, 1), final_blocks=2)
+    layers = tae_layers(config)
+    assert config.width == 32  # width is the first stage's
+    # the stem, the conv after each upsampling (one stage's width to the next), the output conv
+    convs = [(m.in_channels, m.out_channels) for m in layers if isinstance(m, torch.nn.Conv2d)]
+    assert convs == [(4, 32), (32, 16), (16, 8), (8, 4), (4, 3)]
+    assert [b.conv[0].in_channels for b in layers if isinstance(b, ResBlock)] == [32, 16, 16, 8, 4, 4]
+    decoder = create_decoder("tae-64", "sdxl", **{k: getattr(config, k) for k in ("widths", "stage_blocks")},
+                             width=None, final_blocks=2)
+    with torch.no_grad():
+        out = decoder(torch.randn(2, 4, 3, 5))
+    assert out.shape == (2, 3, 24, 40) and out.min() >= 0 and out.max() <= 1
+
+
+def test_widths_are_checked_and_have_one_spelling():
+    with pytest.raises(UsageError, match=r"widths=\(8, 8\) has 2 entries.*needs one per stage plus one.*4"):
+        TAEConfig(widths=(8, 8))
+    with pytest.raises(UsageError, match=r"width=64 but widths=\(32, 16, 8, 8\) starts at 32"):
+        TAEConfig(width=64, widths=(32, 16, 8, 8))
+    with pytest.raises(UsageError, match=r"widths=\(32, 0, 8, 8\); widths must hold integers"):
+        TAEConfig(widths=(32, 0, 8, 8))
+    with pytest.raises(UsageError, match="head='shuffle'; choose one of conv, pixel_shuffle"):
+        TAEConfig(head="shuffle")
+    # uniform widths are the old single width: the same config, so the same checkpoints
+    assert TAEConfig(widths=[8, 8, 8, 8]) == TAEConfig(width=8)
+    assert TAEConfig(width=8).widths is None and TAEConfig().width == 64
+    assert TAEConfig(widths=[32, 16, 8, 8]).widths == (32, 16, 8, 8)  # JSON lists become tuples
+
+
+@pytest.mark.parametrize("space", ["sdxl", "flux2", "sana"])
+def test_pixel_shuffle_head_runs_no_conv_at_full_resolution(space, make_decoder):
+    decoder = make_decoder("tae-64", space, head="pixel_shuffle")
+    s = get_latent_space(space)
+    h, w = (2, 3) if s.spatial_factor == 32 else (3, 5)
+    seen = []
+    for m in decoder.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            m.register_forward_hook(lambda mod, args, out: seen.append(tuple(args[0].shape[-2:])))
+    with torch.no_grad():
+        out = decoder(3 * torch.randn(2, s.channels, h, w))
+    f = s.spatial_factor
+    assert out.shape == (2, 3, f * h, f * w) and out.min() >= 0 and out.max() <= 1
+    assert max(seen) == (f * h // 2, f * w // 2)  # the last stage and the head run at half resolution
+    assert isinstance(decoder.layers[-1], torch.nn.PixelShuffle) and decoder.layers[-2].out_channels == 12
+
+
+def test_new_presets_flops_at_512px_in_the_flux2_space():
+    """GFLOPs of one 512x512 image, counted by the bench's counter on the meta device (no arithmetic)."""
+    from fastdec.bench.measure import count_flops
+
+    flops = {}
+    for name in ("tae-64", "tae-turbo", "tae-large"):
+        with torch.device("meta"):
+            decoder = create_decoder(name, "flux2")
+            z = torch.empty(1, 32, 64, 64)
+        flops[name] = count_flops(lambda: decoder.decode_layers(z)) / 1e9
+    print({k: round(v, 1) for k, v in flops.items()})
+    assert 142 < flops["tae-64"] < 143  # TAEF2's architecture: 142.3 GFLOPs
+    assert flops["tae-turbo"] <= 0.5 * flops["tae-64"]  # measured 61.7 (0.43x)
+    assert flops["tae-large"] <= 3 * flops["tae-64"]  # measured 293.6 (2.06x)
+    for name, value in flops.items():  # the descriptions carry the figures
+        assert f"{value:.1f} GFLOPs" in PRESETS[name].description, name
+    # tae-large's extra capacity sits in the low-resolution stages; tae-turbo runs nothing at full resolution
+    large, turbo = create_decoder("tae-large", "flux2").config, create_decoder("tae-turbo", "flux2").config
+    assert large.stage_widths == (256, 128, 64, 64) and large.stage_blocks == (5, 4, 3) and large.use_midblock_gn
+    assert turbo.head == "pixel_shuffle" and turbo.stage_widths == (128, 64, 48, 32)
+    assert create_decoder("tae-large", "sana").config.stage_widths == (256, 128, 64, 64, 64, 64)
+
+
+@pytest.mark.parametrize("preset", ["tae-causal-64", "tae-temporal-192"])
+def test_video_decoders_start_equal_to_a_per_stage_width_image_decoder(preset, make_decoder):
+    image = make_decoder("tae-64", "svd", widths=(16, 8, 8, 8), width=16, head="pixel_shuffle")
+    cls = ARCHITECTURES[PRESETS[preset].architecture]
+    overrides = {"head_dim": 8} if "temporal" in preset else {}
+    video = cls.from_image_decoder(image, **overrides).eval()
+    assert video.config.stage_widths == (16, 8, 8, 8) and video.config.head == "pixel_shuffle"
+    z = torch.randn(1, 3, 4, 2, 3)
+    with torch.no_grad():
+        out = video(z)
+        frames = image(z.flatten(0, 1)).unflatten(0, (1, 3))
+    assert out.shape == (1, 3, 3, 16, 24)
+    # the temporal parts start at zero: the same numbers, up to summation order in fp32
+    assert (out - frames).abs().max() <= 1e-5

@@ -36,6 +36,9 @@ def tiny_setup(tmp_path):
         "val": str(make_images(tmp_path / "val", 2, seed=9)),
         "cache_dir": str(tmp_path / "cache"),
         "resolution": 32, "batch_size": 2, "workers": 0, "warmup": 2, "log_every": 1, "val_every": 100,
+        # fp32 pinned: `auto` is bf16 on CPUs with native bf16, and these tests compare numbers across runs
+        # and against fp32 tolerances; the bf16 path has tests of its own below
+        "mixed_precision": "no",
     }
 
 
@@ -365,3 +368,108 @@ def test_gradient_accumulation_equals_a_bigger_batch(tiny_setup, tmp_path):
     # steps whose update divides by sqrt(v): a few 1e-6 relative per step, amplified where v is small
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- precision (issue 13, item 3)
+def test_precision_rule_for_every_kind_of_machine():
+    from fastdec.train.precision import cpu_bf16_flags, resolve_precision
+
+    amx, plain = ("avx512_bf16", "amx_bf16"), ()
+    # auto on a CPU: bf16 + channels_last exactly where the CPU has native bf16 arithmetic
+    fast = resolve_precision("auto", "auto", "cpu", cpu_flags=amx)
+    assert (fast.mixed_precision, fast.channels_last) == ("bf16", True) and "amx_bf16" in fast.reason
+    slow = resolve_precision("auto", "auto", "cpu", cpu_flags=plain)
+    assert (slow.mixed_precision, slow.channels_last) == ("fp32", False) and "no native bf16" in slow.reason
+    # auto on a GPU keeps its meaning: bf16 when supported, the layout as it was
+    assert resolve_precision("auto", "auto", "cuda", cuda_bf16=True).mixed_precision == "bf16"
+    assert resolve_precision("auto", "auto", "cuda", cuda_bf16=False).mixed_precision == "fp32"
+    assert not resolve_precision("auto", "auto", "cuda", cuda_bf16=True).channels_last
+    # explicit choices win; fp32 is there by both names
+    for name in ("no", "fp32"):
+        assert resolve_precision(name, "auto", "cpu", cpu_flags=amx).mixed_precision == "fp32"
+    assert resolve_precision("no", "on", "cpu", cpu_flags=amx).channels_last
+    assert not resolve_precision("bf16", "off", "cpu", cpu_flags=amx).channels_last
+    emulated = resolve_precision("bf16", "auto", "cpu", cpu_flags=plain)
+    assert emulated.mixed_precision == "bf16" and "slower than fp32" in emulated.reason
+    with pytest.raises(UsageError, match="fp16 needs a GPU"):
+        resolve_precision("fp16", "auto", "cpu", cpu_flags=amx)
+    with pytest.raises(UsageError, match="no bf16 support"):
+        resolve_precision("bf16", "auto", "cuda", cuda_bf16=False)
+    # the flags come from the first `flags` line of /proc/cpuinfo
+    info = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 avx512_vnni\nprocessor\t: 1\nflags\t: fpu\n"
+    assert cpu_bf16_flags(info) == ("avx512_bf16",)
+    assert cpu_bf16_flags("flags : fpu avx2 avx512f\n") == () and cpu_bf16_flags("") == ()
+
+
+def test_precision_options_from_flags_and_config_files(tmp_path, capsys):
+    # YAML 1.1 reads bare no / on / off as booleans: they mean the words they are
+    config_file = tmp_path / "train.yaml"
+    config_file.write_text("mixed-precision: no\nchannels-last: off\ndata: d\nout: o\nteacher: t\n")
+    config = make_config({}, str(config_file))
+    assert (config.mixed_precision, config.channels_last) == ("no", "off")
+    config_file.write_text("channels-last: on\ndata: d\nout: o\nteacher: t\n")
+    assert make_config({}, str(config_file)).channels_last == "on"
+    with pytest.raises(UsageError, match="--channels-last must be one of auto, on, off"):
+        make_config({"channels_last": "sideways", "data": "d", "out": "o", "teacher": "t"})
+    with pytest.raises(SystemExit) as exited:  # argparse refuses a word that is not a choice
+        cli_main(["train", "--teacher", "t", "--data", "d", "--out", "o", "--mixed-precision", "fp8"])
+    assert exited.value.code == 2 and "invalid choice: 'fp8'" in capsys.readouterr().err
+
+
+def _conv_output_dtypes(run) -> tuple[list[torch.dtype], list[tuple[torch.dtype, bool]]]:
+    """Hooks recording what the student's convolutions output and what the loss receives (dtype, autocast on)."""
+    convs, losses = [], []
+    for m in run.student.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            m.register_forward_hook(lambda module, args, out: convs.append(out.dtype))
+    run.criterion.register_forward_pre_hook(
+        lambda module, args: losses.append((args[0].dtype, torch.is_autocast_enabled(run.device.type))))
+    return convs, losses
+
+
+@pytest.mark.parametrize("mixed_precision, network_dtype", [("bf16", torch.bfloat16), ("no", torch.float32)])
+def test_a_train_step_runs_the_networks_in_its_precision_and_the_losses_in_fp32(
+        tiny_setup, tmp_path, mixed_precision, network_dtype):
+    from fastdec.train.config import validate_config
+    from fastdec.train.loop import build_run, close_logs, train_step
+
+    config = TrainConfig(**tiny_setup | {"mixed_precision": mixed_precision, "resolution": 48}, ms_ssim=0.5,
+                         steps=2, out=str(tmp_path / "run"))
+    run = build_run(validate_config(config))
+    convs, losses = _conv_output_dtypes(run)
+    conv = next(m for m in run.student.modules() if isinstance(m, torch.nn.Conv2d))
+    before = conv.weight.detach().clone()
+    result = train_step(run)
+    close_logs(run)
+    assert convs and set(convs) == {network_dtype}
+    assert losses == [(torch.float32, False)]  # MS-SSIM and L1 on fp32 tensors, autocast off
+    assert result.loss.dtype == torch.float32 and torch.isfinite(result.loss) and "ms_ssim" in result.parts
+    # the weights, their update and the EMA stay fp32; bf16 puts the student's convolutions in channels_last
+    assert conv.weight.dtype == torch.float32 and not torch.equal(conv.weight.detach(), before)
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last) == (mixed_precision == "bf16")
+    assert all(p.dtype == torch.float32 and p.is_contiguous() for p in run.ema.parameters())
+
+
+def test_a_bf16_run_resumes_and_continues(tiny_setup, tmp_path):
+    """bf16 autocast on the CPU (emulated where the CPU lacks native bf16: slower, same path)."""
+    bf16 = {**tiny_setup, "mixed_precision": "bf16", "steps": 6, "ckpt_every": 3}
+    straight = _run(**bf16, out=str(tmp_path / "straight"))
+    _run(**bf16, out=str(tmp_path / "resumed"), stop_at=3)
+    _run(**bf16, out=str(tmp_path / "resumed"), resume=True)
+    written = json.loads((tmp_path / "resumed" / "config.json").read_text())
+    assert written["mixed_precision"] == "bf16"
+    assert written["precision"]["mixed_precision"] == "bf16" and written["precision"]["channels_last"] is True
+    a, b = _weights(Path(straight.out)), _weights(tmp_path / "resumed")
+    first = load_file(str(Path(tiny_setup["decoder"])))
+    assert any(not torch.equal(a[k], first[k]) for k in a)  # it trained
+    # bf16 kernels are as deterministic as fp32 ones on one machine (one thread): the resumed run repeats the
+    # straight run's operations on the same numbers
+    _assert_same_weights(a, b)
+    state = read_checkpoint(tmp_path / "resumed" / "checkpoints" / "step_00000006.pt")
+    assert state["precision"]["mixed_precision"] == "bf16"
+    assert all(v.dtype == torch.float32 for v in state["model"].values() if v.is_floating_point())
+    # continuing it in fp32 works, and says it is no longer the straight run's computation
+    with pytest.warns(UserWarning, match="mixed_precision=bf16.*mixed_precision=fp32.*not bit-identically"):
+        _run(**bf16 | {"mixed_precision": "no", "steps": 8}, out=str(tmp_path / "resumed"), resume=True)
+    steps = [int(r["step"]) for r in csv.DictReader((tmp_path / "resumed" / "metrics.csv").open())]
+    assert steps == sorted(set(steps)) and steps[-1] == 8

@@ -22,6 +22,7 @@ _LAZY = {
     "optimize": "runtime",
     "decode_tiled": "runtime",
     "OnnxDecoder": "runtime",
+    "grow": "models.growth",
 }
 
 

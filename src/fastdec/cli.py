@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "fastdec.eval.cli",     # fastdec eval images|video
     "fastdec.decode.cli",   # fastdec decode, decode-video, decode-batch
     "fastdec.runtime.cli",  # fastdec export onnx
+    "fastdec.pretrained.cli",  # fastdec pretrained
 ]
 
 

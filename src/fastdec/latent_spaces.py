@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -126,16 +127,137 @@ class LatentSpace:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "LatentSpace":
-        known = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: v for k, v in d.items() if k in known}
-        for key in ("latents_mean", "latents_std"):
-            if kwargs.get(key) is not None:
-                kwargs[key] = tuple(kwargs[key])
-        return cls(**kwargs)
+        """A space from its :meth:`to_dict` record (checkpoint metadata, a config file), checked field by field.
+
+        A preset's name fills the fields the record leaves out from that preset, and the preset's shape fields
+        (channels, spatial factor, patch size, temporal) must agree with it; a name fastdec does not know must
+        give ``channels``, ``spatial_factor`` and ``scaling_factor`` itself. Anything else that does not fit
+        (unknown fields, a spatial factor of 7, a scaling factor of 0 or "abc", NaN) is a
+        :class:`LatentSpaceError` naming the field."""
+        if not isinstance(d, Mapping):
+            raise LatentSpaceError(f"a latent space record is a JSON object of fields, got {type(d).__name__}")
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(str(k) for k in d if k not in known)
+        if unknown:
+            raise LatentSpaceError(
+                f"unknown latent space field(s) {', '.join(map(repr, unknown))} (known: {', '.join(known)}): a newer "
+                "fastdec wrote it (upgrade fastdec), or the record is corrupt"
+            )
+        name = _check_space_name(d.get("name"))
+        preset = PRESETS.get(name)
+        if preset is None:
+            missing = [k for k in _DEFINING_FIELDS if k not in d]
+            if missing:
+                raise LatentSpaceError(
+                    f"latent space '{name}' is not one fastdec knows ({', '.join(PRESETS)}) and its record lacks "
+                    f"{', '.join(missing)}: name a known space, or give {', '.join(_DEFINING_FIELDS)}"
+                )
+        base = preset.to_dict() if preset is not None else {}
+        kwargs = {**base, **d}
+        checked = {key: _check_space_field(key, kwargs[key], kwargs) for key in kwargs}
+        if preset is not None:
+            _check_agrees_with_preset(checked, preset)
+        return cls(**checked)
 
     @classmethod
     def get(cls, space: "str | LatentSpace") -> "LatentSpace":
         return get_latent_space(space)
+
+
+# ----------------------------------------------------------------------------- checking a record
+# what a space fastdec does not know must state itself (the dataclass defaults would silently fill them in)
+_DEFINING_FIELDS = ("channels", "spatial_factor", "scaling_factor")
+# the fields that shape latents: a preset's name with other values is a corrupt record, not a variant
+_SHAPE_FIELDS = ("channels", "spatial_factor", "patch_size", "temporal")
+MAX_CHANNELS = 4096
+MAX_SPATIAL_FACTOR = 256
+MAX_PATCH_SIZE = 16
+MAX_NAME_LENGTH = 100
+
+
+def _check_space_name(name: Any) -> str:
+    if not isinstance(name, str) or not name.strip():
+        raise LatentSpaceError(f"latent space field 'name' is {name!r}: it must be a non-empty name such as "
+                               f"{', '.join(PRESETS)}")
+    if len(name) > MAX_NAME_LENGTH or any(not c.isprintable() for c in name):
+        raise LatentSpaceError(f"latent space field 'name' is {name[:40]!r}...: names are at most {MAX_NAME_LENGTH} "
+                               "printable characters")
+    return name
+
+
+def _number(key: str, value: Any, condition: str = "") -> float:
+    """``value`` as a finite float (ints accepted, bools and text refused), naming ``key``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise LatentSpaceError(f"latent space field '{key}' is {value!r}: it must be a finite number{condition}")
+    return float(value)
+
+
+def _integer(key: str, value: Any, low: int, high: int, rule: str = "") -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise LatentSpaceError(f"latent space field '{key}' is {value!r}: it must be a whole number from {low} to "
+                               f"{high}{rule}")
+    return value
+
+
+def _statistics(key: str, value: Any, channels: Any) -> tuple[float, ...] | None:
+    if value is None:
+        return None
+    if not isinstance(value, (list, tuple)) or (isinstance(channels, int) and len(value) != channels):
+        raise LatentSpaceError(f"latent space field '{key}' is {value!r}: it must list one number per channel "
+                               f"({channels}), or be null")
+    positive = key == "latents_std"
+    numbers = tuple(_number(f"{key}[{i}]", v, " > 0" if positive else "") for i, v in enumerate(value))
+    if positive and any(v <= 0 for v in numbers):
+        raise LatentSpaceError(f"latent space field '{key}' holds {min(numbers)}: standard deviations are > 0")
+    return numbers
+
+
+def _positive(key: str, value: Any) -> float:
+    number = _number(key, value, " > 0")
+    if number <= 0:
+        raise LatentSpaceError(f"latent space field '{key}' is {value!r}: it must be > 0 (latents are divided by it)")
+    return number
+
+
+def _check_space_field(key: str, value: Any, record: Mapping[str, Any]) -> Any:
+    """One field of a latent space record, checked and in its Python type."""
+    if key == "name":
+        return _check_space_name(value)
+    if key == "channels":
+        return _integer(key, value, 1, MAX_CHANNELS)
+    if key == "spatial_factor":
+        factor = _integer(key, value, 1, MAX_SPATIAL_FACTOR, " and a power of 2 (8 for SD/SDXL/FLUX, 32 for Sana)")
+        if factor & (factor - 1):
+            raise LatentSpaceError(f"latent space field 'spatial_factor' is {factor}: decoders upsample by powers of "
+                                   "2 (8 for SD/SDXL/FLUX, 32 for Sana)")
+        return factor
+    if key == "patch_size":
+        return _integer(key, value, 1, MAX_PATCH_SIZE)
+    if key in ("scaling_factor", "value_range"):
+        return _positive(key, value)
+    if key == "shift_factor":
+        return _number(key, value)
+    if key == "batch_norm_eps":
+        return None if value is None else _positive(key, value)
+    if key in ("latents_mean", "latents_std"):
+        return _statistics(key, value, record.get("channels"))
+    if key == "temporal":
+        if not isinstance(value, bool):
+            raise LatentSpaceError(f"latent space field 'temporal' is {value!r}: it must be true or false")
+        return value
+    if not isinstance(value, str):  # source, description
+        raise LatentSpaceError(f"latent space field '{key}' is {value!r}: it must be text")
+    return value
+
+
+def _check_agrees_with_preset(record: Mapping[str, Any], preset: "LatentSpace") -> None:
+    for key in _SHAPE_FIELDS:
+        if record[key] != getattr(preset, key):
+            raise LatentSpaceError(
+                f"latent space field '{key}' is {record[key]!r} but '{preset.name}' latents have {key} "
+                f"{getattr(preset, key)!r}: the record is corrupt (a variant of a space keeps its shape; name a "
+                "new space for another shape)"
+            )
 
 
 PRESETS: dict[str, LatentSpace] = {

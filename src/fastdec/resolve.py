@@ -9,7 +9,8 @@ through :func:`locate`, with one precedence rule:
 4. a preset name (:func:`fastdec.list_decoders`) is an untrained architecture: refused unless random
    weights are asked for (``random_weights=True``, ``--random-weights``);
 5. a spec that looks like a path (a weights suffix, or starting with ``.``, ``/`` or ``~``) but does not
-   exist is a missing file;
+   exist is a missing file; so is ``folder/name`` when ``folder`` exists here (``runs/dec`` beside a
+   ``runs/`` folder is a file that is missing, not a Hub repository);
 6. ``owner/name`` is a Hugging Face Hub id, downloaded (or read from the local Hub cache);
 7. anything else is an error that lists the names fastdec knows.
 """
@@ -49,12 +50,18 @@ def _looks_like_path(text: str) -> bool:
         or os.sep != "/" and os.sep in text
 
 
-def locate(spec: Any) -> Located:
-    """Apply the precedence rule (module docstring) to ``spec``, without loading anything."""
+def _missing_file(text: str, what: str, note: str = "") -> DecoderSpecError:
+    return DecoderSpecError(f"{what} file '{text}' not found{note}: check the path (relative paths start from "
+                            f"{Path.cwd()})")
+
+
+def locate(spec: Any, what: str = "decoder") -> Located:
+    """Apply the precedence rule (module docstring) to ``spec``, without loading anything. ``what`` names the
+    file in messages ("decoder", "encoder")."""
     if isinstance(spec, torch.nn.Module):
         return Located("object", spec)
     if not isinstance(spec, (str, os.PathLike)):
-        raise DecoderSpecError(f"a decoder spec is a name, a path or a decoder object, got {type(spec).__name__}")
+        raise DecoderSpecError(f"a {what} spec is a name, a path or a {what} object, got {type(spec).__name__}")
     text = os.fspath(spec)
     path = Path(text).expanduser()
     if path.exists():
@@ -64,9 +71,10 @@ def locate(spec: Any) -> Located:
     if text in PRESETS:
         return Located("preset", text)
     if _looks_like_path(text) or isinstance(spec, Path):
-        raise DecoderSpecError(f"decoder file '{text}' not found: check the path (relative paths start from "
-                               f"{Path.cwd()})")
+        raise _missing_file(text, what)
     if _HUB_ID.match(text):
+        if path.parent.is_dir():  # the "owner" is a folder here: a path to a file that is missing
+            raise _missing_file(text, what, f" ('{path.parent}' is a local folder, so this is not read as a Hub id)")
         return Located("hub", text)
     known = ", ".join(list_pretrained()) or "none packaged in this install"
     raise DecoderSpecError(
@@ -173,7 +181,7 @@ def load_encoder(
     """A TAESD-family encoder from a .pth, an AutoencoderTiny folder/state dict, or a Hub id."""
     from .io.checkpoints import read_encoder
 
-    located = locate(source)
+    located = locate(source, what="encoder")
     if located.kind not in ("path", "hub"):
         raise CheckpointError(f"'{source}' is not an encoder checkpoint file, folder or Hub id")
     path = located.target if located.kind == "path" else download(located.target)

@@ -20,6 +20,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
+from ..devices import check_device
 from ..dtypes import DTYPES, dtype_name
 from ..errors import BenchError
 from .baselines import (
@@ -201,6 +202,8 @@ def _check_numbers(cfg: BenchConfig) -> None:
             raise BenchError(f"--{name} must be >= 1, got {value}")
     if cfg.warmup < 0:
         raise BenchError(f"--warmup must be >= 0, got {cfg.warmup}")
+    if cfg.threads is not None and cfg.threads < 0:
+        raise BenchError(f"--threads must be >= 1 (or 0 for torch's choice), got {cfg.threads}")
 
 
 def _check_choices(cfg: BenchConfig) -> None:
@@ -212,10 +215,7 @@ def _check_choices(cfg: BenchConfig) -> None:
     for b in cfg.baselines or []:
         if b not in BASELINES and b != "none":
             raise BenchError(f"unknown baseline '{b}': choose from {', '.join(BASELINES)} or none")
-    device = torch.device(cfg.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise BenchError(f"--device {cfg.device}: CUDA is not available to this torch ({torch.__version__}): "
-                         "use --device cpu, or install a CUDA build of torch")
+    device = check_device(cfg.device)  # an unknown name or a device this machine lacks
     if device.type not in ("cpu", "cuda"):
         raise BenchError(f"--device must be cpu or cuda[:N], got '{cfg.device}'")
     if cfg.latent_space is not None:

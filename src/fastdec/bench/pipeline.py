@@ -26,6 +26,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from ..devices import check_device
 from ..dtypes import DTYPES, dtype_name
 from ..errors import BenchError
 from .baselines import SDXL_VAE_CONFIG, named_decoders
@@ -192,9 +193,7 @@ class PipelineBenchConfig:
 
 def validate_pipeline_config(cfg: PipelineBenchConfig) -> PipelineBenchConfig:
     """``cfg`` checked before any work, with the device-dependent defaults filled in."""
-    on_cuda = torch.device(cfg.device).type == "cuda"
-    if on_cuda and not torch.cuda.is_available():
-        raise BenchError(f"--device {cfg.device}: CUDA is not available; use --device cpu")
+    on_cuda = check_device(cfg.device).type == "cuda"  # an unknown name or a device this machine lacks
     config = cfg.config or ("real" if on_cuda else "tiny")
     if config == "real" and not on_cuda:
         raise BenchError("--pipeline-config real builds the 2.6B-parameter SDXL UNet: it needs --device cuda "
@@ -204,8 +203,8 @@ def validate_pipeline_config(cfg: PipelineBenchConfig) -> PipelineBenchConfig:
     for size in sizes:
         if size <= 0 or size % 8:
             raise BenchError(f"size {size} must be a positive multiple of 8")
-    if steps < 1 or cfg.repeats < 1 or cfg.warmup < 0:
-        raise BenchError("--steps and --repeats must be >= 1 and --warmup >= 0")
+    if steps < 1 or cfg.repeats < 1 or cfg.warmup < 0 or (cfg.threads is not None and cfg.threads < 0):
+        raise BenchError("--steps and --repeats must be >= 1, --warmup >= 0 and --threads >= 0")
     if len(cfg.dtypes) != 1:
         raise BenchError(f"--pipeline runs one dtype at a time, got --dtype {' '.join(cfg.dtypes)}: pick one")
     return dataclasses.replace(cfg, config=config, sizes=list(sizes), steps=steps, dtypes=[dtype_name(cfg.dtypes[0])])

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from ..dtypes import DTYPES, dtype_name
-from ..errors import BenchError
+from ..errors import BenchError, NonFiniteOutputError
 from .baselines import (
     VAE_FACTOR, NamedDecoder, build_decoder, build_vae, decode_rgb, decoder_modules, named_decoders, place_vae,
     vae_latents,
@@ -164,10 +164,12 @@ def validate_video_config(cfg: VideoBenchConfig) -> VideoBenchConfig:
     for size in cfg.sizes:
         if size <= 0 or size % 8:
             raise BenchError(f"size {size} must be a positive multiple of 8")
-    if not cfg.sizes or not cfg.frames or any(f < 1 for f in cfg.frames) or cfg.svd_chunk < 1:
-        raise BenchError("--sizes and --video-frames need values, and --video-frames and --svd-chunk must be >= 1")
-    if cfg.repeats < 1 or cfg.warmup < 0:
-        raise BenchError("--repeats must be >= 1 and --warmup >= 0")
+    counts = [*cfg.frames, *(cfg.svd_frames or [])]
+    if not cfg.sizes or not cfg.frames or any(f < 1 for f in counts) or cfg.svd_chunk < 1:
+        raise BenchError("--sizes and --video-frames need values, and --video-frames, --svd-frames and --svd-chunk "
+                         "must be >= 1")
+    if cfg.repeats < 1 or cfg.warmup < 0 or (cfg.threads is not None and cfg.threads < 0):
+        raise BenchError("--repeats must be >= 1, --warmup >= 0 and --threads >= 0")
     return dataclasses.replace(cfg, backends=backends, dtypes=list(dict.fromkeys(dtype_name(d) for d in cfg.dtypes)),
                                svd_frames=list(cfg.svd_frames or cfg.frames))
 
@@ -226,7 +228,11 @@ def _bench_video_row(run: _VideoRun, job: tuple[int, int, str, VideoRow]) -> dic
     is_svd = row.name == SVD_ROW
     # a compiled row compiles in its first call: that must never be timed
     warmup = 0 if is_svd else max(cfg.warmup, 1) if row.backend == "compile" else cfg.warmup
-    stats = time_callable(call.fn, warmup=warmup, repeats=1 if is_svd else cfg.repeats)
+    try:
+        stats = time_callable(call.fn, warmup=warmup, repeats=1 if is_svd else cfg.repeats)
+    except NonFiniteOutputError as e:  # a NaN decoder has no speed worth reporting: name it and its input
+        raise NonFiniteOutputError(f"decoder '{(named.source if named else None) or row.name}' produced NaN or inf "
+                                   f"on {frames} random {size} px frames: {e}") from e
     del call
     release_memory("cpu")
     # one warm-up call (not measured) so lazy allocator/thread-pool set-up (and compilation) is not counted;

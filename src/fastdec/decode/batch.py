@@ -49,7 +49,7 @@ from ..errors import (
     UnsafePathError,
     UsageError,
 )
-from ..io.files import TEMP_MARKER, output_path, prepare_output_dir, write_json, write_text
+from ..io.files import TEMP_MARKER, check_output_file, output_path, prepare_output_dir, write_json, write_text
 from ..io.images import IMAGE_FORMATS, save_image, to_uint8
 from ..io.latents import LatentReader, LatentRef, check_key, check_latent, find_latent_files, index_latent_file
 from ..resolve import locate, resolve_decoder
@@ -454,6 +454,8 @@ class BatchOptions:
                 raise UsageError(f"{flag} must be >= {least}, got {value}")
         if self.quality > 100:
             raise UsageError(f"--quality must be <= 100, got {self.quality}")
+        if self.stats_json:  # written at the end: an unwritable place fails now, not after the whole run
+            check_output_file(self.stats_json, "--stats-json")
         return BatchOptions(**{**asdict(self), "dtype": dtype_name(self.dtype)})
 
     def settings(self) -> dict[str, Any]:

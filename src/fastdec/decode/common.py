@@ -6,25 +6,10 @@ from typing import Any
 
 import torch
 
-from ..errors import DecodeError, UsageError
+from ..devices import check_device  # noqa: F401  (the decode commands' name for it)
+from ..errors import DecodeError
 from ..models import LatentDecoder
 from ..resolve import resolve_decoder
-
-
-def check_device(device: str | torch.device) -> torch.device:
-    """``device`` as a torch.device, refused (``UsageError``) before any work when this machine lacks it."""
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise UsageError(f"unknown --device '{device}': use cpu, cuda, cuda:N or mps") from e
-    if parsed.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if (parsed.index or 0) >= count:
-            raise UsageError(f"--device {device} is not available: this machine has {count} CUDA device(s); "
-                             "use --device cpu")
-    elif parsed.type == "mps" and not torch.backends.mps.is_available():
-        raise UsageError(f"--device {device} is not available on this machine: use --device cpu")
-    return parsed
 
 
 def build_decoder(

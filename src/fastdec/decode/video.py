@@ -153,6 +153,7 @@ class VideoSource:
     total: int
     fps: float
     what: str  # "latent frames" or "frames"
+    name: str = ""  # the input file or folder, for messages
 
 
 def latents_source(path: Path, decoder: LatentDecoder, *, raw: bool, start: int, num_frames: int | None,
@@ -165,7 +166,7 @@ def latents_source(path: Path, decoder: LatentDecoder, *, raw: bool, start: int,
     if start >= z.shape[1] or end > z.shape[1]:
         raise DecodeVideoError(f"'{path}' has {z.shape[1]} latent frames; cannot take {start}..{end - 1}")
     z = z[:, start:end]
-    return VideoSource(_chunks_of(z, chunk), z.shape[1], fps or 24.0, "latent frames")
+    return VideoSource(_chunks_of(z, chunk), z.shape[1], fps or 24.0, "latent frames", str(path))
 
 
 def encoded_source(path: Path, decoder: LatentDecoder, *, teacher: str | None, latent_space: str | None,
@@ -188,7 +189,8 @@ def encoded_source(path: Path, decoder: LatentDecoder, *, teacher: str | None, l
         warnings.warn(f"teacher latent space '{space.name}' differs from the decoder's '{want.name}': colours will "
                       "be wrong unless they are the same space", stacklevel=2)
     total = (info.num_frames - start) if num_frames is None else num_frames
-    return VideoSource(encoded_video(path, encoder, start, num_frames, chunk), total, fps or info.fps or 24.0, "frames")
+    return VideoSource(encoded_video(path, encoder, start, num_frames, chunk), total, fps or info.fps or 24.0, "frames",
+                       str(path))
 
 
 def write_decoded(decoder: LatentDecoder, source: VideoSource, out: Path, spec: Any, *, parallel: bool,
@@ -198,13 +200,16 @@ def write_decoded(decoder: LatentDecoder, source: VideoSource, out: Path, spec: 
 
     with VideoWriter(out, fps=source.fps, crf=crf) as writer, \
             tqdm(total=source.total, unit="frame", disable=not progress) as bar:
-        for frames in decode_stream(decoder, source.chunks, parallel=parallel, batch=chunk):
-            if not torch.isfinite(frames).all():
-                raise NonFiniteOutputError(
-                    f"decoder '{describe_spec(spec)}' produced NaN or inf at frame {writer.frames_written} or "
-                    f"after: no video is written. Check the decoder weights")
-            writer.write(frames.float())
-            bar.update(frames.shape[0])
+        try:  # the decoder itself refuses NaN; frames of a wrapper that does not are checked here
+            for frames in decode_stream(decoder, source.chunks, parallel=parallel, batch=chunk):
+                if not torch.isfinite(frames).all():
+                    raise NonFiniteOutputError("non-finite frames")
+                writer.write(frames.float())
+                bar.update(frames.shape[0])
+        except NonFiniteOutputError as e:
+            raise NonFiniteOutputError(
+                f"decoder '{describe_spec(spec)}' produced NaN or inf on '{source.name}' at frame "
+                f"{writer.frames_written} or after: no video is written. Check the decoder weights ({e})") from e
     return writer.frames_written
 
 
@@ -220,7 +225,9 @@ def check_video_options(source: Path, out: Path, *, start: int, num_frames: int 
                                ("--crf", crf, 0), ("--threads", threads, 1)):
         if value is not None and value < least:
             raise UsageError(f"{flag} must be >= {least}, got {value}")
-    if fps is not None and not fps > 0:
+    if crf > 51:
+        raise UsageError(f"--crf must be <= 51 (H.264's scale: 0 lossless, 51 worst), got {crf}")
+    if fps is not None and not (0 < fps < float("inf")):
         raise UsageError(f"--fps must be > 0, got {fps}")
 
 

@@ -42,10 +42,14 @@ def _cmd_video(args: argparse.Namespace) -> int:
 
 
 def _add_images(kinds) -> None:
-    images = kinds.add_parser("images", help="PSNR/SSIM/MS-SSIM/LPIPS(/FID) on a folder of images",
+    images = kinds.add_parser("images",
+                              help="PSNR/SSIM/MS-SSIM/VIF/gradient energy/LPIPS(/FID) on a folder of images",
                               description="Encode (or read latents), decode with each --decoder, compare with the "
-                                          "originals and the teacher's decode. Means with 95%% t-intervals. "
-                                          "Unreadable images are skipped with a warning and counted.")
+                                          "originals and the teacher's decode: PSNR, SSIM, MS-SSIM, VIF (VIF-P, "
+                                          "torchmetrics, in 8-bit units), the gradient-energy ratio (Sobel; < 1 = "
+                                          "blurrier than the reference), LPIPS and FID when their weights are given. "
+                                          "Means with 95%% t-intervals. Unreadable images are skipped with a "
+                                          "warning and counted.")
     _common_arguments(images)
     images.add_argument("--latents", help="folder of precomputed decoder-space latents named like the images "
                                           "(.safetensors/.pt/.pth/.npy) instead of encoding")

@@ -1,5 +1,6 @@
-"""Fidelity metrics: PSNR/SSIM/MS-SSIM/LPIPS, confidence intervals, streamed Fréchet statistics,
-a temporal flicker score, and feature extractors for Fréchet distances (FID / FVD).
+"""Fidelity metrics: PSNR/SSIM/MS-SSIM/VIF/LPIPS, the gradient-energy ratio (sharpness), confidence
+intervals, streamed Fréchet statistics, a temporal flicker score, and feature extractors for Fréchet
+distances (FID / FVD).
 
 All image tensors are RGB in [0, 1], (N, 3, H, W); clips are (N, T, 3, H, W). Per-image functions
 return one value per image so callers can build confidence intervals and per-image tables.
@@ -30,11 +31,18 @@ SSIM_SIGMA = 1.5
 MS_SSIM_SCALES = 5
 
 # what `fastdec eval` reports for each kind of input, and the references every decode is compared with
-IMAGE_METRICS = ("psnr", "ssim", "ms_ssim", "lpips")
+IMAGE_METRICS = ("psnr", "ssim", "ms_ssim", "vif", "gradient_energy", "lpips")
 VIDEO_METRICS = ("psnr", "ssim", "flicker")
 REFERENCES = ("original", "teacher")
-HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "ms_ssim": True, "lpips": False, "flicker": False, "fid": False,
-                    "fvd": False}
+# None: neither; the value to aim for is 1 (the gradient-energy ratio: below is blur, above is added texture)
+HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "ms_ssim": True, "vif": True, "gradient_energy": None, "lpips": False,
+                    "flicker": False, "fid": False, "fvd": False}
+
+# VIF-P as torchmetrics computes it: 4 scales of valid 17/9/5/3-px Gaussian windows, so at least 41 px per side,
+# and a visual-noise variance of 2 in 8-bit grey levels, hence the 0-255 scale the images are passed in
+VIF_MIN_SIZE = 41
+VIF_PIXEL_SCALE = 255.0
+VIF_NOISE_VARIANCE = 2.0
 
 
 # ----------------------------------------------------------------------------- per-image metrics
@@ -104,6 +112,74 @@ def ms_ssim(pred: torch.Tensor, target: torch.Tensor, data_range: float = 1.0) -
         pred.float(), target.float(), gaussian_kernel=True, sigma=SSIM_SIGMA, kernel_size=SSIM_KERNEL,
         data_range=data_range, reduction="none",
     ).float()
+
+
+def vif(pred: torch.Tensor, target: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
+    """Pixel-domain visual information fidelity (VIF-P, Sheikh & Bovik 2006) of ``pred`` against the reference
+    ``target``, per image, (N,): torchmetrics' ``visual_information_fidelity``, the function behind its
+    ``VisualInformationFidelity`` metric. 1 = the decode carries all of the reference's information; blur and
+    noise lower it (contrast enhancement can lift it above 1).
+
+    What torchmetrics computes, and what fastdec passes it:
+
+    - range: torchmetrics uses the pixel values as given, with a visual-noise variance sigma_n^2 = 2, which
+      the published VIF states in 8-bit grey levels. fastdec passes ``x / data_range * 255`` (as piq and
+      sewar do). Fed [0, 1] tensors, the same sigma_n^2 = 2 would be a noise of std 1.4 (140% of the pixel
+      range) that drowns every real distortion: VIF then sees gain only (blur), not noise. Measured on 4
+      BSDS val photos: Gaussian noise of std 0.05 scores 0.97-1.00 on [0, 1] tensors and 0.33-0.38 in 8-bit units.
+      (Scores taken on [0, 1] tensors, like the 0.874 quoted for TAEF2 in issue 13, are therefore not
+      comparable with these.)
+    - colour: torchmetrics computes VIF on each channel separately and averages the channels; fastdec passes
+      RGB, so this is the mean of the R, G and B VIFs (the paper's VIF is defined on grey images).
+    - size: torchmetrics refuses images under 41 x 41 px; here that is ``MetricUnavailable``.
+    - precision: float32, after subtracting the reference's per-channel mean from both images. VIF depends
+      only on local variances and covariances, which a common offset leaves unchanged, and the offset removes
+      most of float32's cancellation in E[x^2] - E[x]^2 at the 0-255 scale. Measured on 8 BSDS val photos
+      decoded by TAEF2: within 1e-4 of float64 (which is ~20x slower on a CPU).
+    """
+    from torchmetrics.functional.image import visual_information_fidelity
+
+    _check_pair(pred, target)
+    if min(pred.shape[-2:]) < VIF_MIN_SIZE:
+        raise MetricUnavailable(f"VIF needs images of at least {VIF_MIN_SIZE} px per side (4 scales of valid "
+                                f"Gaussian windows), got {tuple(pred.shape[-2:])}")
+    offset = target.float().mean(dim=(2, 3), keepdim=True)
+    scale = VIF_PIXEL_SCALE / data_range
+    return visual_information_fidelity((pred.float() - offset) * scale, (target.float() - offset) * scale,
+                                       sigma_n_sq=VIF_NOISE_VARIANCE, reduction="none").float()
+
+
+def gradient_energy(images: torch.Tensor) -> torch.Tensor:
+    """Sobel gradient energy per image, (N,): the sum over RGB channels and pixels of Gx^2 + Gy^2, with the
+    3 x 3 Sobel filters at valid positions only (no padding, whose border would add edges of its own)."""
+    if images.ndim != 4:
+        raise EvalError(f"expected images shaped (N, C, H, W), got {tuple(images.shape)}")
+    if min(images.shape[-2:]) < 3:
+        raise EvalError(f"the Sobel filter needs images of at least 3 px per side, got {tuple(images.shape[-2:])}")
+    smooth = torch.tensor([1.0, 2.0, 1.0], dtype=torch.float64, device=images.device)
+    diff = torch.tensor([-1.0, 0.0, 1.0], dtype=torch.float64, device=images.device)
+    sobel_x = torch.outer(smooth, diff)  # d/dx, smoothed across rows
+    kernels = torch.stack([sobel_x, sobel_x.T])[:, None].repeat(images.shape[1], 1, 1, 1)
+    grads = F.conv2d(images.double(), kernels, groups=images.shape[1])  # float64: a sum of ~1e6 squares
+    return grads.pow(2).sum(dim=(1, 2, 3))
+
+
+def gradient_energy_ratio(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Sharpness beside fidelity: the decode's Sobel gradient energy over the reference's, per image, (N,).
+
+        ratio = sum_c sum_px (Gx(D)^2 + Gy(D)^2) / sum_c sum_px (Gx(O)^2 + Gy(O)^2)
+
+    (:func:`gradient_energy`; D the decode, O the reference). Blur removes high frequencies, so a blurrier
+    decode scores below 1 (issue 13: a plain-L1 fine-tune of TAEF2 kept 72% of the original's gradient energy,
+    TAEF2 itself 95%); 1 = as much edge energy as the reference; above 1 = edges the reference lacks (noise,
+    ringing, invented texture). It is a check, not a fidelity score (the right amount of wrong texture also
+    scores 1), so it sits beside PSNR and VIF. NaN where the reference has no gradient at all (a flat image).
+    torchmetrics has no such metric; this is written here in torch.
+    """
+    _check_pair(pred, target)
+    reference = gradient_energy(target)
+    ratio = gradient_energy(pred) / reference.masked_fill(reference == 0, float("nan"))
+    return ratio.float()
 
 
 class LPIPS:

@@ -16,6 +16,7 @@ from ..io.files import atomic_write, write_csv, write_json, write_text
 from .metrics import HIGHER_IS_BETTER, IMAGE_METRICS, REFERENCES, VIDEO_METRICS
 
 ERROR_VMAX = 0.2  # error maps saturate at 20% of the pixel range so small errors stay visible
+LABELS = {"ms_ssim": "MS-SSIM", "gradient_energy": "gradient energy"}  # the rest: the name in capitals
 # a table written beside the report: file name, rows, columns
 Table = tuple[str, Sequence[Mapping[str, Any]], Sequence[str]]
 
@@ -43,6 +44,13 @@ def _digits(metric: str) -> int:
     return 2 if metric in ("psnr", "fid", "fvd") else 5 if metric == "flicker" else 4
 
 
+def metric_label(metric: str) -> str:
+    """The row name: the metric and which way is better (↑, ↓, or → 1 for the gradient-energy ratio)."""
+    better = HIGHER_IS_BETTER.get(metric, True)
+    arrow = "→ 1" if better is None else "↑" if better else "↓"
+    return f"{LABELS.get(metric, metric.upper())} {arrow}"
+
+
 def markdown_table(summary: Mapping[str, Mapping[str, Any]], metrics: Sequence[str]) -> list[str]:
     """One row per measured metric, one column per reference (vs original, vs teacher decode)."""
     lines = ["| metric | vs original | vs teacher decode |", "|---|---|---|"]
@@ -50,8 +58,7 @@ def markdown_table(summary: Mapping[str, Mapping[str, Any]], metrics: Sequence[s
         cells = [format_stat(summary.get(ref, {}).get(metric), _digits(metric)) for ref in REFERENCES]
         if all(c == "—" for c in cells):
             continue
-        arrow = "↑" if HIGHER_IS_BETTER.get(metric, True) else "↓"
-        lines.append(f"| {metric.upper().replace('_', '-')} {arrow} | {cells[0]} | {cells[1]} |")
+        lines.append(f"| {metric_label(metric)} | {cells[0]} | {cells[1]} |")
     return lines
 
 
@@ -84,6 +91,7 @@ def report_markdown(report: Mapping[str, Any], figures: Sequence[str] = ()) -> s
              f"- crop: {s['crop']}",
              "- values: mean ± half-width of the 95% confidence interval (Student t over "
              f"{'images' if report['kind'] == 'images' else 'clips'})"]
+    lines += [f"- {LABELS.get(key, key.upper())}: {s[key]}" for key in ("vif", "gradient_energy") if key in s]
     lines += [f"- {line}" for line in _skipped_line(report)] + [""]
     for name, entry in report["decoders"].items():
         lines += [f"## {name}", "", f"`{entry['source']}`", ""]

@@ -18,7 +18,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import DataError, EvalError, LatentFileError, MetricUnavailable, NonFiniteOutputError, UsageError
+from ..devices import check_device
+from ..errors import (DataError, EvalError, LatentFileError, MetricUnavailable, NonFiniteOutputError, UsageError,
+                      VideoError)
 from ..io.files import prepare_output_dir
 from ..io.images import IMAGE_SUFFIXES, list_images, load_image
 from ..io.latents import LATENT_SUFFIXES, check_latent, read_latents
@@ -30,6 +32,13 @@ from .metrics import IMAGE_METRICS, REFERENCES, VIDEO_METRICS, summarize
 from .report import Table, write_frame_strip, write_image_grid, write_psnr_plot, write_report
 
 TEACHER_NAME = "teacher"  # the --decoder value that evaluates the teacher's own decoder
+# how the two less common image metrics are computed (fastdec.eval.metrics.vif / gradient_energy_ratio)
+IMAGE_METRIC_NOTES = {
+    "vif": f"VIF-P (torchmetrics visual_information_fidelity) per RGB channel, averaged; pixels scaled to 0-255 "
+           f"(sigma_n^2 = {M.VIF_NOISE_VARIANCE:g} in 8-bit units); images of at least {M.VIF_MIN_SIZE} px per side",
+    "gradient_energy": "sum of squared 3x3 Sobel gradients (RGB, valid positions) of the decode / of the "
+                       "reference: < 1 blurrier, > 1 more edges than the reference",
+}
 ORIGINAL = "__original__"  # Fréchet statistics of the originals (no decoder is named like this)
 
 
@@ -397,15 +406,29 @@ class ImageEvaluation(Evaluation):
     def score(self, sample, dec, reference, decoded, ref):
         height, width = sample.original.shape[-2:]
         scores: dict[str, float | None] = {
-            "psnr": float(M.psnr(decoded, ref)[0]), "ssim": float(M.ssim(decoded, ref)[0]), "ms_ssim": None,
+            "psnr": float(M.psnr(decoded, ref)[0]), "ssim": float(M.ssim(decoded, ref)[0]),
+            "ms_ssim": self._optional("MS-SSIM", M.ms_ssim, decoded, ref),
+            "vif": self._optional("VIF", M.vif, decoded, ref),
+            "gradient_energy": self._gradient_energy(decoded, ref),
             "lpips": float(self.lpips(decoded, ref)[0]) if self.lpips is not None else None,
         }
-        try:
-            scores["ms_ssim"] = float(M.ms_ssim(decoded, ref)[0])
-        except MetricUnavailable as e:
-            self.notes.add(f"MS-SSIM omitted for some images: {e}")
         return {"image": sample.name, "decoder": dec.name, "reference": reference, "height": height,
                 "width": width, **scores}
+
+    def _optional(self, label: str, metric: Callable, decoded: torch.Tensor, ref: torch.Tensor) -> float | None:
+        """A metric with a minimum image size: None (left out of the means, with a note) below it."""
+        try:
+            return float(metric(decoded, ref)[0])
+        except MetricUnavailable as e:
+            self.notes.add(f"{label} omitted for some images: {e}")
+            return None
+
+    def _gradient_energy(self, decoded: torch.Tensor, ref: torch.Tensor) -> float | None:
+        ratio = float(M.gradient_energy_ratio(decoded, ref)[0])
+        if math.isnan(ratio):
+            self.notes.add("gradient-energy ratio omitted for some images: the reference has no edges (flat)")
+            return None
+        return ratio
 
     def observe(self, sample, decoded):
         self.sizes.add(tuple(sample.original.shape[-2:]))
@@ -428,7 +451,7 @@ class ImageEvaluation(Evaluation):
                 else f"full frame, centre-cropped to multiples of {self.factor}")
         return {**self.options, "latent_space": getattr(self.space, "name", None), "spatial_factor": self.factor,
                 "crop": crop, "sizes": sorted(f"{h}x{w}" for h, w in self.sizes),
-                "confidence": "95% Student t over images"}
+                "confidence": "95% Student t over images", **IMAGE_METRIC_NOTES}
 
     def tables(self):
         return {"csv": ("per_image.csv", self.rows, ["image", "decoder", "reference", "height", "width",
@@ -482,6 +505,7 @@ def evaluate_images(
     Unreadable images are skipped with a warning and counted in ``report["skipped"]``.
     """
     _check_image_options(teacher, latents, resolution, limit, grid)
+    check_device(device)
     items = image_inputs(data, limit)
     out_dir = prepare_output_dir(out) if out is not None else None
     notes = Notes()
@@ -515,8 +539,11 @@ class VideoEvaluation(Evaluation):
         self.strip: tuple[str, torch.Tensor, dict[str, torch.Tensor]] | None = None
         self.shapes: set[tuple[int, int, int]] = set()
 
-    def load(self, item: Path) -> Sample:
-        clip = read_frames(item, self.frames).float() / 255
+    def load(self, item: Path) -> Sample | None:
+        try:
+            clip = read_frames(item, self.frames).float() / 255
+        except VideoError as e:  # one unreadable video does not end the evaluation (as for images)
+            return self.skip(item, e)
         if self.frames and clip.shape[0] < self.frames:
             self.notes.add(f"'{item.name}' has {clip.shape[0]} frames (< --frames {self.frames}): all of them were used")
         if self.resolution:
@@ -608,6 +635,7 @@ def evaluate_video(
 ) -> dict[str, Any]:
     """Evaluate decoders on videos: per-frame PSNR/SSIM, flicker, optional FVD; returns the report dict."""
     _check_video_options(teacher, frames, resolution, limit, clip_frames, batch_size)
+    check_device(device)
     items = list_videos(data, limit)
     out_dir = prepare_output_dir(out) if out is not None else None
     notes = Notes()

@@ -19,12 +19,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
-from ..errors import CheckpointError, InputTypeError, UsageError
+from ..errors import CheckpointError, InputTypeError, LatentSpaceError, UsageError
 from ..latent_spaces import PRESETS as SPACES, LatentSpace, get_latent_space
 from ..models.base import LatentDecoder
-from ..models.registry import build_decoder
+from ..models.registry import ARCHITECTURES, build_decoder
 from ..models.tae import TAEConfig, TAEDecoder, TAEEncoder, TAEEncoderConfig, tae_factor
 from .files import atomic_write
+from .pickles import load_weights_only
 
 FORMAT = "fastdec"
 FORMAT_VERSION = "1"
@@ -65,7 +66,7 @@ def _read_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
             with safe_open(str(path), framework="pt") as f:
                 metadata = f.metadata() or {}
             return load_file(str(path)), metadata
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
+        state = load_weights_only(path, CheckpointError, "checkpoint")
     except (SafetensorError, RuntimeError, EOFError, OSError, ValueError, Exception) as e:
         if isinstance(e, CheckpointError):
             raise
@@ -121,15 +122,24 @@ def _guess_space(channels: int, factor: int, name: str) -> LatentSpace:
 
 
 def _taesd_decoder_config(state: Mapping[str, torch.Tensor], path: Path) -> TAEConfig:
+    """The TAEConfig of a TAESD-family decoder state dict, read from its keys and layer shapes.
+
+    Its convs are: the input conv, one after each upsampling, the output conv. Each conv but the last gives the
+    width of the blocks after it, so per-stage widths (TAESana's 256, 128, 64, ...) are read one stage at a time."""
     groups = _module_groups(state)
     if not groups or groups[0] != ("conv", 1) or "1.weight" not in state:
         raise CheckpointError(f"'{path}' is not a TAESD-family decoder state dict (no '1.weight' input conv)")
-    width, channels = state["1.weight"].shape[:2]
+    channels = int(state["1.weight"].shape[1])
     counts = _split_blocks([k for k, _ in groups])
     if len(counts) < 2:
         raise CheckpointError(f"'{path}': unexpected TAESD decoder layout")
+    convs = [i for kind, i in groups if kind == "conv"]
+    widths = tuple(int(state[f"{i}.weight"].shape[0]) for i in convs[:-1])
+    rgb = int(state[f"{convs[-1]}.weight"].shape[0])
+    if rgb != 3:
+        raise CheckpointError(f"'{path}': the output conv ({convs[-1]}.weight) gives {rgb} channels, not RGB (3)")
     return TAEConfig(
-        latent_channels=int(channels), width=int(width), stage_blocks=tuple(counts[:-1]), final_blocks=counts[-1],
+        latent_channels=channels, widths=widths, stage_blocks=tuple(counts[:-1]), final_blocks=counts[-1],
         use_midblock_gn=any(".pool." in k for k in state),
     )
 
@@ -171,23 +181,113 @@ def _decoder_from_taesd_state(state, path: Path, latent_space) -> TAEDecoder:
     return decoder
 
 
-def _from_fastdec_file(state, metadata, path: Path, latent_space) -> LatentDecoder:
+# what to do about metadata that does not hold together
+_METADATA_FIX = ("its metadata is corrupt or was edited by hand: export the decoder again (save_decoder, or the "
+                 "decoder.safetensors of its training run)")
+
+
+def _check_format_version(metadata: Mapping[str, str], path: Path) -> None:
+    """Refuse a file of a newer format than this fastdec reads: its metadata may mean something else."""
+    version = metadata.get("format_version", FORMAT_VERSION)  # files are always written with one
+    if not isinstance(version, str) or not version.isdigit():
+        raise CheckpointError(f"'{path}': metadata field 'format_version' is {version!r}, not a version number; "
+                              f"{_METADATA_FIX}")
+    if int(version) > int(FORMAT_VERSION):
+        from .. import __version__
+
+        raise CheckpointError(
+            f"'{path}' is in fastdec format version {version}, newer than this fastdec ({__version__}) reads "
+            f"(format_version up to {FORMAT_VERSION}): upgrade fastdec (pip install -U fastdec) to load it"
+        )
+
+
+def _json_object(metadata: Mapping[str, str], key: str, path: Path) -> dict:
+    if key not in metadata:
+        raise CheckpointError(f"'{path}': fastdec metadata lacks the field '{key}'; {_METADATA_FIX}")
     try:
-        config = json.loads(metadata["config"])
-        space = LatentSpace.from_dict(json.loads(metadata["latent_space"]))
-        architecture = metadata["architecture"]
-    except (KeyError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"'{path}': fastdec metadata is incomplete ({e})") from e
+        value = json.loads(metadata[key])
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"'{path}': metadata field '{key}' is not valid JSON ({e}); {_METADATA_FIX}") from e
+    if not isinstance(value, dict):
+        raise CheckpointError(f"'{path}': metadata field '{key}' must be a JSON object, got {type(value).__name__} "
+                              f"{value!r:.60}; {_METADATA_FIX}")
+    return value
+
+
+def _read_fastdec_metadata(metadata: Mapping[str, str], path: Path) -> tuple[str, dict, LatentSpace]:
+    """Architecture, config and latent space of a fastdec file, each checked, or a CheckpointError naming the
+    field and the fix."""
+    _check_format_version(metadata, path)
+    architecture = metadata.get("architecture")
+    if not architecture:
+        raise CheckpointError(f"'{path}': fastdec metadata lacks the field 'architecture'; {_METADATA_FIX}")
+    if architecture not in ARCHITECTURES:
+        raise CheckpointError(
+            f"'{path}': metadata field 'architecture' is '{architecture}', which this fastdec does not know (known: "
+            f"{', '.join(sorted(ARCHITECTURES))}): load the plugin that defines it (--plugin) or upgrade fastdec"
+        )
+    config = _json_object(metadata, "config", path)
+    try:
+        space = LatentSpace.from_dict(_json_object(metadata, "latent_space", path))
+    except LatentSpaceError as e:
+        raise CheckpointError(f"'{path}': metadata field 'latent_space': {e}; {_METADATA_FIX}") from e
+    return architecture, config, space
+
+
+def _build_from_metadata(architecture: str, config: dict, space: LatentSpace, path: Path) -> LatentDecoder:
+    try:
+        return build_decoder(architecture, config, space)
+    except (KeyError, ValueError, TypeError) as e:  # config fields out of range, of the wrong type, unknown
+        raise CheckpointError(f"'{path}': metadata field 'config' does not make a '{architecture}' decoder: {e}; "
+                              f"{_METADATA_FIX}") from e
+
+
+def _shape_differences(expected: Mapping[str, tuple], found: Mapping[str, tuple]) -> list[str]:
+    """Up to one example of each kind of difference between two {name: shape} maps, with counts."""
+    missing = sorted(expected.keys() - found.keys())
+    unexpected = sorted(found.keys() - expected.keys())
+    reshaped = sorted(k for k in expected.keys() & found.keys() if expected[k] != found[k])
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} tensor(s) missing, e.g. '{missing[0]}'")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected, e.g. '{unexpected[0]}'")
+    if reshaped:
+        key = reshaped[0]
+        parts.append(f"{len(reshaped)} of another shape, e.g. '{key}' is {found[key]} in the file but the config "
+                     f"makes {expected[key]}")
+    return parts
+
+
+def _check_weights_fit(architecture: str, config: dict, space: LatentSpace, state: Mapping[str, torch.Tensor],
+                       path: Path) -> None:
+    """The tensors the metadata's config makes against the file's, built on the meta device (nothing is
+    allocated): a corrupt width or block count is named here, not met as an allocation error or a list of
+    thousands of keys."""
+    try:
+        with torch.device("meta"):
+            skeleton = _build_from_metadata(architecture, config, space, path)
+    except (RuntimeError, NotImplementedError):  # a plugin that cannot be built on meta: the strict load compares
+        return
+    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    differences = _shape_differences(expected, {k: tuple(v.shape) for k, v in state.items()})
+    if differences:
+        raise CheckpointError(
+            f"'{path}' does not match the '{architecture}' decoder that its metadata field 'config' describes "
+            f"({'; '.join(differences)}): {_METADATA_FIX}"
+        )
+
+
+def _from_fastdec_file(state, metadata, path: Path, latent_space) -> LatentDecoder:
+    architecture, config, space = _read_fastdec_metadata(metadata, path)
     want = get_latent_space(latent_space) if latent_space is not None else None
     if want is not None and want.channels != space.channels:
         raise CheckpointError(
             f"'{path}' decodes {space.channels}-channel '{space.name}' latents, not {want.channels}-channel "
             f"'{want.name}': pick a decoder for '{want.name}' (a preset is built in any space)"
         )
-    try:
-        decoder = build_decoder(architecture, config, space)
-    except (KeyError, ValueError, TypeError) as e:
-        raise CheckpointError(f"'{path}': cannot build architecture '{architecture}': {e}") from e
+    _check_weights_fit(architecture, config, space, state, path)
+    decoder = _build_from_metadata(architecture, config, space, path)
     _load_strict(decoder, state, path, f"'{architecture}'")
     return decoder
 
@@ -294,14 +394,15 @@ def read_encoder(source: str | os.PathLike, latent_space: LatentSpace | str | No
 
 
 def decoder_info(path: str | os.PathLike) -> dict[str, Any]:
-    """Architecture, config and latent space stored in a fastdec checkpoint, without loading weights."""
-    state_path = Path(path)
-    with safe_open(str(state_path), framework="pt") as f:
-        metadata = f.metadata() or {}
+    """Architecture, config and latent space stored in a fastdec checkpoint, checked, without loading weights."""
+    state_path = _existing(path, "checkpoint")
+    try:
+        with safe_open(str(state_path), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read checkpoint '{path}': {type(e).__name__}: {e}. The file is truncated or "
+                              "corrupt, or not a .safetensors file") from e
     if metadata.get("format") != FORMAT:
         raise CheckpointError(f"'{path}' is not a fastdec checkpoint")
-    return {
-        "architecture": metadata["architecture"],
-        "config": json.loads(metadata["config"]),
-        "latent_space": json.loads(metadata["latent_space"]),
-    }
+    architecture, config, space = _read_fastdec_metadata(metadata, state_path)
+    return {"architecture": architecture, "config": config, "latent_space": json.loads(space.to_json())}

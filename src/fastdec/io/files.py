@@ -128,6 +128,20 @@ def output_path(folder: str | os.PathLike, name: str, what: str = "output name")
     return path
 
 
+def _write_problem(folder: Path) -> str | None:
+    """Why a file cannot be created in ``folder`` (None when it can), found by creating one: permission bits
+    do not tell (root passes every check, and /proc or a read-only mount refuse anyway)."""
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return "it is not writable"
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".fastdec-probe.", suffix=TEMP_MARKER)
+    except OSError as e:
+        return f"creating a file there fails ({e.strerror or e})"
+    os.close(fd)
+    os.unlink(probe)
+    return None
+
+
 def prepare_output_dir(folder: str | os.PathLike, what: str = "--out") -> Path:
     """Create ``folder`` (and parents) before any work, or fail now with what is wrong."""
     folder = Path(folder).expanduser()
@@ -137,8 +151,9 @@ def prepare_output_dir(folder: str | os.PathLike, what: str = "--out") -> Path:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UsageError(f"cannot create {what} folder '{folder}': {e.strerror or e}") from e
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise UsageError(f"{what} folder '{folder}' is not writable: choose another folder or fix its permissions")
+    problem = _write_problem(folder)
+    if problem:
+        raise UsageError(f"{what} folder '{folder}': {problem}; choose another folder or fix its permissions")
     return folder
 
 
@@ -151,6 +166,9 @@ def check_output_file(path: str | os.PathLike, what: str = "output file") -> Pat
     existing = parent
     while not existing.exists():
         existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+    if not existing.is_dir():
         raise UsageError(f"cannot write {what} '{path}': '{existing}' is not a writable folder")
+    problem = _write_problem(existing)
+    if problem:
+        raise UsageError(f"cannot write {what} '{path}': '{existing}' is not a writable folder ({problem})")
     return path

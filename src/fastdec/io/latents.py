@@ -25,6 +25,7 @@ import torch
 
 from ..errors import LatentFileError, UnsafePathError
 from .files import atomic_write, check_name
+from .pickles import load_weights_only
 
 LATENT_SUFFIXES = (".safetensors", ".pt", ".pth", ".npy")
 
@@ -77,10 +78,7 @@ def _stack_names(tensor_name: str, shape: Sequence[int], names: Sequence[str] | 
 
 
 def _load_pt(source: str) -> Any:
-    try:
-        return torch.load(source, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # legacy (non-zip) files cannot be memory-mapped
-        return torch.load(source, map_location="cpu", weights_only=True)
+    return load_weights_only(source, LatentFileError, "latents file", mmap=True)
 
 
 def _pt_tensors(obj: Any, path: Path) -> dict[str, tuple[torch.Tensor, Sequence[str] | None]]:

@@ -33,17 +33,20 @@ def _is_tracing() -> bool:
 # Far above any useful decoder (a 3x3 conv at this width holds 600M weights): a larger width is a typo or
 # corrupt metadata, better refused with its field name than met with a raw allocation error.
 MAX_WIDTH = 8192
+# Likewise for block counts (presets use 1-4 per stage): a count of 100000 from corrupt metadata would spend
+# minutes building modules before any shape check could refuse it.
+MAX_COUNT = 1024
 
 
 def check_sizes(architecture: str, widths: dict[str, Any], counts: dict[str, Any] | None = None) -> None:
     """Refuse config sizes that are not integers in range, naming the field: ``widths`` (field -> int or tuple)
-    must lie in [1, MAX_WIDTH], ``counts`` (block counts) be >= 0."""
+    must lie in [1, MAX_WIDTH], ``counts`` (block counts) in [0, MAX_COUNT]."""
     fields = [(name, value, 1, MAX_WIDTH) for name, value in widths.items()]
-    fields += [(name, value, 0, None) for name, value in (counts or {}).items()]
+    fields += [(name, value, 0, MAX_COUNT) for name, value in (counts or {}).items()]
     for name, value, low, high in fields:
         values = value if isinstance(value, tuple) else (value,)
-        if any(isinstance(v, bool) or not isinstance(v, int) or v < low or (high and v > high) for v in values):
-            bound = f"in [{low}, {high}]" if high else f">= {low}"
+        if any(isinstance(v, bool) or not isinstance(v, int) or v < low or v > high for v in values):
+            bound = f"in [{low}, {high}]"
             what = "hold integers" if isinstance(value, tuple) else "be an integer"
             raise UsageError(f"{architecture} config: {name}={value!r}; {name} must {what} {bound}")
 

@@ -38,19 +38,17 @@ class EffViTConfig:
     mlp_expansion: int = 4
 
     def __post_init__(self):
-        # checkpoint metadata is JSON: tuples come back as lists
-        self.widths = tuple(int(w) for w in self.widths)
-        self.depths = tuple(int(d) for d in self.depths)
-        self.block_types = tuple(str(b) for b in self.block_types)
-        self.attention_scales = tuple(int(k) for k in self.attention_scales)
+        # checkpoint metadata is JSON: tuples come back as lists (entries are checked, not coerced, below)
+        self.widths, self.depths, self.block_types, self.attention_scales = (
+            _entries(name, getattr(self, name)) for name in ("widths", "depths", "block_types", "attention_scales"))
         if not len(self.widths) == len(self.depths) == len(self.block_types):
             raise UsageError(
                 f"widths, depths and block_types need one entry per stage, got "
                 f"{len(self.widths)}, {len(self.depths)} and {len(self.block_types)} (overriding one of them? "
                 f"pass all three with the same length)"
             )
-        check_sizes("EffViT", {"widths": self.widths, "head_dim": self.head_dim, "mlp_expansion": self.mlp_expansion},
-                    {"depths": self.depths})
+        check_sizes("EffViT", {"widths": self.widths, "head_dim": self.head_dim, "mlp_expansion": self.mlp_expansion,
+                               "attention_scales": self.attention_scales}, {"depths": self.depths})
         for stage, (width, depth, kind) in enumerate(zip(self.widths, self.depths, self.block_types)):
             if kind not in BLOCK_TYPES:
                 raise UsageError(f"block_types[{stage}] is '{kind}': use one of {BLOCK_TYPES}")
@@ -59,6 +57,12 @@ class EffViTConfig:
                     f"stage {stage} holds EfficientViT blocks of width {width}, not a multiple of head_dim "
                     f"{self.head_dim}: change the width or head_dim"
                 )
+
+
+def _entries(name: str, value: object) -> tuple:
+    if not isinstance(value, (list, tuple)):
+        raise UsageError(f"EffViT config: {name}={value!r}; {name} must list one entry per stage (or per scale)")
+    return tuple(value)
 
 
 def make_block(kind: str, width: int, config: EffViTConfig) -> nn.Module:

@@ -5,13 +5,24 @@ import argparse
 import sys
 from typing import Any
 
+from ..errors import NonFiniteOutputError, UsageError
 from ..resolve import resolve_decoder
 from .onnx import DEFAULT_OPSET, EXPORTERS, export_checked
 
 
+# the oldest opset both exporters can write these graphs in (torchscript: 7..20; opset 0 is no opset)
+MIN_OPSET = 7
+
+
 def _cmd_export_onnx(args: argparse.Namespace) -> int:
+    if args.opset is not None and args.opset < MIN_OPSET:
+        raise UsageError(f"--opset must be >= {MIN_OPSET}, got {args.opset} (default {DEFAULT_OPSET})")
     decoder = resolve_decoder(args.decoder, latent_space=args.latent_space, random_weights=args.random_weights)
-    result = export_checked(decoder, args.out, opset=args.opset, exporter=args.exporter)
+    try:
+        result = export_checked(decoder, args.out, opset=args.opset, exporter=args.exporter)
+    except NonFiniteOutputError as e:  # name the file: the decoder's own message knows only its architecture
+        raise NonFiniteOutputError(f"decoder '{args.decoder}' produced NaN or inf on the export's example latents, "
+                                   f"so no ONNX file is written: {e}") from e
     print(result.summary())
     return 0
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from .config import HELP, MIXED_PRECISION, TrainConfig, field_kind, flag, make_config
+from .config import CHOICES, HELP, TrainConfig, field_kind, flag, make_config
 
 DESCRIPTION = "Distil a fast decoder from a teacher VAE. One loop, top to bottom."
 CONVERT = {"int": int, "float": float, "str": str}
@@ -20,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag(f.name), action="store_true", default=argparse.SUPPRESS, help=help_text)
             continue
         default = f" (default: {f.default})" if f.default not in (None, "") else ""
-        choices = MIXED_PRECISION if f.name == "mixed_precision" else None
+        choices = CHOICES.get(f.name)
         parser.add_argument(flag(f.name), type=CONVERT[kind], default=argparse.SUPPRESS, choices=choices,
                             help=f"{help_text}{default}".strip())
 

@@ -10,8 +10,12 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import TrainError, UsageError
+from .precision import CHANNELS_LAST
 
-MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
+MIXED_PRECISION = ("auto", "no", "fp32", "fp16", "bf16")
+# options that take one of a few words; YAML 1.1 reads a bare no/off/on as a boolean, so those map back
+CHOICES = {"mixed_precision": MIXED_PRECISION, "channels_last": CHANNELS_LAST}
+BOOLEAN_WORDS = {"mixed_precision": {False: "no"}, "channels_last": {True: "on", False: "off"}}
 
 
 @dataclass
@@ -52,7 +56,8 @@ class TrainConfig:
     ckpt_every: int = 1000
     log_every: int = 10
     seed: int = 0
-    mixed_precision: str = "auto"           # auto | no | fp16 | bf16
+    mixed_precision: str = "auto"           # auto | no (= fp32) | fp32 | fp16 | bf16 (see train/precision.py)
+    channels_last: str = "auto"             # auto | on | off: the memory layout of the convolutions
     workers: int = 2
     resume: bool = False
     stop_at: int | None = None              # stop (with a checkpoint) at this step; resume later
@@ -86,7 +91,10 @@ HELP = {
     "crops_per_image": "random crops per file encoded into the latent cache",
     "cache_dir": "latent cache root (default $FASTDEC_CACHE or ~/.cache/fastdec/latents)",
     "val_count": "validation images (first N files, center crops)",
-    "mixed_precision": "auto (bf16 on GPUs that have it, else fp32) | no | fp16 | bf16",
+    "mixed_precision": "auto: bf16 autocast on GPUs that support it and on CPUs with native bf16 (AVX512-BF16 or "
+                       "AMX), else fp32 | no or fp32 | bf16 | fp16 (GPU only). Weights, optimizer and losses stay fp32",
+    "channels_last": "channels_last (NHWC) for the student, discriminator and teacher decoder: auto (on with bf16 "
+                     "on a CPU) | on | off",
     "workers": "DataLoader worker processes",
     "resume": "continue from the latest checkpoint in --out",
     "stop_at": "stop with a checkpoint at this step (time-limited jobs); continue with --resume",
@@ -119,6 +127,8 @@ def _coerce(field: dataclasses.Field, value: Any, where: str) -> Any:
     kind = field_kind(field)
     if value is None or kind == "str" and isinstance(value, str):
         return value
+    if isinstance(value, bool) and value in BOOLEAN_WORDS.get(field.name, {}):
+        return BOOLEAN_WORDS[field.name][value]
     try:
         if kind == "bool" and isinstance(value, bool):
             return value
@@ -185,20 +195,20 @@ def validate_config(config: TrainConfig) -> TrainConfig:
             raise TrainError(f"{flag(name)} is required (on the command line or in --config)")
     for name in POSITIVE:
         value = getattr(config, name)
-        if value is not None and not _number(value) > 0:
+        if value is not None and not math.inf > _number(value) > 0:  # inf: no step size or count either
             raise UsageError(f"{flag(name)} must be greater than 0, got {value!r}")
     for name in NON_NEGATIVE:
         value = getattr(config, name)
-        if not _number(value) >= 0:
+        if not math.inf > _number(value) >= 0:
             raise UsageError(f"{flag(name)} must be 0 or more, got {value!r}")
     for name, (low, high, text) in FRACTIONS.items():
         value = getattr(config, name)
         inside = low <= _number(value) < high if name == "ema" else low <= _number(value) <= high
         if not inside:
             raise UsageError(f"{flag(name)} must be {text}, got {value!r}")
-    if config.mixed_precision not in MIXED_PRECISION:
-        raise UsageError(f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}, "
-                         f"got {config.mixed_precision!r}")
+    for name, choices in CHOICES.items():
+        if getattr(config, name) not in choices:
+            raise UsageError(f"{flag(name)} must be one of {', '.join(choices)}, got {getattr(config, name)!r}")
     return config
 
 

@@ -1,11 +1,12 @@
 """The training loop, top to bottom: build the run, then step, validate-and-log, checkpoint; export at the end.
 
-1. build: the teacher and the student decoder, checked against each other and the options before any data
-   is touched; the checkpoint to resume from, read safely; the data folders and the latent cache (rank 0
-   builds it, the other ranks wait and read it); the validation crops; AdamW with warm-up + cosine decay,
-   the EMA copy, the optional discriminator; the data loader;
-2. one train step: gradient accumulation, clipping, the optimizer and schedule, the discriminator's step,
-   the EMA update;
+1. build: the precision and memory layout (``train/precision.py``: bf16 autocast + channels_last on CPUs
+   with native bf16); the teacher and the student decoder, checked against each other and the options
+   before any data is touched; the checkpoint to resume from, read safely; the data folders and the latent
+   cache (rank 0 builds it, the other ranks wait and read it); the validation crops; AdamW with warm-up +
+   cosine decay, the EMA copy, the optional discriminator; the data loader;
+2. one train step: the forward passes under autocast, the loss terms in fp32; gradient accumulation,
+   clipping, the optimizer and schedule, the discriminator's step, the EMA update;
 3. validate-and-log: loss terms, lr and speed every ``--log-every`` steps, validation PSNR/SSIM and a grid
    every ``--val-every``, into metrics.csv (and TensorBoard when installed);
 4. checkpoint every ``--ckpt-every`` steps (atomic; every rank's RNG state gathered);
@@ -32,10 +33,12 @@ from ..errors import TrainError
 from ..io.checkpoints import save_decoder
 from ..io.files import prepare_output_dir, write_json
 from ..models.base import LatentDecoder
+from ..runtime.optimize import to_channels_last
 from .cache import CachedCrops, LatentCache, build_cache
 from .config import TrainConfig, validate_config
 from .data import GlobalBatches, open_folder
 from .losses import DistillLoss, LossWeights, PatchDiscriminator, hinge_d_loss, hinge_g_loss
+from .precision import Precision, resolve_precision
 from .state import (checkpoint_path, load_resume_state, read_csv, rng_state, save_checkpoint_file,
                     set_rng_state, write_csv)
 from .student import TrainView, build_student, check_setup, ema_decay, update_ema
@@ -49,6 +52,7 @@ class Run:
     config: TrainConfig
     accelerator: Any
     out: Path
+    precision: Precision
     teacher: Any = None
     criterion: DistillLoss | None = None
     dataset: Any = None
@@ -92,6 +96,14 @@ class Run:
     def student(self) -> LatentDecoder:
         return self.accelerator.unwrap_model(self.model).decoder
 
+    def autocast(self):
+        """The context every forward pass of a train step runs under (none in fp32)."""
+        return self.precision.autocast(self.accelerator)
+
+    def layout(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` in the run's memory layout: images and latents (4-D) as channels_last when the convolutions are."""
+        return x.contiguous(memory_format=torch.channels_last) if self.precision.channels_last and x.ndim == 4 else x
+
 
 @dataclass
 class StepResult:
@@ -122,7 +134,8 @@ def build_run(config: TrainConfig) -> Run:
     """Models first (so a mismatch fails before any data is read), then the resume state, data, optimizers."""
     from accelerate.utils import set_seed
 
-    run = Run(config, make_accelerator(config), Path(config.out))
+    precision = resolve_precision(config.mixed_precision, config.channels_last, training_device(config).type)
+    run = Run(config, make_accelerator(precision, config), Path(config.out), precision)
     set_seed(config.seed)
     decoder = build_models(run)
     resume = load_resume_state(run.out) if config.resume else None
@@ -135,14 +148,20 @@ def build_run(config: TrainConfig) -> Run:
     return run
 
 
-def make_accelerator(config: TrainConfig):
+def training_device(config: TrainConfig) -> torch.device:
+    """The device accelerate will train this process on (its process state, which holds no precision)."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=config.cpu).device
+
+
+def make_accelerator(precision: Precision, config: TrainConfig):
+    """The accelerate ``Accelerator`` (devices, DDP). Only fp16 is left to accelerate's mixed precision (it needs
+    its GradScaler); bf16 is torch's autocast, entered by :meth:`Run.autocast`, so runs of either precision can
+    follow one another in one process (accelerate fixes its own precision once per process)."""
     from accelerate import Accelerator
 
-    mixed_precision = config.mixed_precision
-    if mixed_precision == "auto":
-        on_gpu = torch.cuda.is_available() and not config.cpu
-        mixed_precision = "bf16" if on_gpu and torch.cuda.is_bf16_supported() else "no"
-    return Accelerator(mixed_precision=mixed_precision, cpu=config.cpu)
+    return Accelerator(mixed_precision="fp16" if precision.mixed_precision == "fp16" else "no", cpu=config.cpu)
 
 
 def build_models(run: Run) -> LatentDecoder:
@@ -153,6 +172,9 @@ def build_models(run: Run) -> LatentDecoder:
 
     config = run.config
     run.teacher = load_teacher(config.teacher, decoder=config.teacher_decoder, latent_space=config.latent_space)
+    teacher_decoder = _teacher_decoder_module(run.teacher)
+    if run.precision.channels_last and config.teacher_weight and teacher_decoder is not None:
+        to_channels_last(teacher_decoder)  # it decodes every training batch
     set_seed(config.seed)  # the student's initialisation must not depend on what the teacher loading drew
     decoder = build_student(config, run.teacher.latent_space)
     check_setup(config, run.teacher, decoder)
@@ -160,6 +182,15 @@ def build_models(run: Run) -> LatentDecoder:
                           teacher=config.teacher_weight, temporal=config.temporal, adversarial=config.adversarial)
     run.criterion = DistillLoss(weights, config.lpips_weights)
     return decoder
+
+
+def _teacher_decoder_module(teacher) -> nn.Module | None:
+    """The module behind ``teacher.decode``: a TAE teacher's decoder, a diffusers teacher's VAE."""
+    for name in ("decoder", "vae"):
+        module = getattr(teacher, name, None)
+        if isinstance(module, nn.Module):
+            return module
+    return None
 
 
 def build_data(run: Run) -> None:
@@ -195,13 +226,17 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
 def build_optimization(run: Run, decoder: LatentDecoder) -> None:
     """The EMA copy, AdamW with its schedule, the optional discriminator; all prepared by accelerate."""
     config, accelerator = run.config, run.accelerator
-    run.ema = copy.deepcopy(decoder).requires_grad_(False)
+    run.ema = copy.deepcopy(decoder).requires_grad_(False)  # contiguous: validated and exported as it is
+    if run.precision.channels_last:  # before the optimizer exists, so its state takes the same layout
+        to_channels_last(decoder)
     model = TrainView(decoder)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.99), weight_decay=config.weight_decay)
     run.scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, config.warmup, config.steps, config.min_lr_ratio))
     if config.adversarial:
         discriminator = PatchDiscriminator()
+        if run.precision.channels_last:
+            to_channels_last(discriminator)
         disc_optimizer = torch.optim.AdamW(discriminator.parameters(), lr=config.disc_lr, betas=(0.5, 0.99))
         run.discriminator, run.disc_optimizer = accelerator.prepare(discriminator, disc_optimizer)
     run.model, run.optimizer = accelerator.prepare(model, optimizer)
@@ -221,6 +256,7 @@ def restore(run: Run, path: Path, state: dict[str, Any]) -> None:
         run.accelerator.unwrap_model(run.discriminator).load_state_dict(state["discriminator"])
         run.disc_optimizer.load_state_dict(state["disc_optimizer"])
     run.step = state["step"]
+    _check_resumed_precision(run, path, state.get("precision"))
     if state.get("cache_key") != run.cache.key:
         warnings.warn(f"{path} was trained on other data or crops (latent cache {state.get('cache_key')}, "
                       f"now {run.cache.key}): weights and optimizer resume, the data order starts afresh", stacklevel=2)
@@ -229,6 +265,17 @@ def restore(run: Run, path: Path, state: dict[str, Any]) -> None:
     run.rows = read_csv(run.out / "metrics.csv", run.step)
     if run.is_main:
         print(f"resumed from {path} at step {run.step}")
+
+
+def _check_resumed_precision(run: Run, path: Path, saved: dict[str, Any] | None) -> None:
+    """A run resumed in another precision or layout continues (the weights and optimizer state are fp32
+    either way), but is no longer the same computation as a straight run: say so."""
+    now = run.precision.to_dict()
+    keys = ("mixed_precision", "channels_last")
+    if saved is not None and any(saved.get(k) != now[k] for k in keys):
+        warnings.warn(f"{path} was trained in {', '.join(f'{k}={saved.get(k)}' for k in keys)}, this run uses "
+                      f"{', '.join(f'{k}={now[k]}' for k in keys)}: training continues, but not bit-identically "
+                      "to an uninterrupted run", stacklevel=3)
 
 
 def make_loader(run: Run) -> torch.utils.data.DataLoader:
@@ -245,7 +292,8 @@ def make_loader(run: Run) -> torch.utils.data.DataLoader:
 def open_logs(run: Run) -> None:
     """config.json and TensorBoard (rank 0), the per-rank sample log (``--log-samples``)."""
     if run.is_main:
-        write_json(run.out / "config.json", dataclasses.asdict(run.config))
+        print(f"precision: {run.precision.describe()}")
+        write_json(run.out / "config.json", {**dataclasses.asdict(run.config), "precision": run.precision.to_dict()})
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -259,19 +307,27 @@ def open_logs(run: Run) -> None:
 
 # ----------------------------------------------------------------------------- 2. one train step
 def forward_loss(run: Run, pixels: torch.Tensor, latents: torch.Tensor, use_gan: bool):
-    """The student's prediction and its loss (terms in ``parts``), under autocast."""
+    """The student's prediction and its loss (terms in ``parts``).
+
+    The networks (student, teacher decoder, discriminator) run under the run's autocast; the loss terms do
+    not: they get fp32 tensors with autocast off, because MS-SSIM's products of per-scale terms, FFT
+    amplitudes and small L1 differences lose too much in bf16 (8 bits of mantissa). Weights, gradients,
+    the optimizer state and the EMA are fp32 whatever the autocast.
+    """
     weights = run.criterion.weights
-    with run.accelerator.autocast():
-        pred = run.model(latents)
+    with run.autocast():
+        pred = run.model(run.layout(latents))
         teacher_out = None
         if weights.teacher:  # the teacher decodes frames, so clips are flattened and shaped back
             flat = latents.flatten(0, 1) if run.config.frames else latents
-            teacher_out = run.teacher.decode(flat).view(pred.shape)
-        loss, parts = run.criterion(pred.float(), pixels, teacher_out)
-        if use_gan:
-            g_loss = hinge_g_loss(run.discriminator(pred.float()))
-            parts["gan_g"] = float(g_loss.detach())
-            loss = loss + weights.adversarial * g_loss
+            teacher_out = run.teacher.decode(run.layout(flat)).view(pred.shape)
+        fake_logits = run.discriminator(pred) if use_gan else None
+    pred = pred.float()
+    loss, parts = run.criterion(pred, pixels, None if teacher_out is None else teacher_out.float())
+    if use_gan:
+        g_loss = hinge_g_loss(fake_logits.float())
+        parts["gan_g"] = float(g_loss.detach())
+        loss = loss + weights.adversarial * g_loss
     return pred, loss, parts
 
 
@@ -303,8 +359,9 @@ def train_step(run: Run) -> StepResult:
 
 def discriminator_step(run: Run, pixels: torch.Tensor, pred: torch.Tensor) -> float:
     run.disc_optimizer.zero_grad(set_to_none=True)
-    with run.accelerator.autocast():
-        d_loss = hinge_d_loss(run.discriminator(pixels), run.discriminator(pred.detach().float()))
+    with run.autocast():
+        real, fake = run.discriminator(run.layout(pixels)), run.discriminator(pred.detach())
+    d_loss = hinge_d_loss(real.float(), fake.float())
     run.accelerator.backward(d_loss)
     run.disc_optimizer.step()
     return float(d_loss.detach())
@@ -373,6 +430,7 @@ def save_checkpoint(run: Run) -> list[str]:
         "model": run.student.state_dict(), "ema": run.ema.state_dict(),
         "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(), "step": run.step,
         "rng": states, "config": dataclasses.asdict(run.config), "cache_key": run.cache.key,
+        "precision": run.precision.to_dict(),
     }
     if run.discriminator is not None:
         state["discriminator"] = run.accelerator.unwrap_model(run.discriminator).state_dict()

@@ -2,6 +2,7 @@
 temporal consistency for video, and a hinge GAN with a small patch discriminator."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import LossConfigError, MetricUnavailable
+from ..errors import LossConfigError, MetricUnavailable, NonFiniteOutputError
 from ..eval.metrics import SSIM_KERNEL
 
 MS_SSIM_BETAS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # Wang et al. 2003, as in torchmetrics
@@ -108,7 +109,16 @@ class DistillLoss(nn.Module):
         if w.temporal:
             parts["temporal"] = temporal_loss(pred, target)
         total = sum(getattr(w, name) * value for name, value in parts.items())
-        return total, {name: float(value.detach()) for name, value in parts.items()}
+        values = {name: float(value.detach()) for name, value in parts.items()}
+        if not all(math.isfinite(v) for v in values.values()):
+            # stop before the optimizer spreads it into every weight and a NaN decoder is exported
+            terms = ", ".join(f"{name} {value}" for name, value in values.items())
+            raise NonFiniteOutputError(
+                f"the student decoder's output gives a non-finite loss ({terms}): its weights hold NaN or inf (check "
+                "the --decoder / --init checkpoint) or training diverged (lower --lr, or --mixed-precision no); "
+                "nothing is exported"
+            )
+        return total, values
 
 
 # ----------------------------------------------------------------------------- adversarial

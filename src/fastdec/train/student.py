@@ -2,11 +2,15 @@
 checks that it fits the teacher and the options, the view the optimizer sees, and its EMA."""
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn as nn
 
 from ..errors import CheckpointError, TrainError
 from ..models.base import LatentDecoder
+from ..models.growth import NotASupersetError, grow, growth_changes
+from ..models.tae import TAEDecoder
 from ..resolve import resolve_decoder
 from .config import TrainConfig
 
@@ -31,7 +35,8 @@ def build_student(config: TrainConfig, space) -> LatentDecoder:
 
 
 def _initialise(decoder: LatentDecoder, config: TrainConfig) -> LatentDecoder:
-    """``decoder`` with the weights of ``--init``: the same architecture, or an image decoder that a video
+    """``decoder`` with the weights of ``--init``: the same architecture, a smaller TAE decoder that ``decoder``
+    is grown from (:func:`fastdec.grow`: it starts equal to ``--init``), or an image decoder that a video
     decoder starts equal to (``from_image_decoder``)."""
     source = _resolve("--init", config.init, decoder.latent_space)
     if source.latent_space.channels != decoder.latent_space.channels:  # a decoder object passed in Python
@@ -40,10 +45,23 @@ def _initialise(decoder: LatentDecoder, config: TrainConfig) -> LatentDecoder:
     if source.architecture == decoder.architecture and source.config_dict() == decoder.config_dict():
         decoder.load_state_dict(source.state_dict())
         return decoder
+    if type(source) is TAEDecoder and type(decoder) is TAEDecoder:
+        return _grow(source, decoder, config)
     if decoder.is_video and not source.is_video and hasattr(type(decoder), "from_image_decoder"):
         return type(decoder).from_image_decoder(source)
     raise TrainError(f"--init '{config.init}' ({source.architecture} {source.config_dict()}) does not fit "
                      f"--decoder {config.decoder} ({decoder.architecture} {decoder.config_dict()})")
+
+
+def _grow(source: TAEDecoder, decoder: TAEDecoder, config: TrainConfig) -> TAEDecoder:
+    """``--decoder`` grown from ``--init`` (``decoder``'s own weights are the fresh ones of the new channels)."""
+    try:
+        grown = grow(source, decoder)
+    except NotASupersetError as e:
+        raise TrainError(f"--init '{config.init}' does not fit --decoder {config.decoder}: {e}") from e
+    if int(os.environ.get("RANK", "0")) == 0:  # once per run, not once per process
+        print(f"student grown from --init {config.init}: {', '.join(growth_changes(source, grown))}")
+    return grown
 
 
 def check_compatible(teacher, decoder: LatentDecoder) -> None:

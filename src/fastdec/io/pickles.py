@@ -1,0 +1,49 @@
+"""The one way fastdec reads a torch pickle (``.pt``, ``.pth``, ``.bin``): ``weights_only``, so nothing but
+tensors, numbers, strings and containers is ever built. A file that asks for anything else (a class, a
+function: what a planted file uses to run code) is refused with a message that says so and names what it
+asked for, instead of torch's advice on how to allow it."""
+from __future__ import annotations
+
+import pickle
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import FastdecError
+
+_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+
+
+def asks_for_code(error: Exception) -> bool:
+    """Whether an unpickling error is torch's weights-only refusal of a global (not a corrupt file)."""
+    return isinstance(error, pickle.UnpicklingError) and _GLOBAL.search(str(error)) is not None
+
+
+def refusal_message(path: str | Path, error: Exception, what: str) -> str:
+    found = _GLOBAL.search(str(error))
+    asked = f" (it asks to call or build '{found.group(1)}')" if found else ""
+    return (
+        f"'{path}' holds pickled Python objects, not only tensors{asked}: fastdec never unpickles code from a "
+        f"{what}, so it is refused. If you made this file, save a plain dict of tensors (torch.save of a "
+        "state_dict or of tensors) or a .safetensors file"
+    )
+
+
+def load_weights_only(path: str | Path, error: type[FastdecError], what: str, mmap: bool = False) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU (memory-mapped when ``mmap`` and the format allows);
+    a file that holds code is an ``error`` naming it. Other failures (a corrupt file) propagate to the caller,
+    which names the file its own way."""
+    try:
+        try:
+            return torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
+        except RuntimeError:
+            if not mmap:
+                raise
+            # legacy (non-zip) files cannot be memory-mapped
+            return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if asks_for_code(e):
+            raise error(refusal_message(path, e, what)) from e
+        raise
