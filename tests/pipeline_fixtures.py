@@ -248,13 +248,10 @@ PIPELINES = {
 
 
 def tiny_decoder(space: str, seed: int = 0) -> LatentDecoder:
-    """tae-64 with random weights (seeded); the output bias is raised so pictures sit mid-range instead of
-    clamped to black, which keeps the pixel comparisons of the tests meaningful."""
-    torch.manual_seed(seed)
-    decoder = create_decoder("tae-64", space).eval()
-    with torch.no_grad():
-        decoder.layers[-1].bias += 0.5
-    return decoder
+    """tae-64 at test size for a latent space, from the one test factory (``factories.tiny_decoder``)."""
+    from factories import tiny_decoder as make
+
+    return make("tae-64", space, seed=seed)
 
 
 # ----------------------------------------------------------------------------- a test-only video decoder
