@@ -9,7 +9,7 @@ import torch
 
 from fastdec.latent_spaces import LatentSpace
 from fastdec.models.base import LatentDecoder
-from fastdec.models.registry import create_decoder, register_architecture
+from fastdec.models.registry import register_architecture
 from fastdec.models.tae import TAEConfig, TAEDecoder
 
 LETTERS = list(string.ascii_lowercase)

@@ -11,7 +11,6 @@ import csv
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 
 import fastdec
 from fastdec.errors import FastdecError, InputTypeError, TrainError
