@@ -23,6 +23,34 @@ def shared_path(*parts: str) -> Path:
     return path
 
 
+def taef2_photo(index: int = 0, size: int = 256):
+    """A ``size`` x ``size`` crop (1, 3, size, size) of the index-th BSDS val photo, its TAEF2-encoder latents and the
+    TAEF2 decoder (eval mode): real FLUX.2-space latents for tests of trained weights."""
+    import numpy as np
+    from PIL import Image
+
+    import fastdec
+
+    photo = sorted(shared_path("data", "images", "val").glob("*.jpg"))[index]
+    rgb = torch.from_numpy(np.array(Image.open(photo).convert("RGB"))).permute(2, 0, 1).float()
+    crop = rgb[None, :, :size, :size] / 255
+    encoder = fastdec.load_encoder(shared_path("weights", "taef2_encoder.pth"))
+    decoder = fastdec.load_decoder(shared_path("weights", "taef2_decoder.pth")).eval()
+    with torch.no_grad():
+        return crop, encoder(crop), decoder
+
+
+def assert_mean_ci(stat: dict, values: list[float]) -> None:
+    """A report's statistic is the mean and 95% Student-t interval of exactly ``values``."""
+    from fastdec.eval import metrics
+
+    expected = metrics.mean_ci(values)
+    assert stat["n"] == len(values) and stat["confidence"] == 0.95
+    assert stat["mean"] == pytest.approx(expected.mean, rel=1e-6, abs=1e-12)
+    assert stat["ci_low"] == pytest.approx(expected.low, rel=1e-6, abs=1e-12)
+    assert stat["ci_high"] == pytest.approx(expected.high, rel=1e-6, abs=1e-12)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """For files of tiny models: with 2 intra-op threads on a busy 2-core machine, OpenMP hand-offs cost more

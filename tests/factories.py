@@ -28,7 +28,8 @@ def tiny_config(preset: str, space: str = "sdxl", **overrides: Any) -> dict:
     full = PRESETS[preset].make_config(get_latent_space(space))
     if "stage_blocks" in full:
         tiny["stage_blocks"] = tuple(1 for _ in full["stage_blocks"])
-    if architecture == "tae" and full.get("widths"):  # per-stage widths (tae-turbo, tae-large): kept, scaled down
+    if architecture in ("tae", "tae-causal") and full.get("widths"):  # per-stage widths (tae-turbo, tae-large,
+        # tae-causal-turbo): kept, scaled down
         tiny["widths"] = tuple(max(4, w // 8) for w in full["widths"])
         tiny["width"] = tiny["widths"][0]
     if "depths" in full:

@@ -182,3 +182,28 @@ def test_old_import_paths_are_the_new_objects():
     from fastdec.io.video import VIDEO_SUFFIXES
 
     assert fastdec.train.data.IMAGE_SUFFIXES is IMAGE_SUFFIXES and fastdec.data.VIDEO_SUFFIXES is VIDEO_SUFFIXES
+
+
+def test_exclude_leaves_held_out_files_and_frame_folders_out(tmp_path):
+    make_images(tmp_path / "photos", 4)
+    folder = ImageFolder(tmp_path / "photos", 32, exclude=["img_001.png", " img_003.png "])
+    assert [p.name for p in folder.files] == ["img_000.png", "img_002.png"]
+    # a held-out frame folder among clips: named by its folder name or its path relative to --data
+    make_images(tmp_path / "video" / "clip_a", 3, size=(32, 32))
+    make_images(tmp_path / "video" / "clip_b", 3, size=(32, 32))
+    for exclude in (["clip_b"], ["clip_b/"]):
+        clips = VideoFolder(tmp_path / "video", 32, 2, exclude=exclude)
+        assert [p.name for p in clips.files] == ["clip_a"]
+    # a typo must not silently train on the held-out set
+    with pytest.raises(DataError, match=r"--exclude names img_9\.png, which is not in .*photos"):
+        ImageFolder(tmp_path / "photos", 32, exclude=["img_9.png"])
+
+
+def test_eval_video_exclude_scores_only_the_held_out_clips(tmp_path):
+    from fastdec.eval.run import list_videos
+
+    for name in ("a", "b", "c"):
+        make_images(tmp_path / name, 2, size=(32, 32))
+    assert [p.name for p in list_videos(tmp_path, exclude=["a", "c"])] == ["b"]
+    with pytest.raises(DataError, match="--exclude names zz"):
+        list_videos(tmp_path, exclude=["zz"])

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import shared_path
+from conftest import assert_mean_ci, shared_path
 from fastdec.cli import main
 from fastdec.errors import CheckpointError, DataError, EvalError, LatentFileError, NonFiniteOutputError, UsageError
 from fastdec.eval import metrics as M
@@ -413,3 +413,149 @@ def test_vif_is_left_out_with_a_note_for_images_under_41_px(tmp_path, tiny_decod
     stats = report["decoders"]["tiny"]["metrics"]["original"]
     assert "vif" not in stats and stats["gradient_energy"]["n"] == 2
     assert any("VIF omitted" in n and "41 px" in n for n in report["notes"])
+
+
+# ----------------------------------------------------------------------------- paired differences vs a baseline
+@pytest.fixture
+def other_decoder(tmp_path, make_decoder) -> Path:
+    """A second tiny decoder (another seed): a different decode of the same latents."""
+    return save_decoder(make_decoder("tae-64", "sd15", seed=1), tmp_path / "other.safetensors")
+
+
+def _csv_differences(path: Path, key: str, decoder: str, baseline: str, reference: str, metric: str) -> list[float]:
+    """decoder - baseline per input, straight from the CSV (inputs where either side is empty left out)."""
+    with open(path) as f:
+        rows = [r for r in csv.DictReader(f) if r["reference"] == reference]
+    base = {r[key]: r[metric] for r in rows if r["decoder"] == baseline}
+    assert base, f"no {baseline} rows vs {reference}"
+    return [float(r[metric]) - float(base[r[key]]) for r in rows
+            if r["decoder"] == decoder and r[metric] != "" and base[r[key]] != ""]
+
+
+def _check_paired(stat: dict, differences: list[float]) -> None:
+    """The report's paired stat is the mean and Student-t interval of exactly these per-input differences."""
+    assert_mean_ci(stat, differences)
+    assert stat["ci_low"] <= stat["mean"] <= stat["ci_high"] and stat["ci_low"] < stat["ci_high"]
+
+
+def test_paired_differences_against_the_first_decoder(tiny_images, latents, tiny_decoder, other_decoder, tmp_path,
+                                                      capsys):
+    out = tmp_path / "out"
+    assert main(["eval", "images", "--data", str(tiny_images), "--latents", str(latents), "--decoder",
+                 str(tiny_decoder), "--decoder", str(other_decoder), "--out", str(out), "--grid", "0"]) == 0
+    terminal = capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    assert "vs_baseline" not in report["decoders"]["tiny"]  # the baseline is not compared with itself
+    assert report["settings"]["baseline"] == "tiny"
+    paired = report["decoders"]["other"]["vs_baseline"]
+    assert paired["baseline"] == "tiny" and set(paired) == {"baseline", "original"}  # no teacher: no teacher rows
+    measured = ("psnr", "ssim", "vif", "gradient_energy")  # MS-SSIM (56 x 80 px) and LPIPS (no weights) are not
+    assert sorted(paired["original"]) == sorted(measured)
+    for metric in measured:
+        stat = paired["original"][metric]
+        _check_paired(stat, _csv_differences(out / "per_image.csv", "image", "other", "tiny", "original", metric))
+        # every image measured for both: the mean difference is the difference of the means
+        means = {name: report["decoders"][name]["metrics"]["original"][metric]["mean"] for name in ("tiny", "other")}
+        assert stat["mean"] == pytest.approx(means["other"] - means["tiny"], rel=1e-6, abs=1e-9)
+    # pairing removes the between-image spread the two decoders share: tighter than either mean's interval
+    psnr = paired["original"]["psnr"]
+    alone = report["decoders"]["tiny"]["metrics"]["original"]["psnr"]
+    assert psnr["ci_high"] - psnr["ci_low"] < alone["ci_high"] - alone["ci_low"]
+    # report.md and the terminal: the table, the same decimals as the other tables (2 for PSNR, 4 for SSIM)
+    md = (out / "report.md").read_text()
+    cell = f"{psnr['mean']:+.2f} [{psnr['ci_low']:+.2f}, {psnr['ci_high']:+.2f}]"
+    ssim = paired["original"]["ssim"]
+    ssim_cell = f"{ssim['mean']:+.4f} [{ssim['ci_low']:+.4f}, {ssim['ci_high']:+.4f}]"
+    for text in (md, terminal):
+        assert "Difference vs tiny (paired over the same 3 images, 95% CI)" in text
+        assert "| decoder | PSNR ↑ | SSIM ↑ | VIF ↑ | gradient energy → 1 |" in text
+        assert f"| other | {cell} | {ssim_cell} |" in text
+    assert "## Difference vs tiny" in md
+
+
+def test_baseline_option_picks_another_decoder_and_unknown_names_are_errors(
+        tiny_images, latents, tiny_decoder, other_decoder, tmp_path, capsys):
+    first = evaluate_images(tiny_images, [str(tiny_decoder), str(other_decoder)], latents=latents, grid=0)
+    out = tmp_path / "out"
+    assert main(["eval", "images", "--data", str(tiny_images), "--latents", str(latents), "--decoder",
+                 str(tiny_decoder), "--decoder", str(other_decoder), "--baseline", "other", "--out", str(out),
+                 "--grid", "0"]) == 0
+    capsys.readouterr()
+    report = json.loads((out / "report.json").read_text())
+    assert "vs_baseline" not in report["decoders"]["other"]
+    paired = report["decoders"]["tiny"]["vs_baseline"]
+    assert paired["baseline"] == "other"
+    # the other way round: the same differences, negated
+    swapped = first["decoders"]["other"]["vs_baseline"]["original"]["psnr"]
+    assert paired["original"]["psnr"]["mean"] == pytest.approx(-swapped["mean"], rel=1e-6)
+    assert paired["original"]["psnr"]["ci_low"] == pytest.approx(-swapped["ci_high"], rel=1e-6)
+    _check_paired(paired["original"]["psnr"],
+                  _csv_differences(out / "per_image.csv", "image", "tiny", "other", "original", "psnr"))
+    assert "Difference vs other (paired over the same 3 images" in (out / "report.md").read_text()
+    # an unknown name: refused before anything is loaded or written, naming the valid report names
+    bad = tmp_path / "bad"
+    assert main(["eval", "images", "--data", str(tiny_images), "--latents", str(latents), "--decoder",
+                 str(tiny_decoder), "--decoder", str(other_decoder), "--baseline", "tiny.safetensors",
+                 "--out", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "fastdec eval images: error: --baseline 'tiny.safetensors'" in err and "'tiny', 'other'" in err
+    assert not bad.exists()
+    with pytest.raises(UsageError, match=r"--baseline 'nope' .*'tiny', 'other'"):
+        evaluate_images(tiny_images, [str(tiny_decoder), str(other_decoder)], latents=latents, baseline="nope")
+    with pytest.raises(UsageError, match=r"--baseline 'nope' .*'tiny', 'other'"):  # the teacher is never loaded
+        evaluate_video(tiny_images, [str(tiny_decoder), str(other_decoder)], teacher=str(tmp_path / "none.pth"),
+                       baseline="nope")
+    # one decoder: nothing to compare, no table
+    single = evaluate_images(tiny_images, [str(tiny_decoder)], latents=latents, grid=0, baseline="tiny")
+    assert "vs_baseline" not in single["decoders"]["tiny"] and single["settings"]["baseline"] is None
+
+
+def test_paired_summary_pairs_measured_values_and_counts_exact_matches():
+    # None on either side: left out; inf on either side: counted as n_infinite, as summarize does
+    stat = M.summarize_paired([1.0, None, math.inf, 3.0, 2.0], [0.0, 2.0, 5.0, 1.0, None])
+    assert stat["n"] == 2 and stat["n_infinite"] == 1 and stat["mean"] == pytest.approx(1.5)
+    assert stat == {**M.mean_ci([1.0, 2.0]).to_dict(), "n_infinite": 1}
+    # only exact matches: no difference to average (NaN, null in JSON), not an infinite one
+    only_exact = M.summarize_paired([math.inf, math.inf], [math.inf, 30.0])
+    assert math.isnan(only_exact["mean"]) and only_exact["n_infinite"] == 2
+    assert M.summarize_paired([None], [1.0]) is None
+    with pytest.raises(EvalError, match="same samples"):
+        M.summarize_paired([1.0, 2.0], [1.0])
+
+
+def test_video_paired_differences_per_clip_and_per_reference(tmp_path, taef2_encoder_path, taef2_decoder_path,
+                                                             make_decoder, capsys):
+    from skimage import data
+
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    photo = data.astronaut()
+    for k in range(3):  # 3 frame folders of a slow pan, 3 frames of 40 x 48 px each
+        frames = np.stack([photo[100 + 2 * t + 50 * k: 140 + 2 * t + 50 * k, 150 + 3 * t: 198 + 3 * t]
+                           for t in range(3)])
+        _write_clip(videos / f"clip{k}", np.ascontiguousarray(frames), as_mp4=False)
+    a = save_decoder(make_decoder("tae-64", "flux2"), tmp_path / "a.safetensors")
+    b = save_decoder(make_decoder("tae-64", "flux2", seed=1), tmp_path / "b.safetensors")
+    out = tmp_path / "out"
+    assert main(["eval", "video", "--data", str(videos), "--teacher", str(taef2_encoder_path), "--teacher-decoder",
+                 str(taef2_decoder_path), "--decoder", "teacher", "--decoder", str(a), "--decoder", str(b),
+                 "--baseline", "a", "--frames", "3", "--out", str(out)]) == 0
+    terminal = capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    decoders = report["decoders"]
+    assert "vs_baseline" not in decoders["a"]
+    # the teacher's decoder is never scored against its own decode: only "original" pairs
+    assert set(decoders["teacher"]["vs_baseline"]) == {"baseline", "original"}
+    assert set(decoders["b"]["vs_baseline"]) == {"baseline", "original", "teacher"}
+    for name in ("teacher", "b"):
+        for reference in set(decoders[name]["vs_baseline"]) - {"baseline"}:
+            for metric in ("psnr", "ssim", "flicker"):
+                stat = decoders[name]["vs_baseline"][reference][metric]
+                _check_paired(stat, _csv_differences(out / "per_clip.csv", "video", name, "a", reference, metric))
+    md = (out / "report.md").read_text()
+    for text in (md, terminal):
+        assert "Difference vs a (paired over the same 3 clips, 95% CI)" in text
+        assert "Difference vs a, both scored against the teacher decode (paired over the same 3 clips" in text
+        assert "| decoder | PSNR ↑ | SSIM ↑ | FLICKER ↓ |" in text
+    flicker = decoders["b"]["vs_baseline"]["original"]["flicker"]
+    assert f"{flicker['mean']:+.5f} [{flicker['ci_low']:+.5f}, {flicker['ci_high']:+.5f}]" in md

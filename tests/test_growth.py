@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import csv
 
-import numpy as np
 import pytest
 import torch
 
 import fastdec
 from fastdec.errors import FastdecError, InputTypeError, TrainError
-from fastdec.models.growth import ChannelMap, NotASupersetError, grow, growth_changes, layer_roles
+from fastdec.models.growth import (ChannelMap, NotASupersetError, grow, growth_changes, layer_roles,
+                                   transfer_weights)
 from fastdec.models.tae import TAEConfig, TAEDecoder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -194,21 +194,44 @@ def test_grow_is_public_and_keeps_dtype():
     assert max_difference(source, grown, latents(source).double()) <= 1e-12
 
 
+def test_transfer_weights_copies_what_lines_up_into_a_narrower_decoder():
+    """A warm start for a target that is not a superset: the first channels of a narrower stage, exact copies of
+    the stages that keep their width (a wider one grows exactly), and fresh weights only where nothing lines up."""
+    source = source_decoder()  # width 8, stage_blocks (1, 2, 1)
+    target = dict(widths=(16, 8, 4, 4), stage_blocks=(1, 1, 1), head="pixel_shuffle")
+    with pytest.raises(NotASupersetError):
+        grow(source, target)
+    student = transfer_weights(source, target)
+    roles = layer_roles(student.config)
+    layers = {role: layer for role, layer in zip(roles, student.layers) if role is not None}
+    source_layers = {role: layer for role, layer in zip(layer_roles(source.config), source.layers) if role}
+    # stage 0 widens 8 -> 16: the old channels are copied, the new ones feed nothing (as grow does)
+    assert torch.equal(layers[("stem",)].weight[:8], source_layers[("stem",)].weight)
+    assert layers[("block", 0, 0)].conv[0].weight[:8, 8:].abs().sum() == 0
+    # stage 1 keeps width 8: its first block is the source's; the source's second block has no place
+    for index in (0, 2, 4):
+        assert torch.equal(layers[("block", 1, 0)].conv[index].weight, source_layers[("block", 1, 0)].conv[index].weight)
+    # stage 2 narrows 8 -> 4: each conv keeps the source's first 4 output and input channels
+    assert torch.equal(layers[("block", 2, 0)].conv[0].weight, source_layers[("block", 2, 0)].conv[0].weight[:4, :4])
+    assert torch.equal(layers[("conv", 1)].weight, source_layers[("conv", 1)].weight[:4])
+    z = latents(source)
+    with torch.no_grad():
+        out = student(z)
+    assert out.shape == (2, 3, 40, 48) and out.min() >= 0 and out.max() <= 1
+    # not function-preserving, and nothing claims it is
+    assert max_difference(source, student, z) > 1e-3
+    with pytest.raises(NotASupersetError, match=r"cannot transfer.*latent space changes from 'sdxl'.*to 'flux1'"):
+        transfer_weights(source, fastdec.create_decoder("tae-64", "flux1"))
+
+
 # -- real weights ------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def taef2_latents():
     """TAEF2-encoder latents of a 256x256 crop of a BSDS val photo, and the TAEF2 decoder."""
-    from PIL import Image
+    from conftest import taef2_photo
 
-    from conftest import shared_path
-
-    photo = sorted(shared_path("data", "images", "val").glob("*.jpg"))[0]
-    rgb = torch.from_numpy(np.array(Image.open(photo).convert("RGB"))).permute(2, 0, 1).float()
-    crop = rgb[None, :, :256, :256] / 255
-    encoder = fastdec.load_encoder(shared_path("weights", "taef2_encoder.pth"))
-    decoder = fastdec.load_decoder(shared_path("weights", "taef2_decoder.pth")).eval()
-    with torch.no_grad():
-        return decoder, encoder(crop)
+    _, z, decoder = taef2_photo(0)
+    return decoder, z
 
 
 @pytest.mark.parametrize("target", ["tae-large", "wider", "deeper"])
@@ -252,6 +275,11 @@ def test_training_grows_the_student_from_init(tmp_path, capsys):
     grown = fastdec.load_decoder(tmp_path / "grown" / "decoder.safetensors")
     assert grown.config.stage_widths == (16,) * 4 and grown.config.stage_blocks == (1, 1, 2)
     # a target that is not a superset is refused before any training, naming what shrinks
-    with pytest.raises(TrainError, match=r"--init .* does not fit --decoder.*narrows from width 16 to 8"):
+    with pytest.raises(TrainError, match=r"--init .* does not fit --decoder.*narrows from width 16 to 8.*--init-partial copies"):
         train(TrainConfig(**common, decoder=str(source), init=str(wider), steps=1, out=str(tmp_path / "shrunk")))
     assert not (tmp_path / "shrunk" / "metrics.csv").exists()
+    # --init-partial takes the narrower decoder as a warm start instead, and says it is not equal to --init
+    train(TrainConfig(**common, decoder=str(source), init=str(wider), init_partial=True, steps=2,
+                      out=str(tmp_path / "shrunk")))
+    assert "student partly transferred (not equal to it) from --init" in capsys.readouterr().out
+    assert fastdec.load_decoder(tmp_path / "shrunk" / "decoder.safetensors").config.stage_widths == (8,) * 4

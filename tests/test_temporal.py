@@ -366,3 +366,22 @@ def test_bench_video_compile_backend_rows(tmp_path, monkeypatch):
         ("tae-temporal-192", "chunked", "eager")}
     assert "run_frames" in compiled  # the streaming step, not only forward
     assert main(["bench", "--video", "--backends", "onnx"]) == 2
+
+
+def test_causal_turbo_starts_equal_to_tae_turbo_and_streams_what_it_decodes():
+    """tae-causal-turbo: tae-turbo's per-stage widths and pixel-shuffle head with memory blocks (flux2-video-turbo)."""
+    image = tiny_decoder("tae-turbo", "sd15", widths=(16, 8, 8, 8), seed=3).eval()
+    video = CausalTAEDecoder.from_image_decoder(image).eval()
+    assert video.config.head == "pixel_shuffle" and video.config.stage_widths == (16, 8, 8, 8)
+    preset = create_decoder("tae-causal-turbo", "flux2")
+    assert preset.config.stage_widths == (128, 64, 48, 32) and preset.config.head == "pixel_shuffle"
+    z = torch.randn(1, 5, 4, 6, 7)
+    with torch.no_grad():
+        assert (video(z)[0] - image(z[0])).abs().max() <= FP32_ATOL  # zero memory: the image decoder per frame
+        _randomise_memory(video, 0.1)
+        whole = video(z)
+        stream = video.stream()
+        pushed = torch.cat([stream.push(z[:, t: t + 1]) for t in range(5)], dim=1)
+    assert whole.shape == (1, 5, 3, 48, 56)
+    assert (whole - pushed).abs().max() <= FP32_ATOL
+    assert (whole[0] - image(z[0])).abs().max() > 1e-3  # the memory is live: the stream check can fail

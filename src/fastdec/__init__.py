@@ -8,7 +8,7 @@ from .errors import CheckpointError, FastdecError
 from .latent_spaces import LatentSpace, get_latent_space, list_latent_spaces
 from .models import LatentDecoder, create_decoder, list_decoders
 from .io.checkpoints import save_decoder
-from .pretrained import list_pretrained
+from .pretrained import list_pretrained, model_card
 from .resolve import load_decoder, load_encoder, resolve_decoder
 
 __version__ = "0.1.0"
@@ -34,6 +34,6 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "LatentSpace", "get_latent_space", "list_latent_spaces", "LatentDecoder", "create_decoder", "list_decoders",
-    "CheckpointError", "FastdecError", "list_pretrained", "load_decoder", "load_encoder", "resolve_decoder",
+    "CheckpointError", "FastdecError", "list_pretrained", "model_card", "load_decoder", "load_encoder", "resolve_decoder",
     "save_decoder", *_LAZY,
 ]

@@ -15,6 +15,9 @@ def _common_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decoder", action="append", default=[], metavar="SPEC",
                    help="decoder to evaluate (repeatable): a checkpoint file or folder, a pretrained name, a hub id, "
                         "or 'teacher' for the teacher's own decoder")
+    p.add_argument("--baseline", metavar="NAME",
+                   help="report name of the decoder the others are compared with (paired per-input differences "
+                        "with 95%% t-intervals; default: the first --decoder)")
     p.add_argument("--latent-space", help="latent space preset when files cannot tell (sd15, sdxl, flux2, ...)")
     p.add_argument("--out", help="report folder: report.json, report.md, CSV and PNGs")
     p.add_argument("--limit", type=int, help="evaluate only the first N (sorted by name; N >= 1)")
@@ -26,7 +29,7 @@ def _cmd_images(args: argparse.Namespace) -> int:
         data=args.data, decoders=args.decoder, out=args.out, teacher=args.teacher,
         teacher_decoder=args.teacher_decoder, latents=args.latents, latent_space=args.latent_space,
         resolution=args.resolution, limit=args.limit, lpips_weights=args.lpips_weights, lpips_net=args.lpips_net,
-        fid_weights=args.fid_weights, grid=args.grid, device=args.device)
+        fid_weights=args.fid_weights, grid=args.grid, device=args.device, baseline=args.baseline)
     print_summary(report, args.out)
     return 0
 
@@ -36,7 +39,8 @@ def _cmd_video(args: argparse.Namespace) -> int:
         data=args.data, decoders=args.decoder, out=args.out, teacher=args.teacher,
         teacher_decoder=args.teacher_decoder, latent_space=args.latent_space, frames=args.frames,
         resolution=args.resolution, limit=args.limit, fvd_extractor=args.fvd_extractor,
-        clip_frames=args.clip_frames, batch_size=args.batch_size, device=args.device)
+        clip_frames=args.clip_frames, batch_size=args.batch_size, device=args.device, baseline=args.baseline,
+        tof=args.tof, exclude=(args.exclude or "").split(","))
     print_summary(report, args.out)
     return 0
 
@@ -63,9 +67,12 @@ def _add_images(kinds) -> None:
 
 
 def _add_video(kinds) -> None:
-    video = kinds.add_parser("video", help="per-frame PSNR/SSIM, flicker and FVD on videos",
+    video = kinds.add_parser("video", help="per-frame PSNR/SSIM, flicker, temporal metrics (tOF) and FVD on videos",
                              description="Encode the first --frames frames of each video, decode each frame with "
-                                         "each --decoder (video decoders: the whole clip), compare with the originals.")
+                                         "each --decoder (video decoders: the whole clip), compare with the originals: "
+                                         "PSNR, SSIM, per-frame frame-difference error, and per clip flicker, "
+                                         "temporal energy (decoded / original frame-to-frame change), excess motion, "
+                                         "optionally TecoGAN's tOF and FVD. Means with 95%% t-intervals.")
     _common_arguments(video)
     video.add_argument("--frames", type=int, default=32, help="first N frames of each video (default 32)")
     video.add_argument("--resolution", type=int,
@@ -74,6 +81,12 @@ def _add_video(kinds) -> None:
     video.add_argument("--fvd-extractor", help="features for FVD: videomae:DIR (VideoMAEModel folder), i3d:FILE.pt")
     video.add_argument("--clip-frames", type=int, help="frames per FVD clip (default: the extractor's, else 16)")
     video.add_argument("--batch-size", type=int, default=4, help="frames per encode/decode call")
+    video.add_argument("--tof", action="store_true",
+                       help="also TecoGAN's tOF: distance between the decoded and original optical flows (pixels), "
+                            "scikit-image's optical_flow_ilk per frame pair; costs CPU time, needs scikit-image")
+    video.add_argument("--exclude", metavar="NAMES",
+                       help="comma-separated videos or frame folders under --data to leave out (e.g. the clips a "
+                            "decoder was trained on, so only held-out clips are scored)")
     video.set_defaults(func=_cmd_video)
 
 

@@ -1,5 +1,6 @@
 """Fidelity metrics: PSNR/SSIM/MS-SSIM/VIF/LPIPS, the gradient-energy ratio (sharpness), confidence
-intervals, streamed Fréchet statistics, a temporal flicker score, and feature extractors for Fréchet
+intervals, streamed Fréchet statistics, temporal metrics (flicker, frame-difference error, temporal energy,
+excess motion, TecoGAN's tOF with scikit-image's optical flow), and feature extractors for Fréchet
 distances (FID / FVD).
 
 All image tensors are RGB in [0, 1], (N, 3, H, W); clips are (N, T, 3, H, W). Per-image functions
@@ -15,7 +16,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Protocol, runtime_checkable
+from typing import Any, Iterable, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import torch
@@ -32,11 +33,12 @@ MS_SSIM_SCALES = 5
 
 # what `fastdec eval` reports for each kind of input, and the references every decode is compared with
 IMAGE_METRICS = ("psnr", "ssim", "ms_ssim", "vif", "gradient_energy", "lpips")
-VIDEO_METRICS = ("psnr", "ssim", "flicker")
+VIDEO_METRICS = ("psnr", "ssim", "flicker", "temporal_energy", "excess_motion", "tof")
 REFERENCES = ("original", "teacher")
 # None: neither; the value to aim for is 1 (the gradient-energy ratio: below is blur, above is added texture)
 HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "ms_ssim": True, "vif": True, "gradient_energy": None, "lpips": False,
-                    "flicker": False, "fid": False, "fvd": False}
+                    "flicker": False, "temporal_energy": None, "excess_motion": False, "tof": False,
+                    "fid": False, "fvd": False}
 
 # VIF-P as torchmetrics computes it: 4 scales of valid 17/9/5/3-px Gaussian windows, so at least 41 px per side,
 # and a visual-noise variance of 2 in 8-bit grey levels, hence the 0-255 scale the images are passed in
@@ -287,6 +289,34 @@ def summarize(values: Iterable[float | None], confidence: float = 0.95) -> dict[
     return result
 
 
+def paired_differences(values: Sequence[float | None], baseline: Sequence[float | None]) -> list[float | None]:
+    """Per-sample ``value - baseline`` of two decoders scored on the same samples (in the same order).
+
+    ``None`` where either side was not measured, so the pair is left out (never a one-sided mean);
+    ``+inf`` where either side is non-finite (an exact reconstruction, PSNR = inf): ``inf - inf`` would be
+    NaN and ``finite - inf`` a meaningless -inf, so such a pair is marked for :func:`summarize` to count as
+    ``n_infinite`` rather than average.
+    """
+    if len(values) != len(baseline):
+        raise EvalError(f"paired differences need the same samples: {len(values)} values vs {len(baseline)} baseline")
+    return [None if v is None or b is None else v - b if math.isfinite(v) and math.isfinite(b) else math.inf
+            for v, b in zip(values, baseline)]
+
+
+def summarize_paired(values: Sequence[float | None], baseline: Sequence[float | None],
+                     confidence: float = 0.95) -> dict[str, Any] | None:
+    """:func:`summarize` of the :func:`paired_differences`: the mean difference and its t-interval.
+
+    The interval is over the per-sample differences, so the variation the two decoders share (some images
+    are simply harder) cancels: much tighter than comparing two independent intervals. When every pair held
+    an exact match there is no difference to average: the mean is NaN (``null`` in report.json), not inf.
+    """
+    result = summarize(paired_differences(values, baseline), confidence)
+    if result is not None and not math.isfinite(result["mean"]):
+        result["mean"] = float("nan")
+    return result
+
+
 # ----------------------------------------------------------------------------- temporal consistency
 def flicker_score(decoded: torch.Tensor, original: torch.Tensor) -> float:
     """Temporal-consistency error of a decoded clip against the original, (T, 3, H, W) in [0, 1].
@@ -297,13 +327,109 @@ def flicker_score(decoded: torch.Tensor, original: torch.Tensor) -> float:
     and for any error that is constant in time (a static bias), large when the error changes from
     frame to frame (flicker, boiling textures). In units of the [0, 1] pixel range; lower is better.
     """
-    if decoded.shape != original.shape or decoded.ndim != 4:
-        raise EvalError(f"expected two clips shaped (T, 3, H, W), got {tuple(decoded.shape)} and {tuple(original.shape)}")
-    if decoded.shape[0] < 2:
-        raise EvalError("flicker needs at least 2 frames")
+    _check_clips(decoded, original, "flicker")
     d = decoded.double()
     o = original.double()
     return float(((d[1:] - d[:-1]) - (o[1:] - o[:-1])).abs().mean())
+
+
+def _check_clips(decoded: torch.Tensor, original: torch.Tensor, metric: str) -> None:
+    if decoded.shape != original.shape or decoded.ndim != 4:
+        raise EvalError(f"expected two clips shaped (T, 3, H, W), got {tuple(decoded.shape)} and {tuple(original.shape)}")
+    if decoded.shape[0] < 2:
+        raise EvalError(f"{metric} needs at least 2 frames")
+
+
+def frame_diff(decoded: torch.Tensor, original: torch.Tensor) -> list[float]:
+    """Per frame pair, the frame-difference error, (T - 1) values for t = 1..T-1:
+
+        frame_diff_t = mean_px | (D_t - D_{t-1}) - (O_t - O_{t-1}) |
+
+    The series :func:`flicker_score` averages (equal-sized frames: its mean *is* the flicker score), kept
+    per pair so a plot shows where in the clip a decoder flickers.
+    """
+    _check_clips(decoded, original, "frame_diff")
+    d, o = decoded.double(), original.double()
+    return ((d[1:] - d[:-1]) - (o[1:] - o[:-1])).abs().mean(dim=(1, 2, 3)).tolist()
+
+
+def frame_motion(clip: torch.Tensor) -> torch.Tensor:
+    """mean_px |X_t - X_{t-1}| per frame pair, (T - 1,) in float64: how much the clip moves (or flickers)."""
+    x = clip.double()
+    return (x[1:] - x[:-1]).abs().mean(dim=(1, 2, 3))
+
+
+def temporal_energy(decoded: torch.Tensor, original: torch.Tensor) -> float | None:
+    """How much the decode moves relative to the original, warping-free:
+
+        temporal_energy = sum_t mean_px |D_t - D_{t-1}| / sum_t mean_px |O_t - O_{t-1}|
+
+    1 = as much frame-to-frame change as the original; > 1 added flicker or boiling; < 1 temporally smoothed.
+    ``None`` when the original does not change at all (a static clip): the ratio is undefined there, and
+    inf/NaN would poison the means; :func:`excess_motion` still measures such a clip.
+    """
+    _check_clips(decoded, original, "temporal_energy")
+    moved = float(frame_motion(original).sum())
+    return float(frame_motion(decoded).sum()) / moved if moved > 0 else None
+
+
+def excess_motion(decoded: torch.Tensor, original: torch.Tensor) -> float:
+    """The frame-to-frame change the decode adds, warping-free:
+
+        excess_motion = mean_t max(0, mean_px |D_t - D_{t-1}| - mean_px |O_t - O_{t-1}|)
+
+    0 when the decode never changes more than the original (a static clip decoded static), growing with
+    injected flicker; unlike :func:`temporal_energy` it is defined on static clips, and smoothing in one
+    pair cannot cancel flicker in another (the clamp is per pair). Pixels in [0, 1]; lower is better.
+    """
+    _check_clips(decoded, original, "excess_motion")
+    return float((frame_motion(decoded) - frame_motion(original)).clamp(min=0).mean())
+
+
+# ----------------------------------------------------------------------------- tOF (optical flow)
+# Rec. 709 luma weights, those of skimage.color.rgb2gray: the flow is estimated on one luminance channel
+LUMA_WEIGHTS = (0.2125, 0.7154, 0.0721)
+
+
+def optical_flow_ilk() -> Any:
+    """scikit-image's ``optical_flow_ilk`` (iterative Lucas-Kanade), or ``MetricUnavailable`` naming the fix.
+
+    fastdec estimates no flow itself: tOF uses this maintained implementation or is not computed.
+    """
+    try:
+        from skimage.registration import optical_flow_ilk as ilk
+    except ImportError as e:
+        raise MetricUnavailable(
+            f"tOF (--tof) needs scikit-image's optical flow (skimage.registration.optical_flow_ilk), which "
+            f"could not be imported ({e}): pip install scikit-image (it is in fastdec's test extras)") from e
+    return ilk
+
+
+def clip_flows(clip: torch.Tensor) -> np.ndarray:
+    """Optical flow of each frame pair of a clip (T, 3, H, W) in [0, 1]: (T - 1, 2, H, W) float32, in pixels,
+    ``optical_flow_ilk(luma[t - 1], luma[t])`` with scikit-image's defaults on the float luminance."""
+    if clip.ndim != 4 or clip.shape[1] != 3 or clip.shape[0] < 2:
+        raise EvalError(f"tOF needs an RGB clip of at least 2 frames (T, 3, H, W), got {tuple(clip.shape)}")
+    ilk = optical_flow_ilk()
+    weights = torch.tensor(LUMA_WEIGHTS, dtype=torch.float64, device=clip.device).view(1, 3, 1, 1)
+    luma = (clip.double() * weights).sum(dim=1).float().cpu().numpy()
+    return np.stack([ilk(luma[t - 1], luma[t]) for t in range(1, luma.shape[0])])
+
+
+def tof(decoded_flows: np.ndarray, original_flows: np.ndarray) -> float:
+    """TecoGAN's tOF from precomputed :func:`clip_flows` (the original's are computed once per clip and
+    shared by every decoder):
+
+        tOF = mean_t mean_px || flow(D_{t-1}, D_t) - flow(O_{t-1}, O_t) ||_2
+
+    The end-point distance between the decode's motion field and the original's, in pixels of flow:
+    0 when the decode moves exactly like the original; lower is better.
+    """
+    if decoded_flows.shape != original_flows.shape:
+        raise EvalError(f"tOF needs flows of the same clip size, got {decoded_flows.shape} and "
+                        f"{original_flows.shape}")
+    diff = decoded_flows.astype(np.float64) - original_flows.astype(np.float64)
+    return float(np.sqrt((diff ** 2).sum(axis=1)).mean())
 
 
 # ----------------------------------------------------------------------------- Fréchet statistics

@@ -16,7 +16,11 @@ from ..io.files import atomic_write, write_csv, write_json, write_text
 from .metrics import HIGHER_IS_BETTER, IMAGE_METRICS, REFERENCES, VIDEO_METRICS
 
 ERROR_VMAX = 0.2  # error maps saturate at 20% of the pixel range so small errors stay visible
-LABELS = {"ms_ssim": "MS-SSIM", "gradient_energy": "gradient energy"}  # the rest: the name in capitals
+LABELS = {"ms_ssim": "MS-SSIM", "gradient_energy": "gradient energy", "temporal_energy": "temporal energy",
+          "excess_motion": "excess motion", "frame_diff": "frame diff", "tof": "tOF"}  # the rest: in capitals
+# the video settings report.md spells out: how each temporal metric is computed
+TEMPORAL_KEYS = ("flicker", "frame_diff", "temporal_energy", "excess_motion", "tof")
+MAX_DIFF_PANELS = 24  # frame_diff.png panels: beyond this a figure is unreadable (per_frame.csv has every clip)
 # a table written beside the report: file name, rows, columns
 Table = tuple[str, Sequence[Mapping[str, Any]], Sequence[str]]
 
@@ -41,7 +45,8 @@ def format_stat(stat: Mapping[str, Any] | None, digits: int = 4) -> str:
 
 
 def _digits(metric: str) -> int:
-    return 2 if metric in ("psnr", "fid", "fvd") else 5 if metric == "flicker" else 4
+    # flicker and excess motion are small fractions of the pixel range: 4 decimals would round them to 0
+    return 2 if metric in ("psnr", "fid", "fvd") else 5 if metric in ("flicker", "excess_motion") else 4
 
 
 def metric_label(metric: str) -> str:
@@ -62,6 +67,56 @@ def markdown_table(summary: Mapping[str, Mapping[str, Any]], metrics: Sequence[s
     return lines
 
 
+def format_difference(stat: Mapping[str, Any] | None, digits: int = 4, count: int | None = None) -> str:
+    """``+1.57 [+1.49, +1.65]``: a paired difference and its interval, signed so the direction is plain;
+    "—" when not measured. ``(n = k)`` is added when fewer than the ``count`` inputs were paired (a metric
+    not measured on some, or exact matches left out), so a cell never silently covers other images."""
+    if not stat:
+        return "—"
+    mean, low, high = stat["mean"], stat.get("ci_low"), stat.get("ci_high")
+    if mean is None or not math.isfinite(mean):  # NaN in memory, null once read back from report.json
+        return "— (exact matches only)"
+    text = f"{mean:+.{digits}f}"
+    if low is not None and high is not None and math.isfinite(low):
+        text += f" [{low:+.{digits}f}, {high:+.{digits}f}]"
+    if count is not None and stat["n"] != count:
+        text += f" (n = {stat['n']})"
+    return text
+
+
+def difference_tables(report: Mapping[str, Any]) -> list[tuple[str, list[str]]]:
+    """(title, markdown table) per reference with paired differences vs the baseline: a row per decoder,
+    a column per metric. Empty with fewer than two decoders."""
+    diffs = {name: e["vs_baseline"] for name, e in report["decoders"].items() if e.get("vs_baseline")}
+    if not diffs:
+        return []
+    baseline, count = next(iter(diffs.values()))["baseline"], report["count"]
+    tables = []
+    for reference in REFERENCES:
+        rows = {name: d[reference] for name, d in diffs.items() if d.get(reference)}
+        metrics = [m for m in metric_names(report["kind"]) if any(m in stats for stats in rows.values())]
+        if not metrics:
+            continue
+        against = "" if reference == "original" else ", both scored against the teacher decode"
+        title = f"Difference vs {baseline}{against} (paired over the same {count} {report['unit']}, 95% CI)"
+        lines = ["| decoder | " + " | ".join(metric_label(m) for m in metrics) + " |",
+                 "|---|" + "---|" * len(metrics)]
+        lines += [f"| {name} | " + " | ".join(format_difference(stats.get(m), _digits(m), count) for m in metrics)
+                  + " |" for name, stats in rows.items()]
+        tables.append((title, lines))
+    return tables
+
+
+def _difference_markdown(report: Mapping[str, Any]) -> list[str]:
+    unit = "image" if report["kind"] == "images" else "clip"
+    legend = (f"Each cell: the mean of the per-{unit} differences (decoder − baseline) [95% Student-t interval]; "
+              "the arrows say which way the metric itself is better.")
+    lines = []
+    for title, table in difference_tables(report):
+        lines += [f"## {title}", "", legend, "", *table, ""]
+    return lines
+
+
 def _frechet_lines(entry: Mapping[str, Any], against: str = " vs originals") -> list[str]:
     return [f"{key.upper()}{against}: {entry[key]['value']:.3f} (n = {entry[key]['n']})"
             for key in ("fid", "fvd") if key in entry]
@@ -74,11 +129,18 @@ def _skipped_line(report: Mapping[str, Any]) -> list[str]:
     return [f"skipped {skipped['count']} unreadable {report['unit']}: {', '.join(skipped['files'])}"]
 
 
+def _cell(value: float | None, digits: int) -> str:
+    return f"{value:.{digits}f}" if value is not None else "—"
+
+
 def _clip_table(clips: Sequence[Mapping[str, Any]]) -> list[str]:
-    lines = ["", "| clip | frames | PSNR vs original | SSIM | flicker |", "|---|---|---|---|---|"]
+    """Per clip vs the original: PSNR, SSIM and the temporal metrics measured (tOF only with --tof)."""
+    temporal = [m for m in ("flicker", "temporal_energy", "excess_motion", "tof") if m in clips[0]]
+    header = " | ".join(LABELS.get(m, m) for m in temporal)
+    lines = ["", f"| clip | frames | PSNR vs original | SSIM | {header} |", "|---|---|---|---|" + "---|" * len(temporal)]
     for c in clips:
-        flicker = f"{c['flicker']:.5f}" if c["flicker"] is not None else "—"
-        lines.append(f"| {c['video']} | {c['frames']} | {c['psnr']:.2f} | {c['ssim']:.4f} | {flicker} |")
+        cells = " | ".join(_cell(c[m], _digits(m)) for m in temporal)
+        lines.append(f"| {c['video']} | {c['frames']} | {c['psnr']:.2f} | {c['ssim']:.4f} | {cells} |")
     return lines
 
 
@@ -91,7 +153,8 @@ def report_markdown(report: Mapping[str, Any], figures: Sequence[str] = ()) -> s
              f"- crop: {s['crop']}",
              "- values: mean ± half-width of the 95% confidence interval (Student t over "
              f"{'images' if report['kind'] == 'images' else 'clips'})"]
-    lines += [f"- {LABELS.get(key, key.upper())}: {s[key]}" for key in ("vif", "gradient_energy") if key in s]
+    lines += [f"- {LABELS.get(key, key.upper())}: {s[key]}" for key in ("vif", "gradient_energy", *TEMPORAL_KEYS)
+              if key in s]
     lines += [f"- {line}" for line in _skipped_line(report)] + [""]
     for name, entry in report["decoders"].items():
         lines += [f"## {name}", "", f"`{entry['source']}`", ""]
@@ -100,6 +163,7 @@ def report_markdown(report: Mapping[str, Any], figures: Sequence[str] = ()) -> s
         if entry.get("clips"):
             lines += _clip_table(entry["clips"])
         lines.append("")
+    lines += _difference_markdown(report)
     if report["notes"]:
         lines += ["## Notes", ""] + [f"- {n}" for n in report["notes"]] + [""]
     if figures:
@@ -108,12 +172,16 @@ def report_markdown(report: Mapping[str, Any], figures: Sequence[str] = ()) -> s
 
 
 def print_summary(report: Mapping[str, Any], out: str | Path | None = None) -> None:
-    """The terminal summary: a table per decoder, Fréchet distances, skipped inputs, where the report is."""
+    """The terminal summary: a table per decoder, Fréchet distances, the paired differences vs the baseline,
+    skipped inputs, where the report is."""
     for name, entry in report["decoders"].items():
         print(f"\n{name}")
         print("\n".join(markdown_table(entry["metrics"], metric_names(report["kind"]))))
         for line in _frechet_lines(entry, against=""):
             print(line)
+    for title, table in difference_tables(report):
+        print(f"\n{title}")
+        print("\n".join(table))
     for line in _skipped_line(report):
         print(f"\n{line}")
     if out is not None:
@@ -221,4 +289,47 @@ def write_psnr_plot(path: Path, per_frame: dict[str, dict[str, list[float]]]) ->
     ax.set_ylabel("PSNR vs original (dB)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    return _save_figure(fig, path)
+
+
+def _plot_clip_diffs(ax, clip: str, per_frame_diff: Mapping[str, Mapping[str, list[float]]]) -> None:
+    """One panel of frame_diff.png: a line per decoder (the same colour in every panel)."""
+    from matplotlib.ticker import MaxNLocator
+
+    for k, (name, series) in enumerate(per_frame_diff.items()):
+        if clip in series:  # every decoder is scored on every clip; kept safe for partial inputs
+            values = series[clip]
+            ax.plot(range(1, len(values) + 1), values, color=f"C{k}", marker="." if len(values) <= 32 else None,
+                    linewidth=1.2, label=name)
+    ax.set_title(clip, fontsize=8)
+    ax.set_xlabel("frame t", fontsize=8)
+    ax.set_ylim(bottom=0)  # from 0, so a flat line near 0 reads as "no flicker", not as noise
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3)
+
+
+def write_frame_diff_plot(path: Path, per_frame_diff: dict[str, dict[str, list[float]]]) -> Path:
+    """frame_diff vs frame index t (the pair t-1 -> t): a panel per clip, a line per decoder (vs the original).
+
+    Only the first ``MAX_DIFF_PANELS`` clips get a panel (the title says so); per_frame.csv holds them all.
+    """
+    plt = _pyplot()
+    clips = list(dict.fromkeys(clip for series in per_frame_diff.values() for clip in series))
+    shown = clips[:MAX_DIFF_PANELS]
+    cols = min(3, len(shown))
+    rows = math.ceil(len(shown) / cols)
+    # constrained layout: the suptitle and the panel titles and labels would overlap otherwise
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 2.8 * rows), squeeze=False, constrained_layout=True)
+    for ax, clip in zip(axes.flat, shown):
+        _plot_clip_diffs(ax, clip, per_frame_diff)
+    for ax in list(axes.flat)[len(shown):]:
+        ax.axis("off")
+    for row in axes:
+        row[0].set_ylabel("frame_diff", fontsize=8)
+    axes[0][0].legend(fontsize=7)
+    title = "frame_diff_t = mean_px |(D_t - D_{t-1}) - (O_t - O_{t-1})| vs the original (0 = moves like it)"
+    if len(shown) < len(clips):
+        title += f"\nfirst {len(shown)} of {len(clips)} clips (all of them in per_frame.csv)"
+    fig.suptitle(title, fontsize=9)
     return _save_figure(fig, path)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from ..devices import check_device
 from ..errors import (DataError, EvalError, LatentFileError, MetricUnavailable, NonFiniteOutputError, UsageError,
                       VideoError)
-from ..io.files import prepare_output_dir
+from ..io.files import drop_excluded, prepare_output_dir
 from ..io.images import IMAGE_SUFFIXES, list_images, load_image
 from ..io.latents import LATENT_SUFFIXES, check_latent, read_latents
 from ..io.video import VIDEO_SUFFIXES, read_video
@@ -29,7 +29,7 @@ from ..latent_spaces import get_latent_space
 from ..resolve import resolve_decoder
 from . import metrics as M
 from .metrics import IMAGE_METRICS, REFERENCES, VIDEO_METRICS, summarize
-from .report import Table, write_frame_strip, write_image_grid, write_psnr_plot, write_report
+from .report import Table, write_frame_diff_plot, write_frame_strip, write_image_grid, write_psnr_plot, write_report
 
 TEACHER_NAME = "teacher"  # the --decoder value that evaluates the teacher's own decoder
 # how the two less common image metrics are computed (fastdec.eval.metrics.vif / gradient_energy_ratio)
@@ -40,6 +40,19 @@ IMAGE_METRIC_NOTES = {
                        "reference: < 1 blurrier, > 1 more edges than the reference",
 }
 ORIGINAL = "__original__"  # Fréchet statistics of the originals (no decoder is named like this)
+# how the temporal video metrics are computed (fastdec.eval.metrics), for report.json and report.md
+VIDEO_METRIC_NOTES = {
+    "flicker": "mean_t mean_px |(D[t+1]-D[t]) - (O[t+1]-O[t])|, pixels in [0, 1] (per_frame.csv: frame_diff)",
+    "frame_diff": "per frame t >= 1: mean_px |(D[t]-D[t-1]) - (O[t]-O[t-1])|; its clip mean is the flicker score",
+    "temporal_energy": "sum_t mean_px |D[t]-D[t-1]| / sum_t mean_px |O[t]-O[t-1]|: 1 = moves as much as the "
+                       "reference, > 1 added flicker/boiling, < 1 temporally smoothed; none (left out of the "
+                       "means, with a note) when the reference clip is static",
+    "excess_motion": "mean_t max(0, mean_px |D[t]-D[t-1]| - mean_px |O[t]-O[t-1]|), pixels in [0, 1]: "
+                     "the frame-to-frame change the decode adds; 0 for a static clip decoded static",
+    "tof": "TecoGAN tOF: mean_t mean_px ||flow(D[t-1], D[t]) - flow(O[t-1], O[t])||_2 in pixels of flow; "
+           "flow = scikit-image optical_flow_ilk (default settings) on Rec. 709 luminance",
+}
+TOF_OFF = "not computed: pass --tof (one optical flow per frame pair and clip: CPU time)"
 
 
 # ----------------------------------------------------------------------------- teacher and decoders
@@ -69,6 +82,21 @@ def decoder_names(sources: Sequence[str]) -> list[str]:
             name, k = f"{base}-{k}", k + 1
         names.append(name)
     return names
+
+
+def pick_baseline(sources: Sequence[str], baseline: str | None = None) -> str | None:
+    """The report name the other decoders' paired differences are taken against: ``baseline``, else the
+    first decoder's; None with fewer than two decoders (nothing to compare).
+
+    Checked from the names alone, before any decoder is loaded or image read, so a typo costs nothing.
+    """
+    names = decoder_names(sources)
+    if baseline is not None and baseline not in names:
+        valid = ", ".join(f"'{n}'" for n in names) or "none (no --decoder given)"
+        raise UsageError(f"--baseline '{baseline}' is not one of the decoders evaluated; use a report name: {valid}")
+    if len(names) < 2:
+        return None
+    return baseline if baseline is not None else names[0]
 
 
 def _teacher_decoder(teacher, name: str = TEACHER_NAME) -> EvalDecoder:
@@ -110,8 +138,9 @@ def _has_frames(folder: Path) -> bool:
     return any(p.suffix.lower() in IMAGE_SUFFIXES for p in folder.iterdir())
 
 
-def list_videos(data: str | Path, limit: int | None = None) -> list[Path]:
-    """Video files and frame folders directly under ``data`` (or ``data`` itself if it holds frames)."""
+def list_videos(data: str | Path, limit: int | None = None, exclude: Sequence[str] = ()) -> list[Path]:
+    """Video files and frame folders directly under ``data`` (or ``data`` itself if it holds frames), less
+    those named in ``exclude`` (the training clips, when a folder holds both)."""
     folder = Path(data)
     if not folder.is_dir():
         raise DataError(f"--data '{folder}' is not a folder of videos or frame folders")
@@ -119,6 +148,7 @@ def list_videos(data: str | Path, limit: int | None = None) -> list[Path]:
         (p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES) or (p.is_dir() and _has_frames(p))))
     if not items and _has_frames(folder):
         items = [folder]
+    items = drop_excluded(items, folder, exclude)
     if not items:
         raise DataError(f"no videos ({', '.join(VIDEO_SUFFIXES)}) or frame folders in '{folder}'")
     return items[:limit] if limit else items
@@ -267,13 +297,16 @@ class Evaluation:
     ``observe``, ``decoder_extras``, ``settings``, ``tables`` and ``write_figures``."""
 
     kind = unit = ""
+    key = ""  # the row column naming the input: what paired differences are matched on
     metrics: tuple[str, ...] = ()
 
     def __init__(self, *, data: str | Path, items: list[Path], teacher, decoders: list[EvalDecoder], space,
-                 factor: int, device: str, notes: Notes, options: dict[str, Any], batch_size: int = 1):
+                 factor: int, device: str, notes: Notes, options: dict[str, Any], batch_size: int = 1,
+                 baseline: str | None = None):
         self.data, self.items, self.teacher, self.decoders = data, items, teacher, decoders
         self.space, self.factor, self.device, self.notes, self.batch_size = space, factor, device, notes, batch_size
-        self.options = {"data": str(data), **options}
+        self.baseline = baseline  # report name (pick_baseline), None: no paired differences
+        self.options = {"data": str(data), **options, "baseline": baseline}
         self.reference = _teacher_decoder(teacher) if teacher is not None and teacher.has_decoder else None
         self.rows: list[dict[str, Any]] = []  # one per input x decoder x reference: what the means are over
         self.skipped: dict[str, str] = {}
@@ -346,6 +379,25 @@ def aggregate(rows: Sequence[dict[str, Any]], decoder: str, metrics: Sequence[st
     return summary
 
 
+def paired_aggregate(rows: Sequence[dict[str, Any]], decoder: str, baseline: str, metrics: Sequence[str],
+                     key: str) -> dict[str, Any]:
+    """reference -> metric -> mean and t-interval of ``decoder`` - ``baseline``, per input (``row[key]``).
+
+    Only inputs both were scored on against the same reference are paired; a reference one of them lacks
+    (the teacher's decoder is never scored against its own decode) is left out.
+    """
+    summary: dict[str, Any] = {"baseline": baseline}
+    for reference in REFERENCES:
+        base = {r[key]: r for r in rows if r["decoder"] == baseline and r["reference"] == reference}
+        pairs = [(r, base[r[key]]) for r in rows
+                 if r["decoder"] == decoder and r["reference"] == reference and r[key] in base]
+        if not pairs:
+            continue
+        stats = {m: M.summarize_paired([r[m] for r, _ in pairs], [b[m] for _, b in pairs]) for m in metrics}
+        summary[reference] = {m: s for m, s in stats.items() if s is not None}
+    return summary
+
+
 def build_report(task: Evaluation) -> dict[str, Any]:
     report: dict[str, Any] = {
         "kind": task.kind, "count": task.count, "unit": task.unit, "settings": task.settings(), "decoders": {},
@@ -353,6 +405,8 @@ def build_report(task: Evaluation) -> dict[str, Any]:
     }
     for dec in task.decoders:
         entry = {"source": dec.source, "metrics": aggregate(task.rows, dec.name, task.metrics)}
+        if task.baseline is not None and dec.name != task.baseline:
+            entry["vs_baseline"] = paired_aggregate(task.rows, dec.name, task.baseline, task.metrics, task.key)
         report["decoders"][dec.name] = {**entry, **task.decoder_extras(dec)}
     return report
 
@@ -380,7 +434,7 @@ def run_evaluation(task: Evaluation, out: Path | None = None) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- images
 class ImageEvaluation(Evaluation):
-    kind, unit, metrics = "images", "images", IMAGE_METRICS
+    kind, unit, key, metrics = "images", "images", "image", IMAGE_METRICS
 
     def __init__(self, *, latents: str | Path | None, resolution: int | None, lpips: M.LPIPS | None,
                  fid: FrechetTracker | None, grid: int, **common: Any):
@@ -499,12 +553,16 @@ def evaluate_images(
     fid_weights: str | None = None,
     grid: int = 4,
     device: str = "cpu",
+    baseline: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate image decoders on a folder of originals; returns the report dict (and writes it to ``out``).
 
-    Unreadable images are skipped with a warning and counted in ``report["skipped"]``.
+    Unreadable images are skipped with a warning and counted in ``report["skipped"]``. With two or more
+    decoders, each one but the baseline (``baseline``, a report name; default the first) gets
+    ``vs_baseline``: paired per-image differences against it.
     """
     _check_image_options(teacher, latents, resolution, limit, grid)
+    base = pick_baseline(decoders, baseline)
     check_device(device)
     items = image_inputs(data, limit)
     out_dir = prepare_output_dir(out) if out is not None else None
@@ -521,21 +579,25 @@ def evaluate_images(
         factor=teach.spatial_factor if teach else decs[0].fn.upsample_factor,
         options={"teacher": teacher, "teacher_decoder": teacher_decoder,
                  "latents": str(latents) if latents else None, "resolution": resolution},
-        latents=latents, resolution=resolution, lpips=lpips, fid=fid, grid=grid)
+        latents=latents, resolution=resolution, lpips=lpips, fid=fid, grid=grid, baseline=base)
     return run_evaluation(task, out_dir)
 
 
 # ----------------------------------------------------------------------------- video
 class VideoEvaluation(Evaluation):
-    kind, unit, metrics = "video", "clips", VIDEO_METRICS
+    kind, unit, key, metrics = "video", "clips", "video", VIDEO_METRICS
 
     def __init__(self, *, frames: int | None, resolution: int | None, fvd: FrechetTracker | None,
-                 fvd_extractor: str | None, window: int, **common: Any):
+                 fvd_extractor: str | None, window: int, tof: bool = False, **common: Any):
         super().__init__(**common)
         self.frames, self.resolution, self.fvd, self.fvd_extractor, self.window = (
             frames, resolution, fvd, fvd_extractor, window)
+        self.tof = tof
         self.frame_rows: list[dict[str, Any]] = []
         self.per_frame_psnr: dict[str, dict[str, list[float]]] = {d.name: {} for d in self.decoders}
+        self.per_frame_diff: dict[str, dict[str, list[float]]] = {d.name: {} for d in self.decoders}
+        # id(clip) -> (clip, its flows), for the current sample only (cleared in observe); see _flows
+        self.flow_cache: dict[int, tuple[torch.Tensor, np.ndarray]] = {}
         self.strip: tuple[str, torch.Tensor, dict[str, torch.Tensor]] | None = None
         self.shapes: set[tuple[int, int, int]] = set()
 
@@ -553,16 +615,44 @@ class VideoEvaluation(Evaluation):
 
     def score(self, sample, dec, reference, decoded, ref):
         psnrs, ssims = M.psnr(decoded, ref).tolist(), M.ssim(decoded, ref).tolist()
+        diffs = M.frame_diff(decoded, ref) if decoded.shape[0] > 1 else []
         if reference == "original":
             self.per_frame_psnr[dec.name][sample.name] = psnrs
+            if diffs:
+                self.per_frame_diff[dec.name][sample.name] = diffs
+        # frame 0 has no previous frame: its frame_diff is empty, not 0 (which would read as "no flicker")
         self.frame_rows += [{"video": sample.name, "frame": i, "decoder": dec.name, "reference": reference,
-                             "psnr": p, "ssim": s} for i, (p, s) in enumerate(zip(psnrs, ssims))]
+                             "psnr": p, "ssim": s, "frame_diff": diffs[i - 1] if i else None}
+                            for i, (p, s) in enumerate(zip(psnrs, ssims))]
         finite = [p for p in psnrs if math.isfinite(p)]
         return {"video": sample.name, "decoder": dec.name, "reference": reference, "frames": decoded.shape[0],
                 "psnr": float(np.mean(finite)) if finite else float("inf"), "ssim": float(np.mean(ssims)),
-                "flicker": M.flicker_score(decoded, ref) if decoded.shape[0] > 1 else None}
+                **self._temporal(sample, reference, decoded, ref)}
+
+    def _temporal(self, sample: Sample, reference: str, decoded: torch.Tensor, ref: torch.Tensor) -> dict[str, Any]:
+        """flicker, temporal_energy, excess_motion and (with --tof) tOF of one decode; None below 2 frames."""
+        if decoded.shape[0] < 2:
+            return dict.fromkeys(("flicker", "temporal_energy", "excess_motion", "tof"))
+        energy = M.temporal_energy(decoded, ref)
+        if energy is None:
+            self.notes.add(f"temporal_energy of '{sample.name}' vs {reference} not reported: the {reference} clip "
+                           "does not change from frame to frame, so the ratio is undefined "
+                           "(excess_motion covers it)")
+        return {"flicker": M.flicker_score(decoded, ref), "temporal_energy": energy,
+                "excess_motion": M.excess_motion(decoded, ref),
+                "tof": M.tof(self._flows(decoded), self._flows(ref)) if self.tof else None}
+
+    def _flows(self, clip: torch.Tensor) -> np.ndarray:
+        """The clip's optical flows, each clip flowed once: the original (and the teacher decode) serve every
+        decoder, and a decode serves both references. Keyed by the tensor's id while the entry holds the tensor
+        itself, so the id cannot be reused by another clip while cached."""
+        entry = self.flow_cache.get(id(clip))
+        if entry is None:
+            entry = self.flow_cache[id(clip)] = (clip, M.clip_flows(clip))
+        return entry[1]
 
     def observe(self, sample, decoded):
+        self.flow_cache.clear()  # every score of this sample is done: its flows are not needed again
         self.shapes.add((sample.original.shape[0], *sample.original.shape[-2:]))
         if self.fvd is not None:
             self._add_fvd_windows(sample, decoded)
@@ -579,7 +669,7 @@ class VideoEvaluation(Evaluation):
                 self.fvd.add(name, frames[None, s:s + self.window])
 
     def decoder_extras(self, dec):
-        clips = [{k: r[k] for k in ("video", "frames", "psnr", "ssim", "flicker")}
+        clips = [{k: r[k] for k in ("video", "frames", *self.clip_metrics())}
                  for r in self.rows if r["decoder"] == dec.name and r["reference"] == "original"]
         extras: dict[str, Any] = {"clips": clips, "per_frame_psnr": self.per_frame_psnr[dec.name]}
         fvd = self.fvd.distance(dec.name) if self.fvd is not None else None
@@ -597,16 +687,24 @@ class VideoEvaluation(Evaluation):
                 "frames": self.frames, "resolution": self.resolution, "crop": crop,
                 "shapes": sorted(f"{t}x{h}x{w}" for t, h, w in self.shapes),
                 "confidence": "95% Student t over clips (per-clip means)",
-                "flicker": "mean_t mean_px |(D[t+1]-D[t]) - (O[t+1]-O[t])|, pixels in [0, 1]"}
+                **VIDEO_METRIC_NOTES, **({} if self.tof else {"tof": TOF_OFF})}
+
+    def clip_metrics(self) -> tuple[str, ...]:
+        """The per-clip metrics this run measures: tOF only with --tof (an always-empty column says nothing)."""
+        return tuple(m for m in self.metrics if m != "tof" or self.tof)
 
     def tables(self):
-        return {"csv": ("per_frame.csv", self.frame_rows, ["video", "frame", "decoder", "reference", "psnr", "ssim"]),
-                "clips_csv": ("per_clip.csv", self.rows,
-                              ["video", "decoder", "reference", "frames", "psnr", "ssim", "flicker"])}
+        return {"csv": ("per_frame.csv", self.frame_rows,
+                        ["video", "frame", "decoder", "reference", "psnr", "ssim", "frame_diff"]),
+                "clips_csv": ("per_clip.csv", self.rows, ["video", "decoder", "reference", "frames",
+                                                          *self.clip_metrics()])}
 
     def write_figures(self, out):
         figures = [write_frame_strip(out / "frames.png", *self.strip).name] if self.strip else []
-        return figures + [write_psnr_plot(out / "psnr_per_frame.png", self.per_frame_psnr).name]
+        figures.append(write_psnr_plot(out / "psnr_per_frame.png", self.per_frame_psnr).name)
+        if any(self.per_frame_diff.values()):  # some clip has >= 2 frames: a frame difference to plot
+            figures.append(write_frame_diff_plot(out / "frame_diff.png", self.per_frame_diff).name)
+        return figures
 
 
 def _check_video_options(teacher, frames, resolution, limit, clip_frames, batch_size) -> None:
@@ -632,11 +730,23 @@ def evaluate_video(
     clip_frames: int | None = None,
     batch_size: int = 4,
     device: str = "cpu",
+    baseline: str | None = None,
+    tof: bool = False,
+    exclude: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """Evaluate decoders on videos: per-frame PSNR/SSIM, flicker, optional FVD; returns the report dict."""
+    """Evaluate decoders on videos: per-frame PSNR/SSIM and frame-difference error, per-clip flicker, temporal
+    energy, excess motion, optional tOF and FVD; returns the report dict.
+
+    As for images, ``vs_baseline`` holds paired per-clip differences against ``baseline`` (default: the first).
+    ``tof``: TecoGAN's tOF with scikit-image's optical flow (``VIDEO_METRIC_NOTES``); opt-in for its CPU cost.
+    ``exclude``: names of videos or frame folders under ``data`` to leave out (e.g. the training clips).
+    """
     _check_video_options(teacher, frames, resolution, limit, clip_frames, batch_size)
+    if tof:  # a missing scikit-image is refused before any decoder is loaded or clip read
+        M.optical_flow_ilk()
+    base = pick_baseline(decoders, baseline)
     check_device(device)
-    items = list_videos(data, limit)
+    items = list_videos(data, limit, exclude)
     out_dir = prepare_output_dir(out) if out is not None else None
     notes = Notes()
     teach = load_eval_teacher(teacher, teacher_decoder, latent_space, device)
@@ -646,6 +756,8 @@ def evaluate_video(
     window = clip_frames or (fvd.extractor.num_frames if fvd is not None else None) or 16
     task = VideoEvaluation(
         data=data, items=items, teacher=teach, decoders=decs, space=teach.latent_space, factor=teach.spatial_factor,
-        device=device, notes=notes, batch_size=batch_size, options={"teacher": teacher, "teacher_decoder": teacher_decoder},
-        frames=frames, resolution=resolution, fvd=fvd, fvd_extractor=fvd_extractor, window=window)
+        device=device, notes=notes, batch_size=batch_size,
+        options={"teacher": teacher, "teacher_decoder": teacher_decoder, "tof_enabled": tof},
+        frames=frames, resolution=resolution, fvd=fvd, fvd_extractor=fvd_extractor, window=window, baseline=base,
+        tof=tof)
     return run_evaluation(task, out_dir)

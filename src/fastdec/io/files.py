@@ -16,7 +16,7 @@ import unicodedata
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from ..errors import UnsafePathError, UsageError
+from ..errors import DataError, UnsafePathError, UsageError
 
 TEMP_MARKER = ".fastdec-tmp"
 _UMASK = os.umask(0)
@@ -172,3 +172,21 @@ def check_output_file(path: str | os.PathLike, what: str = "output file") -> Pat
     if problem:
         raise UsageError(f"cannot write {what} '{path}': '{existing}' is not a writable folder ({problem})")
     return path
+
+
+def drop_excluded(candidates: list[Path], root: Path, exclude: Iterable[str]) -> list[Path]:
+    """``candidates`` without the files or frame folders named in ``exclude`` (a name, or a path relative to
+    ``root``): how held-out clips stay out of a training folder that also holds them. A name that matches
+    nothing is an error, so a typo cannot silently train on the held-out set."""
+    exclude = {e.strip().strip("/") for e in exclude if e.strip()}
+    if not exclude:
+        return candidates
+
+    def names(path: Path) -> set[str]:
+        return {path.name, path.relative_to(root).as_posix()}
+
+    unmatched = sorted(e for e in exclude if not any(e in names(c) for c in candidates))
+    if unmatched:
+        raise DataError(f"--exclude names {', '.join(unmatched)}, which is not in '{root}': give file or folder "
+                        "names (or paths relative to --data) of what to leave out")
+    return [c for c in candidates if not names(c) & exclude]

@@ -8,8 +8,8 @@ is one frame of features per block, whatever the video length).
 
 The memory convs start at zero and the layer names are the image decoder's, so
 ``CausalTAEDecoder.from_image_decoder`` gives a video decoder that starts
-exactly equal to a trained image decoder. Presets ``tae-causal-64`` and
-``tae-causal-192``.
+exactly equal to a trained image decoder. Presets ``tae-causal-64``, ``tae-causal-192`` and
+``tae-causal-turbo`` (tae-turbo's per-stage widths and pixel-shuffle head).
 """
 from __future__ import annotations
 
@@ -179,6 +179,12 @@ def tae_causal_64(space: LatentSpace) -> dict:
 @register_preset("tae-causal-192", "tae-causal", "causal TAE-192 with memory blocks: parallel or streaming")
 def tae_causal_192(space: LatentSpace) -> dict:
     return tae_layout(space, 192)
+
+
+@register_preset("tae-causal-turbo", "tae-causal", "causal tae-turbo (widths 128, 64, 48, 32, pixel-shuffle head) "
+                 "with memory blocks: flux2-turbo's architecture for video, parallel or streaming")
+def tae_causal_turbo(space: LatentSpace) -> dict:
+    return tae_layout(space, None, widths=(128, 64, 48, 32), head="pixel_shuffle")
 
 
 __all__ = ["MemBlock", "CausalTAEConfig", "CausalTAEDecoder", "CausalStream"]

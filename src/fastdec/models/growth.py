@@ -307,9 +307,33 @@ def grow(decoder: LatentDecoder, target: str | TAEConfig | dict | LatentDecoder)
     return grown.train(source.training)
 
 
+def transfer_weights(decoder: LatentDecoder, target: str | TAEConfig | dict | LatentDecoder) -> TAEDecoder:
+    """A warm start for a TAE decoder that is *not* a superset of ``decoder`` (a narrower or shallower one).
+
+    Every layer both have is copied as :func:`grow` copies it, and a narrower stage keeps the source's first
+    channels (its convs truncated). Unlike ``grow`` the output is not equal to the source's: the truncated
+    stages lose what their dropped channels carried, so train it. A wider target is grown exactly where it is
+    wider. Refused only where nothing can line up (another latent space or stage count, or a GroupNorm stage
+    that narrows: its group statistics would change)."""
+    source = _check_source(decoder)
+    student = _target_decoder(source, target)
+    blocking = _space_problems(source, student)
+    src, tgt = source.config, student.config
+    if len(src.stage_blocks) != len(tgt.stage_blocks):
+        blocking.append(f"the number of stages changes from {len(src.stage_blocks)} to {len(tgt.stage_blocks)}")
+    elif src.use_midblock_gn and tgt.use_midblock_gn and tgt.stage_widths[0] % src.stage_widths[0]:
+        blocking.append(f"stage 0 holds TAEF2's GroupNorm branch: its width {src.stage_widths[0]} -> "
+                        f"{tgt.stage_widths[0]} must stay an integer multiple")
+    if blocking:
+        raise NotASupersetError(f"cannot transfer the {_summary(src)} decoder into {_summary(tgt)}: "
+                                f"{'; '.join(blocking)}")
+    _copy_weights(source, student)
+    return student.train(source.training)
+
+
 def _summary(config: TAEConfig) -> str:
     return (f"TAE (widths {config.stage_widths}, stage_blocks {config.stage_blocks}, final_blocks "
             f"{config.final_blocks}, {config.head} head{', GroupNorm branch' if config.use_midblock_gn else ''})")
 
 
-__all__ = ["grow", "NotASupersetError", "ChannelMap", "layer_roles", "superset_problems", "growth_changes"]
+__all__ = ["grow", "transfer_weights", "NotASupersetError", "ChannelMap", "layer_roles", "superset_problems", "growth_changes"]

@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import argparse
+import json
 from typing import Any
 
-from . import PRETRAINED, list_pretrained
+from . import PRETRAINED, list_pretrained, model_card
 
 
 def list_command(args: argparse.Namespace) -> int:
+    if args.card:
+        print(json.dumps(model_card(args.card), indent=2))
+        return 0
     names = list_pretrained(args.latent_space)
     if not names:
         where = f" for latent space '{args.latent_space}'" if args.latent_space else ""
@@ -25,4 +29,6 @@ def add_commands(subparsers: Any) -> None:
                               description="fastdec's own trained decoders, shipped in the package: each name works "
                                           "with every --decoder, load_decoder(name) and swap_decoder(pipe, name).")
     p.add_argument("--latent-space", default=None, help="only decoders for this latent space (e.g. flux2)")
+    p.add_argument("--card", metavar="NAME", help="print one decoder's model card (JSON: training, data and licences, "
+                                                   "metrics and speed against TAEF2)")
     p.set_defaults(func=list_command)

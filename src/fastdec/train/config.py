@@ -25,7 +25,9 @@ class TrainConfig:
     latent_space: str | None = None         # override the teacher's detected space
     decoder: str = "tae-192"                # preset name, or a fastdec checkpoint to continue from
     init: str | None = None                 # initialise weights from this decoder checkpoint
+    init_partial: bool = False              # --init into a narrower TAE: copy what lines up (a warm start)
     data: str = ""
+    exclude: str | None = None              # comma-separated files/folders under data to leave out (held out)
     val: str | None = None
     out: str = ""
     resolution: int = 256
@@ -71,8 +73,13 @@ HELP = {
     "teacher_decoder": "TAESD-family decoder paired with a TAESD encoder teacher (teacher grids / --teacher-weight)",
     "latent_space": "latent space name, overriding detection from the teacher",
     "decoder": "decoder preset (see fastdec.list_decoders()) or a fastdec checkpoint to continue from",
-    "init": "initialise from a decoder checkpoint (same architecture, or an image decoder for a video decoder)",
+    "init": "initialise from a decoder checkpoint (same architecture, a smaller TAE decoder to grow, or an image "
+            "decoder for a video decoder)",
+    "init_partial": "with --init into a TAE decoder that is not a superset (narrower or shallower): copy every layer "
+                    "and channel that lines up (fastdec.models.growth.transfer_weights), a warm start, not equal output",
     "data": "training folder (images, recursive; videos with --frames)",
+    "exclude": "comma-separated file or folder names (or paths relative to --data) to leave out of training, "
+               "e.g. held-out clips",
     "val": "held-out folder for validation (center crops)",
     "out": "run folder: checkpoints, metrics.csv, grids, decoder.safetensors",
     "frames": "clip length T for video decoders",

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError
+from ..io.files import drop_excluded
 from ..io.images import IMAGE_SUFFIXES, list_images
 from ..io.video import VIDEO_SUFFIXES
 
@@ -75,7 +76,7 @@ class _MediaFolder:
 class ImageFolder(_MediaFolder):
     """All images under ``root`` (recursive), to be cut into ``resolution``-pixel square crops."""
 
-    def __init__(self, root: str | Path, resolution: int, spatial_factor: int = 8):
+    def __init__(self, root: str | Path, resolution: int, spatial_factor: int = 8, exclude: Iterable[str] = ()):
         from PIL import Image
 
         self.root = Path(root).expanduser()
@@ -85,7 +86,7 @@ class ImageFolder(_MediaFolder):
         self.resolution = resolution
         if not self.root.is_dir():
             raise DataError(f"data folder '{self.root}' does not exist or is not a folder")
-        candidates = list_images(self.root, recursive=True)
+        candidates = drop_excluded(list_images(self.root, recursive=True), self.root, exclude)
         self.files: list[Path] = []
         self.sizes: list[tuple[int, int]] = []  # (width, height) after resizing
         self.skipped: list[Path] = []
@@ -150,7 +151,8 @@ class VideoFolder(_MediaFolder):
     """Videos under ``root``: video files (mp4/webm/...) and folders of frames, cut into clips of
     ``frames`` frames at ``resolution`` px. Reading goes through ``fastdec.io.video``."""
 
-    def __init__(self, root: str | Path, resolution: int, frames: int, spatial_factor: int = 8):
+    def __init__(self, root: str | Path, resolution: int, frames: int, spatial_factor: int = 8,
+                 exclude: Iterable[str] = ()):
         from ..io.video import video_info
 
         self.root = Path(root).expanduser()
@@ -161,7 +163,7 @@ class VideoFolder(_MediaFolder):
         self.resolution, self.frames = resolution, frames
         candidates = sorted(p for p in self.root.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES)
         frame_dirs = sorted({p.parent for p in list_images(self.root, recursive=True)})
-        candidates += frame_dirs
+        candidates = drop_excluded(candidates + frame_dirs, self.root, exclude)
         self.files: list[Path] = []
         self.sizes: list[tuple[int, int]] = []
         self.lengths: list[int] = []
@@ -219,11 +221,12 @@ class VideoFolder(_MediaFolder):
         return clip.flip(-1) if crop.flip else clip
 
 
-def open_folder(root: str | Path, resolution: int, spatial_factor: int, frames: int | None = None):
+def open_folder(root: str | Path, resolution: int, spatial_factor: int, frames: int | None = None,
+                exclude: Iterable[str] = ()):
     """An ``ImageFolder``, or a ``VideoFolder`` when ``frames`` is given (video decoders)."""
     if frames:
-        return VideoFolder(root, resolution, frames, spatial_factor)
-    return ImageFolder(root, resolution, spatial_factor)
+        return VideoFolder(root, resolution, frames, spatial_factor, exclude)
+    return ImageFolder(root, resolution, spatial_factor, exclude)
 
 
 def crops_to_json(crops: Iterable[Crop]) -> list[list[int]]:

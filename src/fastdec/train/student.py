@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from ..errors import CheckpointError, TrainError
 from ..models.base import LatentDecoder
-from ..models.growth import NotASupersetError, grow, growth_changes
+from ..models.growth import NotASupersetError, grow, growth_changes, superset_problems, transfer_weights
 from ..models.tae import TAEDecoder
 from ..resolve import resolve_decoder
 from .config import TrainConfig
@@ -55,12 +55,16 @@ def _initialise(decoder: LatentDecoder, config: TrainConfig) -> LatentDecoder:
 
 def _grow(source: TAEDecoder, decoder: TAEDecoder, config: TrainConfig) -> TAEDecoder:
     """``--decoder`` grown from ``--init`` (``decoder``'s own weights are the fresh ones of the new channels)."""
+    partial = config.init_partial and superset_problems(source, decoder)
     try:
-        grown = grow(source, decoder)
+        grown = transfer_weights(source, decoder) if partial else grow(source, decoder)
     except NotASupersetError as e:
-        raise TrainError(f"--init '{config.init}' does not fit --decoder {config.decoder}: {e}") from e
+        hint = "" if config.init_partial else (" (--init-partial copies what lines up instead: a warm start that "
+                                               "does not decode equal to --init)")
+        raise TrainError(f"--init '{config.init}' does not fit --decoder {config.decoder}: {e}{hint}") from e
     if int(os.environ.get("RANK", "0")) == 0:  # once per run, not once per process
-        print(f"student grown from --init {config.init}: {', '.join(growth_changes(source, grown))}")
+        how = "partly transferred (not equal to it)" if partial else "grown"
+        print(f"student {how} from --init {config.init}: {', '.join(growth_changes(source, grown))}")
     return grown
 
 

@@ -1,0 +1,85 @@
+"""The scripts that make the README's and model cards' figures: training curves, crop grids, model cards."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(relative: str):
+    path = ROOT / relative
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_metrics(run: Path, rows: list[str]) -> Path:
+    run.mkdir(parents=True)
+    (run / "metrics.csv").write_text("step,val_psnr,teacher_val_psnr,loss\n" + "\n".join(rows) + "\n")
+    return run
+
+
+def test_training_curves_reads_validation_points_and_the_teacher_line(tmp_path, capsys):
+    curves = load_script("benchmarks/training_curves.py")
+    run = write_metrics(tmp_path / "run", ["0,20.5,27.3,", "50,,,0.1", "100,25.25,,0.05"])
+    assert curves.read_curve(run, "val_psnr") == ([0, 100], [20.5, 25.25], 27.3)
+    assert curves.main(["--run", f"hifi={run}", "--out", str(tmp_path / "c.png")]) == 0
+    assert "hifi: val_psnr 0: 20.5, 100: 25.25" in capsys.readouterr().out
+    assert Image.open(tmp_path / "c.png").format == "PNG"
+    with pytest.raises(SystemExit, match="no column 'temporal'"):
+        curves.read_curve(run, "temporal")
+    with pytest.raises(SystemExit, match="metrics.csv not found"):
+        curves.read_curve(tmp_path / "nothing", "val_psnr")
+
+
+def test_crop_box_is_centred_on_the_latent_grid():
+    grid = load_script("benchmarks/crop_grid.py")
+    assert grid.crop_box(320, 480, 160, 8) == (80, 160)
+    top, left = grid.crop_box(321, 487, 100, 8)
+    assert top % 8 == 0 and left % 8 == 0 and abs(top - (321 - 100) / 2) < 8
+
+
+def test_crop_grid_writes_original_decoders_and_errors(tmp_path, taef2_encoder_path):
+    """A tiny end-to-end grid: 2 photos x (original, 2 decoders, 2 error maps) of 32 px crops."""
+    import fastdec
+    from factories import tiny_decoder
+
+    grid = load_script("benchmarks/crop_grid.py")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(2):
+        Image.fromarray((torch.rand(48, 64, 3) * 255).byte().numpy()).save(photos / f"p{i}.png")
+    decoder = fastdec.save_decoder(tiny_decoder("tae-64", "flux2", seed=0), tmp_path / "tiny.safetensors")
+    out = tmp_path / "grid.png"
+    grid.main(["--data", str(photos), "--teacher", str(taef2_encoder_path), "--decoder", f"A={decoder}",
+               "--decoder", str(decoder), "--photos", "2", "--size", "32", "--out", str(out)])
+    image = Image.open(out)
+    assert image.size == (32 * 5, 2 * (32 + grid.LABEL_HEIGHT))
+
+
+def test_model_card_markdown_carries_metrics_and_speed():
+    package = load_script("tools/package_pretrained.py")
+    stat = {"mean": 30.1, "ci_low": 29.4, "ci_high": 30.8, "n": 100}
+    card = {"name": "flux2-x", "description": "d", "architecture": "tae {}", "started_from": "TAEF2",
+            "config": "flux2-x.yaml", "params": 1234567, "gflops_512": 61.7, "weights": "fp16", "latents": "l",
+            "data": [{"name": "BSDS500 train", "licence": "research use", "used_for": "training"}],
+            "training": {"steps": 10, "batch_size": 8, "resolution": 128, "losses": {"l1": 1.0},
+                         "precision": "bf16 autocast", "wall_time_min": 1.5, "hardware": "CPU, 2 threads, no GPU",
+                         "validation_curve": [{"step": 0, "val_psnr": 27.34}, {"step": 10, "val_psnr": 28.0}]},
+            "trades": "softer than TAEF2",
+            "evaluation": {"set": "BSDS500 val", "confidence": "95%", "metrics": {"psnr": stat},
+                           "vs_baseline": {"psnr": {"mean": 1.57, "ci_low": 1.49, "ci_high": 1.65, "n": 100}}},
+            "speed": [{"setting": "eager fp32", "ms": 300.0, "baseline_ms": 700.0, "speedup": 2.33}]}
+    text = package.render_card(card)
+    assert "## flux2-x" in text and "1,234,567 parameters, 61.7 GFLOPs" in text
+    assert "| psnr | 30.10 [29.40, 30.80] | +1.57 [+1.49, +1.65] |" in text
+    assert "| eager fp32 | 300.0 | 700.0 | 2.33x |" in text
+    assert "softer than TAEF2" in text and "0: 27.34, 10: 28.00" in text
