@@ -16,7 +16,6 @@ import argparse
 import csv
 import json
 import os
-import platform
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ import torch
 from safetensors import safe_open
 
 import fastdec
-from fastdec.bench.measure import count_flops
+from fastdec.bench.measure import count_flops, cpu_name
 from fastdec.pretrained import PRETRAINED
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "fastdec" / "pretrained"
@@ -50,16 +49,6 @@ LATENTS_NOTE = ("Latents come from TAEF2's encoder (taef2_encoder.pth), a stand-
                 "(the YAML's other settings are a good start).")
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def gflops_at_512(decoder: fastdec.LatentDecoder) -> float:
     """Per 512x512 image (per frame for a video decoder: one frame of one clip)."""
     side = 512 // decoder.upsample_factor
@@ -69,9 +58,8 @@ def gflops_at_512(decoder: fastdec.LatentDecoder) -> float:
         return count_flops(lambda: decoder.float()(z)) / 1e9
 
 
-def training_facts(run: Path) -> dict[str, Any]:
-    """Steps, wall time and settings of a run folder, from what the trainer wrote there."""
-    config = json.loads((run / "config.json").read_text())
+def training_facts(run: Path, config: dict[str, Any]) -> dict[str, Any]:
+    """Steps, wall time and settings of a run folder (``config``: its config.json), from what the trainer wrote."""
     rows = list(csv.DictReader((run / "metrics.csv").open()))
     # config.json is written when the run starts and decoder.safetensors when it ends: the wall time between
     # them includes encoding the latent cache (when it was not cached yet) and validation
@@ -151,7 +139,7 @@ def package(args: argparse.Namespace) -> Path:
         "weights": "fp16 safetensors (EMA of the trained weights)",
         "data": VIDEO_DATA if decoder.is_video else DATA,
         "latents": LATENTS_NOTE.format(name=args.name, preset=config["decoder"]),
-        "training": training_facts(run),
+        "training": training_facts(run, config),
         "trades": args.trades or "",
     }
     if config.get("exclude"):

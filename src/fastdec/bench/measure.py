@@ -273,7 +273,8 @@ def release_memory(device: str | torch.device) -> None:
 
 
 # ----------------------------------------------------------------------------- the machine
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo (what bench output and model cards name), else what platform knows."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -304,7 +305,7 @@ def system_info(device: str | torch.device = "cpu", dtype: str | None = None) ->
 
     device = torch.device(device)
     info: dict[str, Any] = {
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
