@@ -198,10 +198,12 @@ def test_streaming_peak_memory_is_flat_in_frame_count():
         stream_8, stream_64, parallel_32 = pool.map(
             lambda job: mb(*job), [("streaming", 8), ("streaming", 64), ("parallel", 32)]
         )
-    # the probe does see memory that grows with frames (parallel holds every frame's activations)...
+    # the probe does see memory that grows with frames (parallel holds every frame's activations: ~200 MB)...
     assert parallel_32 - stream_8 > 40, (stream_8, parallel_32)
-    # ...and streaming 8x more frames needs no more than a few MB extra (allocator noise)
-    assert stream_64 - stream_8 < 6, (stream_8, stream_64)
+    # ...and streaming 56 more frames costs less than 4 frames' worth of that. Keeping the frames would cost 56
+    # frames' worth (~360 MB); measured: 4-9 MB, allocator noise that a fixed few-MB bound tripped on now and then
+    per_frame = (parallel_32 - stream_8) / 24
+    assert stream_64 - stream_8 < 4 * per_frame, (stream_8, stream_64, per_frame)
 
 
 @pytest.mark.parametrize("num_frames", [1, 3, 4, 5, 8, 9, 10, 17, 33])
