@@ -136,8 +136,53 @@ def test_undecodable_file_is_skipped_once_during_caching(tmp_path):
 
 
 def test_crop_round_trips_through_json():
-    crop = Crop(3, 10, 20, 64, True, 5)
+    crop = Crop(3, 10, 20, 64, True, 5, stride=2)
     assert Crop.from_list(json.loads(json.dumps(crop.to_list()))) == crop
+    # a cache index written before strides existed holds 6 values: consecutive frames
+    assert Crop.from_list([3, 10, 20, 64, 1, 5]) == Crop(3, 10, 20, 64, True, 5, stride=1)
+
+
+def _numbered_frames(folder, count: int, size: int = 32):
+    """A frame folder whose frame i is flat grey level 10 * i: a loaded clip says which frames it holds."""
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    for i in range(count):
+        Image.new("RGB", (size, size), (10 * i,) * 3).save(folder / f"frame_{i:03d}.png")
+    return folder
+
+
+def _frame_numbers(clip: torch.Tensor) -> list[int]:
+    return [round(float(frame.mean()) * 255 / 10) for frame in clip]
+
+
+def test_clips_have_a_random_start_and_stride(tmp_path):
+    _numbered_frames(tmp_path / "videos" / "long", 12)
+    _numbered_frames(tmp_path / "videos" / "short", 7)
+    data = VideoFolder(tmp_path / "videos", resolution=32, frames=4, max_stride=3)
+    crops = data.random_crops(per_file=40, seed=0)
+    long, short = data.files.index(tmp_path / "videos" / "long"), data.files.index(tmp_path / "videos" / "short")
+    # every stride up to the largest is drawn; in the 7-frame video a 4-frame clip fits strides 1 and 2 only
+    assert {c.stride for c in crops if c.file == long} == {1, 2, 3}
+    assert {c.stride for c in crops if c.file == short} == {1, 2}
+    for crop in crops[::7]:
+        frames = _frame_numbers(data.load(crop))
+        assert frames == [crop.start + k * crop.stride for k in range(4)]
+        assert frames[-1] < (12 if crop.file == long else 7)
+    # the default is consecutive frames, as before strides existed
+    assert {c.stride for c in VideoFolder(tmp_path / "videos", 32, 4).random_crops(10, seed=0)} == {1}
+    with pytest.raises(DataError, match="--max-frame-stride must be 1 or more"):
+        VideoFolder(tmp_path / "videos", 32, 4, max_stride=0)
+
+
+def test_the_largest_stride_is_part_of_the_cache_key(tmp_path):
+    from fastdec.train.cache import cache_key
+
+    _numbered_frames(tmp_path / "videos" / "clip", 12)
+    teacher = _teacher(tmp_path)
+    keys = {stride: cache_key(VideoFolder(tmp_path / "videos", 32, 4, max_stride=stride), teacher, 2, 0)
+            for stride in (1, 2, 3)}
+    assert len(set(keys.values())) == 3
 
 
 def test_frame_folder_clips(tmp_path):

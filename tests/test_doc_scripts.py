@@ -83,3 +83,45 @@ def test_model_card_markdown_carries_metrics_and_speed():
     assert "| psnr | 30.10 [29.40, 30.80] | +1.57 [+1.49, +1.65] |" in text
     assert "| eager fp32 | 300.0 | 700.0 | 2.33x |" in text
     assert "softer than TAEF2" in text and "0: 27.34, 10: 28.00" in text
+    # a video card: its clips and the temporal loss are said, and no empty validation line is written
+    video = {**card, "training": {**card["training"], "losses": {"l1": 1.0, "temporal": 1.0}, "validation_curve": [],
+                                  "clips": {"frames": 8, "max_frame_stride": 2}}}
+    text = package.render_card(video)
+    assert "128 px crops of 8-frame clips (random stride 1-2), losses {'l1': 1.0, 'temporal': 1.0}" in text
+    assert "Validation PSNR" not in text
+
+
+def test_training_facts_read_the_run_folder(tmp_path):
+    package = load_script("tools/package_pretrained.py")
+    run = write_metrics(tmp_path / "run", ["0,27.5,27.3,", "25,,,0.02"])
+    config = {"steps": 25, "batch_size": 2, "resolution": 128, "l1": 1.0, "temporal": 1.0, "mse": 0.0, "frames": 8,
+              "max_frame_stride": 2, "precision": {"mixed_precision": "bf16", "channels_last": True}}
+    (run / "config.json").write_text("{}")
+    (run / "decoder.safetensors").write_bytes(b"")
+    facts = package.training_facts(run, config)
+    assert facts["losses"] == {"l1": 1.0, "temporal": 1.0}  # weights of 0 are not losses
+    assert facts["clips"] == {"frames": 8, "max_frame_stride": 2}
+    assert facts["validation_curve"] == [{"step": 0, "val_psnr": 27.5}]
+    assert facts["precision"] == "bf16 autocast, channels_last" and facts["wall_time_min"] >= 0
+
+
+def test_flicker_split_finds_where_the_flicker_is():
+    """Flicker added where the original is still is all 'still' and all removable; flicker that rides on a
+    moving part is all 'moving'; a decode that equals the original has none."""
+    split = load_script("benchmarks/flicker_split.py")
+    torch.manual_seed(0)
+    original = torch.full((6, 3, 32, 32), 0.5)
+    original[:, :, :, 16:] = torch.rand(6, 1, 32, 16)  # right half changes every frame, left half is still
+    assert split.flicker_split(original, original)["flicker"] == 0
+    still_flicker = original.clone()
+    still_flicker[1::2, :, 4:12, 2:8] += 0.1  # a patch in the still half that blinks
+    result = split.flicker_split(still_flicker, original)
+    assert result["flicker"] > 0 and result["still_share"] == pytest.approx(1.0)
+    assert result["still_bound"] == pytest.approx(1.0)  # the original is exactly still there: all removable
+    assert 0.3 < result["still_pixels"] < 0.5  # the left half, less the motion map's blur across the edge
+    moving_error = original.clone()
+    moving_error[1::2, :, 4:12, 22:28] += 0.1
+    result = split.flicker_split(moving_error, original)
+    assert result["still_share"] == 0 and result["still_bound"] == 0
+    with pytest.raises(ValueError, match="same"):
+        split.flicker_split(original[:1], original[:1])

@@ -292,12 +292,15 @@ def test_bench_video_end_to_end_json(tmp_path):
 
     out = tmp_path / "video.json"
     code = main(["bench", "--video", "--sizes", "32", "--video-frames", "2", "--decoders", "tae-causal-64",
-                 "--repeats", "1", "--warmup", "0", "--threads", "1", "--json", str(out)])
+                 "--repeats", "1", "--svd-repeats", "2", "--warmup", "0", "--threads", "1", "--json", str(out)])
     assert code == 0
     report = json.loads(out.read_text())
     rows = {(r["name"], r["mode"]): r for r in report["rows"]}
     assert {("tae-causal-64", "parallel"), ("tae-causal-64", "streaming")} <= set(rows)
     svd = next(r for r in report["rows"] if r["name"] == "svd-vae")
+    # the reference is a median of --svd-repeats timed calls, and the settings say so
+    assert svd["runs"] == 2 and rows[("tae-causal-64", "parallel")]["runs"] == 1
+    assert report["settings"]["svd_repeats"] == 2
     for row in rows.values():
         assert row["per_frame_s"] > 0
         assert row["peak_mem_mb"] is None or row["peak_mem_mb"] >= 0
@@ -368,6 +371,7 @@ def test_bench_video_compile_backend_rows(tmp_path, monkeypatch):
         ("tae-temporal-192", "chunked", "eager")}
     assert "run_frames" in compiled  # the streaming step, not only forward
     assert main(["bench", "--video", "--backends", "onnx"]) == 2
+    assert main(["bench", "--video", "--svd-repeats", "0"]) == 2
 
 
 def test_causal_turbo_starts_equal_to_tae_turbo_and_streams_what_it_decodes():

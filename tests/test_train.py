@@ -158,7 +158,7 @@ def test_mismatched_latent_channels_fail_before_any_work(tiny_setup, tmp_path, c
 @pytest.mark.parametrize("flag, value", [
     ("--steps", "0"), ("--steps", "-5"), ("--batch-size", "0"), ("--grad-accum", "0"), ("--ckpt-every", "0"),
     ("--log-every", "0"), ("--val-every", "-1"), ("--resolution", "0"), ("--lr", "0"), ("--lr", "nan"),
-    ("--crops-per-image", "0"), ("--ema", "1"), ("--warmup", "-1"), ("--frames", "0"),
+    ("--crops-per-image", "0"), ("--ema", "1"), ("--warmup", "-1"), ("--frames", "0"), ("--max-frame-stride", "0"),
 ])
 def test_bad_numbers_are_refused_before_any_work(tiny_setup, tmp_path, capsys, flag, value):
     out, cache = tmp_path / "run", tmp_path / "cache"
@@ -217,6 +217,10 @@ def test_config_file_values_are_checked_and_typed(tmp_path):
     config_file.write_text("- a list\n")
     with pytest.raises(TrainError, match="option: value"):
         make_config({}, str(config_file))
+    # a frame stride means nothing for images: refused, not silently ignored
+    with pytest.raises(UsageError, match="--max-frame-stride samples video clips: it needs --frames"):
+        make_config({"data": "d", "out": "o", "teacher": "t", "max_frame_stride": 2})
+    assert make_config({"data": "d", "out": "o", "teacher": "t", "max_frame_stride": 2, "frames": 8}).max_frame_stride == 2
 
 
 def _free_port() -> int:
@@ -328,9 +332,12 @@ def test_video_decoder_trains_on_clips(tiny_setup, tmp_path):
     image_decoder = tiny_decoder_file(tmp_path / "w" / "image.safetensors", width=64)
     run = {**tiny_setup, "data": str(tmp_path / "clips"), "val": str(tmp_path / "clips")}
     _run(**run | {"decoder": "tae-causal-64"}, init=str(image_decoder), frames=3, temporal=1.0, steps=2,
-         out=str(tmp_path / "video"))
+         max_frame_stride=2, crops_per_image=6, out=str(tmp_path / "video"))
     rows = list(csv.DictReader((tmp_path / "video" / "metrics.csv").open()))
     assert float(rows[-1]["temporal"]) > 0
+    # the cached clips have random strides (3 frames of 5 fit strides 1 and 2), and training read them back
+    (index,) = Path(run["cache_dir"]).glob("*/index.json")
+    assert {stride for *_, stride in json.loads(index.read_text())["plan"]} == {1, 2}
     decoder = load_decoder(tmp_path / "video" / "decoder.safetensors")
     assert decoder.is_video and decoder(torch.randn(1, 3, 4, 4, 4)).shape == (1, 3, 3, 32, 32)
     with pytest.raises(TrainError, match="--frames"):

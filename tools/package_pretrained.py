@@ -74,7 +74,10 @@ def training_facts(run: Path, config: dict[str, Any]) -> dict[str, Any]:
         "hardware": f"{cpu_name()}, {os.cpu_count()} logical CPUs, no GPU",
         "precision": f"{precision.get('mixed_precision', 'fp32')} autocast"
                      f"{', channels_last' if precision.get('channels_last') else ''}",
-        "losses": {k: config[k] for k in ("l1", "mse", "ms_ssim", "teacher_weight", "adversarial") if config.get(k)},
+        "losses": {k: config[k] for k in ("l1", "mse", "ms_ssim", "lpips", "teacher_weight", "temporal", "adversarial")
+                   if config.get(k)},
+        **({"clips": {"frames": config["frames"], "max_frame_stride": config.get("max_frame_stride", 1)}}
+           if config.get("frames") else {}),
         "validation_curve": curve,
     }
 
@@ -171,8 +174,8 @@ def render_card(card: dict[str, Any]) -> str:
              f"{card['gflops_512']} GFLOPs per 512x512 image",
              f"- **Started from:** {card['started_from']}",
              f"- **Config:** `{card['config']}`",
-             f"- **Training:** {t['steps']} steps, batch {t['batch_size']}, {t['resolution']} px crops, losses "
-             f"{t['losses']}, {t['precision']}; {t['wall_time_min']} min on {t['hardware']}",
+             f"- **Training:** {t['steps']} steps, batch {t['batch_size']}, {t['resolution']} px crops{_clips(t)}, "
+             f"losses {t['losses']}, {t['precision']}; {t['wall_time_min']} min on {t['hardware']}",
              "- **Data:** " + "; ".join(f"{d['name']} ({d['licence']}; {d['used_for']})" for d in card["data"]),
              f"- **Latents:** {card['latents']}",
              f"- **Weights:** {card['weights']}"]
@@ -189,8 +192,17 @@ def render_card(card: dict[str, Any]) -> str:
         lines += ["", "| setting | ms per 512 px image | TAEF2 ms | speed-up |", "|---|---|---|---|"]
         lines += [f"| {r['setting']} | {r['ms']} | {r['baseline_ms']} | {r['speedup']}x |" for r in card["speed"]]
     curve = ", ".join(f"{p['step']}: {p['val_psnr']:.2f}" for p in t["validation_curve"])
-    lines += ["", f"Validation PSNR (16 BSDS val centre crops, {t['resolution']} px) by step: {curve}", ""]
-    return "\n".join(lines)
+    if curve:  # the video runs had no --val set: their held-out clips are scored by fastdec eval video
+        lines += ["", f"Validation PSNR (16 BSDS val centre crops, {t['resolution']} px) by step: {curve}"]
+    return "\n".join([*lines, ""])
+
+
+def _clips(training: dict[str, Any]) -> str:
+    clips = training.get("clips")
+    if not clips:
+        return ""
+    stride = clips["max_frame_stride"]
+    return f" of {clips['frames']}-frame clips ({'stride 1' if stride == 1 else f'random stride 1-{stride}'})"
 
 
 def write_cards(grid: str | None) -> Path:

@@ -258,6 +258,10 @@ def _video_display_row(r: dict[str, Any], several_dtypes: bool) -> dict[str, str
     }
 
 
+def _times(n: int) -> str:
+    return "once" if n == 1 else f"{n} times (median)"
+
+
 def print_video_report(payload: dict[str, Any], console: Any = None) -> None:
     """The video bench's table (one row per decoder, mode, dtype, size and clip length) and its notes."""
     console = console or console_out()
@@ -273,8 +277,8 @@ def print_video_report(payload: dict[str, Any], console: Any = None) -> None:
     console.print(
         f"speed-up = SVD decoder ({dtypes[0]}, faster layout) time per frame / row time per frame (same size, same "
         f"frame count, same latents){same}. "
-        f"SVD decodes in chunks of {settings['svd_chunk']} frames (decode_chunk_size) and is timed once "
-        "(no warm-up). peak MB = working memory of one whole-clip decode beyond the weights (peak RSS, isolated "
+        f"SVD decodes in chunks of {settings['svd_chunk']} frames (decode_chunk_size) and is timed "
+        f"{_times(settings.get('svd_repeats', 1))} (no warm-up). peak MB = working memory of one whole-clip decode beyond the weights (peak RSS, isolated "
         "process). streaming = one frame per push, frames dropped after decoding."
     )
     for r in payload["rows"]:

@@ -46,6 +46,7 @@ class VideoBenchConfig:
     frames: list[int] = field(default_factory=lambda: list(DEFAULT_FRAMES))
     svd_frames: list[int] | None = None     # frame counts SVD runs at (None: all of ``frames``)
     svd_chunk: int = 8                      # SVD decode_chunk_size
+    svd_repeats: int = 1                    # timed SVD calls (each takes seconds to minutes on a CPU)
     decoders: list[str] | None = None       # None: DEFAULT_VIDEO_DECODERS
     baselines: list[str] | None = None      # None or ["svd"]: with SVD; ["none"]: without
     backends: list[str] = field(default_factory=lambda: ["eager"])
@@ -168,8 +169,8 @@ def validate_video_config(cfg: VideoBenchConfig) -> VideoBenchConfig:
     if not cfg.sizes or not cfg.frames or any(f < 1 for f in counts) or cfg.svd_chunk < 1:
         raise BenchError("--sizes and --video-frames need values, and --video-frames, --svd-frames and --svd-chunk "
                          "must be >= 1")
-    if cfg.repeats < 1 or cfg.warmup < 0 or (cfg.threads is not None and cfg.threads < 0):
-        raise BenchError("--repeats must be >= 1, --warmup >= 0 and --threads >= 0")
+    if cfg.repeats < 1 or cfg.svd_repeats < 1 or cfg.warmup < 0 or (cfg.threads is not None and cfg.threads < 0):
+        raise BenchError("--repeats and --svd-repeats must be >= 1, --warmup >= 0 and --threads >= 0")
     return dataclasses.replace(cfg, backends=backends, dtypes=list(dict.fromkeys(dtype_name(d) for d in cfg.dtypes)),
                                svd_frames=list(cfg.svd_frames or cfg.frames))
 
@@ -224,12 +225,13 @@ def _bench_video_row(run: _VideoRun, job: tuple[int, int, str, VideoRow]) -> dic
                   backend=row.backend, source=named.source if named else None)
     call = _call_for(run, kwargs)
     run.params.setdefault(row.name, count_parameters(call.modules))
-    # SVD's decoder takes minutes per call on CPU: one untimed run would double the run time.
+    # SVD's decoder takes seconds to minutes per call on CPU: an untimed run would double the run time, and
+    # it is timed --svd-repeats times (default once)
     is_svd = row.name == SVD_ROW
     # a compiled row compiles in its first call: that must never be timed
     warmup = 0 if is_svd else max(cfg.warmup, 1) if row.backend == "compile" else cfg.warmup
     try:
-        stats = time_callable(call.fn, warmup=warmup, repeats=1 if is_svd else cfg.repeats)
+        stats = time_callable(call.fn, warmup=warmup, repeats=cfg.svd_repeats if is_svd else cfg.repeats)
     except NonFiniteOutputError as e:  # a NaN decoder has no speed worth reporting: name it and its input
         raise NonFiniteOutputError(f"decoder '{(named.source if named else None) or row.name}' produced NaN or inf "
                                    f"on {frames} random {size} px frames: {e}") from e
@@ -268,6 +270,7 @@ def run_video_bench(cfg: VideoBenchConfig, console: Any = None) -> dict[str, Any
             write_json(cfg.json, {"rows": run.rows, "partial": True})
     _add_video_speedups(run.rows, cfg.dtypes[0])
     settings = {"sizes": cfg.sizes, "frames": cfg.frames, "svd_frames": cfg.svd_frames, "svd_chunk": cfg.svd_chunk,
+                "svd_repeats": cfg.svd_repeats,
                 "repeats": cfg.repeats, "warmup": cfg.warmup, "seed": cfg.seed, "decoders": list(specs),
                 "dtypes": cfg.dtypes, "channels_last": cfg.channels_last, "backends": cfg.backends}
     return {"rows": run.rows, "system": system_info("cpu", "/".join(cfg.dtypes)),

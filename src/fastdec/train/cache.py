@@ -5,13 +5,14 @@ Layout of a cache folder (``<cache_root>/<space>-<res>px-<key>/``)::
     index.json              what was planned and what is done (rewritten atomically)
     shard_00000.safetensors "latents": fp16 (n, C, h, w) or (n, T, C, h, w)
 
-The plan is ``per_file`` random crops of every file (position, flip, and first frame for videos),
+The plan is ``per_file`` random crops of every file (position, flip, and first frame and stride for videos),
 drawn from the seed, stored in the index as crop parameters. Training reloads the pixels of
 exactly those crops from the files, so pixels and latents stay aligned without storing pixels.
 More crops per file = more variety, paid once in encoding time and disk
 (fp16 latents: C*(R/f)^2*2 bytes per crop, 64 KB for FLUX.2 at 256 px).
 
-The key hashes the teacher's fingerprint, latent space, resolution, frames, crops per file, seed and
+The key hashes the teacher's fingerprint, latent space, resolution, frames (and a video's largest frame
+stride), crops per file, seed and
 the data files (name, size, mtime): change any of them and a new cache is built; otherwise it is
 reused. An interrupted build continues from the last completed shard. A cache whose index or shards
 are damaged is an error that names the folder and says to delete it.
@@ -49,6 +50,8 @@ def cache_key(dataset, teacher, per_file: int, seed: int) -> str:
         "root": str(dataset.root.resolve()),
         "files": dataset.describe(),
     }
+    if getattr(dataset, "max_stride", 1) != 1:  # only then: caches of consecutive clips keep their keys
+        description["max_stride"] = dataset.max_stride
     return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -32,6 +32,7 @@ class TrainConfig:
     out: str = ""
     resolution: int = 256
     frames: int | None = None               # video decoders: clip length T
+    max_frame_stride: int = 1               # video: each clip's stride is drawn from 1..this (1 = consecutive)
     steps: int = 10000
     batch_size: int = 8                     # per process, per micro-step
     grad_accum: int = 1
@@ -83,6 +84,8 @@ HELP = {
     "val": "held-out folder for validation (center crops)",
     "out": "run folder: checkpoints, metrics.csv, grids, decoder.safetensors",
     "frames": "clip length T for video decoders",
+    "max_frame_stride": "video: each clip takes every k-th frame, k drawn per clip from 1 to this (random stride; "
+                        "1 = consecutive frames); longer strides show faster motion",
     "batch_size": "batch per process per micro-step",
     "grad_accum": "micro-steps per optimizer step",
     "warmup": "linear warm-up steps before the cosine decay",
@@ -112,7 +115,8 @@ HELP = {
 REQUIRED = ("teacher", "data", "out")
 # numbers that must be > 0: each is a count, a period or a size the loop divides by or iterates over
 POSITIVE = ("steps", "batch_size", "grad_accum", "ckpt_every", "log_every", "val_every", "resolution", "lr",
-            "crops_per_image", "val_count", "device_batch_encode", "disc_lr", "frames", "stop_at")
+            "crops_per_image", "val_count", "device_batch_encode", "disc_lr", "frames", "stop_at",
+            "max_frame_stride")
 NON_NEGATIVE = ("warmup", "weight_decay", "clip_grad", "l1", "mse", "ms_ssim", "lpips", "teacher_weight", "temporal",
                 "adversarial", "adv_start", "workers", "seed")
 FRACTIONS = {"ema": (0.0, 1.0, "in [0, 1)"), "min_lr_ratio": (0.0, 1.0, "in [0, 1]")}
@@ -216,6 +220,8 @@ def validate_config(config: TrainConfig) -> TrainConfig:
     for name, choices in CHOICES.items():
         if getattr(config, name) not in choices:
             raise UsageError(f"{flag(name)} must be one of {', '.join(choices)}, got {getattr(config, name)!r}")
+    if config.max_frame_stride != 1 and not config.frames:
+        raise UsageError("--max-frame-stride samples video clips: it needs --frames (and a video decoder)")
     return config
 
 

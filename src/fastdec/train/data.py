@@ -32,14 +32,16 @@ class Crop:
     size: int
     flip: bool
     start: int = 0  # first frame (videos)
+    stride: int = 1  # videos: the clip takes every stride-th frame from start
 
     def to_list(self) -> list[int]:
-        return [self.file, self.top, self.left, self.size, int(self.flip), self.start]
+        return [self.file, self.top, self.left, self.size, int(self.flip), self.start, self.stride]
 
     @classmethod
     def from_list(cls, values: Sequence[int]) -> "Crop":
-        file, top, left, size, flip, start = (int(v) for v in values)
-        return cls(file, top, left, size, bool(flip), start)
+        # caches written before strides existed hold 6 values: their clips are consecutive frames
+        file, top, left, size, flip, start, stride = (*(int(v) for v in values), 1)[:7]
+        return cls(file, top, left, size, bool(flip), start, stride)
 
 
 def _resized_size(width: int, height: int, resolution: int) -> tuple[int, int]:
@@ -149,10 +151,15 @@ class ImageFolder(_MediaFolder):
 
 class VideoFolder(_MediaFolder):
     """Videos under ``root``: video files (mp4/webm/...) and folders of frames, cut into clips of
-    ``frames`` frames at ``resolution`` px. Reading goes through ``fastdec.io.video``."""
+    ``frames`` frames at ``resolution`` px. Reading goes through ``fastdec.io.video``.
+
+    Each clip has a random start and a random stride, drawn uniformly from 1 to ``max_stride`` (capped by
+    the video's length): a stride of 2 or 3 shows the decoder faster motion than the footage has, as
+    lower frame rates and generated video do.
+    """
 
     def __init__(self, root: str | Path, resolution: int, frames: int, spatial_factor: int = 8,
-                 exclude: Iterable[str] = ()):
+                 exclude: Iterable[str] = (), max_stride: int = 1):
         from ..io.video import video_info
 
         self.root = Path(root).expanduser()
@@ -160,7 +167,9 @@ class VideoFolder(_MediaFolder):
             raise DataError(f"--resolution {resolution} is not a multiple of the latent space's factor {spatial_factor}")
         if not self.root.is_dir():
             raise DataError(f"video folder '{self.root}' does not exist or is not a folder")
-        self.resolution, self.frames = resolution, frames
+        if max_stride < 1:
+            raise DataError(f"--max-frame-stride must be 1 or more (1 = consecutive frames), got {max_stride}")
+        self.resolution, self.frames, self.max_stride = resolution, frames, max_stride
         candidates = sorted(p for p in self.root.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES)
         frame_dirs = sorted({p.parent for p in list_images(self.root, recursive=True)})
         candidates = drop_excluded(candidates + frame_dirs, self.root, exclude)
@@ -191,11 +200,14 @@ class VideoFolder(_MediaFolder):
         crops = []
         for index, ((width, height), length) in enumerate(zip(self.sizes, self.lengths)):
             rng = np.random.default_rng([seed, index])
+            # the largest stride whose clip still fits in this video (1 always does: shorter ones were skipped)
+            longest = min(self.max_stride, (length - 1) // (self.frames - 1)) if self.frames > 1 else 1
             for _ in range(per_file):
-                start = int(rng.integers(0, length - self.frames + 1))
+                stride = int(rng.integers(1, longest + 1))
+                start = int(rng.integers(0, length - (self.frames - 1) * stride))
                 top = int(rng.integers(0, height - self.resolution + 1))
                 left = int(rng.integers(0, width - self.resolution + 1))
-                crops.append(Crop(index, top, left, self.resolution, bool(rng.integers(0, 2)), start))
+                crops.append(Crop(index, top, left, self.resolution, bool(rng.integers(0, 2)), start, stride))
         return crops
 
     def center_crops(self, limit: int | None = None) -> list[Crop]:
@@ -210,9 +222,13 @@ class VideoFolder(_MediaFolder):
 
         path = self.files[crop.file]
         try:
-            clip = read_video(path, start=crop.start, num_frames=self.frames)
+            span = (self.frames - 1) * crop.stride + 1
+            clip = read_video(path, start=crop.start, num_frames=span)[::crop.stride]
         except (OSError, ValueError) as e:  # VideoError (a ValueError) for corrupt files, OSError for I/O
             raise DataError(f"cannot decode video '{path}': {type(e).__name__}: {e}") from e
+        if clip.shape[0] != self.frames:  # the file is shorter than video_info said (a truncated stream)
+            raise DataError(f"video '{path}' gave {clip.shape[0]} frames from frame {crop.start} at stride "
+                            f"{crop.stride}, expected {self.frames}: the file may be truncated")
         clip = clip.float() / 255
         width, height = self.sizes[crop.file]
         if clip.shape[-2:] != (height, width):
@@ -222,10 +238,10 @@ class VideoFolder(_MediaFolder):
 
 
 def open_folder(root: str | Path, resolution: int, spatial_factor: int, frames: int | None = None,
-                exclude: Iterable[str] = ()):
+                exclude: Iterable[str] = (), max_stride: int = 1):
     """An ``ImageFolder``, or a ``VideoFolder`` when ``frames`` is given (video decoders)."""
     if frames:
-        return VideoFolder(root, resolution, frames, spatial_factor, exclude)
+        return VideoFolder(root, resolution, frames, spatial_factor, exclude, max_stride)
     return ImageFolder(root, resolution, spatial_factor, exclude)
 
 

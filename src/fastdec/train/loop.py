@@ -200,7 +200,7 @@ def build_data(run: Run) -> None:
         if not run.is_main:  # one warning per bad file, not one per process
             warnings.simplefilter("ignore")
         run.dataset = open_folder(config.data, config.resolution, teacher.spatial_factor, config.frames,
-                                  exclude=(config.exclude or "").split(","))
+                                  exclude=(config.exclude or "").split(","), max_stride=config.max_frame_stride)
         val_set = open_folder(config.val, config.resolution, teacher.spatial_factor, config.frames) if config.val else None
     if run.is_main:
         prepare_output_dir(run.out)  # a file or an unwritable folder at --out fails before the encoding pass

@@ -1,0 +1,101 @@
+"""Where a decoder's flicker is: in still parts of the picture, or where the content moves.
+
+    python benchmarks/flicker_split.py --data ../shared/data/video/clips --clips 02_cups.mp4,04_coffee.mp4,cockatoo.mp4 \
+        --teacher ../shared/weights/taef2_encoder.pth --decoder flux2-hifi --decoder flux2-video --frames 32 --resolution 256
+
+The flicker score of ``fastdec eval video`` is mean |(D_t - D_{t-1}) - (O_t - O_{t-1})| over all pixels. This
+script splits that sum by the original's motion: a pixel pair is *still* when the original changes by less than
+``--threshold`` there (mean over RGB, box-averaged over ``--window`` px), else *moving*. In still pixels a temporal
+decoder can only hold its output steady; the best it can do there is leave the original's own change (noise,
+compression) as the residual, so
+
+    still-pixel bound = (still flicker - the original's change in still pixels) / all flicker
+
+is the most of the flicker score that steadying still pixels could remove. The rest is in moving pixels, where
+the per-frame error moves with the content and only a more accurate decode of the moving parts lowers it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def motion_map(original: torch.Tensor, window: int = 9) -> torch.Tensor:
+    """(T - 1, 1, H, W): the original's frame-to-frame change, RGB-averaged and box-averaged over ``window`` px."""
+    change = (original[1:] - original[:-1]).abs().mean(1, keepdim=True)
+    return F.avg_pool2d(change, window, 1, window // 2, count_include_pad=False)
+
+
+def flicker_split(decoded: torch.Tensor, original: torch.Tensor, threshold: float = 0.01,
+                  window: int = 9) -> dict[str, float]:
+    """The flicker score of a (T, 3, H, W) decode split into still and moving pixels (see the module docstring)."""
+    if decoded.shape != original.shape or decoded.ndim != 4 or decoded.shape[0] < 2:
+        raise ValueError(f"need two clips of the same (T >= 2, 3, H, W) shape, got {tuple(decoded.shape)} "
+                         f"and {tuple(original.shape)}")
+    decoded, original = decoded.double(), original.double()
+    residual = ((decoded[1:] - decoded[:-1]) - (original[1:] - original[:-1])).abs()
+    still = (motion_map(original, window) < threshold).expand_as(residual)
+    total = float(residual.sum())
+    still_sum = float(residual[still].sum())
+    own_change = float((original[1:] - original[:-1]).abs()[still].sum())
+    return {
+        "flicker": total / residual.numel(),
+        "still_pixels": float(still.double().mean()),
+        "still_share": still_sum / total if total else 0.0,
+        "still_bound": max(0.0, still_sum - own_change) / total if total else 0.0,
+    }
+
+
+def decode_clip(decoder, z: torch.Tensor) -> torch.Tensor:
+    """(T, C, h, w) latents -> (T, 3, H, W): a video decoder sees the whole clip, an image decoder each frame."""
+    return (decoder(z[None])[0] if decoder.is_video else decoder(z)).float()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import fastdec
+    from fastdec.eval.run import crop_to_factor, list_videos, load_eval_teacher, read_frames, resize_short_side
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", required=True, help="folder of videos")
+    p.add_argument("--clips", default=None, help="comma-separated video names to use (default: all)")
+    p.add_argument("--teacher", required=True, help="encoder that makes the latents (frame by frame)")
+    p.add_argument("--decoder", action="append", required=True, help="decoder name or file (repeatable)")
+    p.add_argument("--frames", type=int, default=32)
+    p.add_argument("--resolution", type=int, default=256)
+    p.add_argument("--threshold", type=float, default=0.01, help="original change below this = still pixel")
+    p.add_argument("--window", type=int, default=9, help="box average of the motion map, px")
+    p.add_argument("--json", default=None, help="write the rows here")
+    args = p.parse_args(argv)
+    wanted = set(args.clips.split(",")) if args.clips else None
+    videos = [v for v in list_videos(args.data) if wanted is None or v.name in wanted]
+    if not videos:
+        raise SystemExit(f"flicker_split.py: error: no videos in '{args.data}' match --clips {args.clips}")
+    teacher = load_eval_teacher(args.teacher)
+    decoders = {name: fastdec.load_decoder(name).float().eval() for name in args.decoder}
+    rows = []
+    with torch.inference_mode():
+        for video in videos:
+            clip = resize_short_side(read_frames(video, args.frames).float() / 255, args.resolution)
+            original = crop_to_factor(clip, teacher.spatial_factor, args.resolution)
+            z = teacher.encode(original)
+            for name, decoder in decoders.items():
+                split = flicker_split(decode_clip(decoder, z), original, args.threshold, args.window)
+                rows.append({"video": video.name, "decoder": name, **split})
+                print(f"{video.name:16s} {name:18s} flicker {split['flicker']:.5f}  still pixels "
+                      f"{split['still_pixels']:.0%}  flicker there {split['still_share']:.0%}  "
+                      f"removable by steadying them <= {split['still_bound']:.1%}", flush=True)
+    if args.json:
+        from fastdec.io.files import atomic_write
+
+        atomic_write(Path(args.json), lambda tmp: Path(tmp).write_text(json.dumps(rows, indent=2)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
