@@ -627,18 +627,20 @@ class VideoEvaluation(Evaluation):
         finite = [p for p in psnrs if math.isfinite(p)]
         return {"video": sample.name, "decoder": dec.name, "reference": reference, "frames": decoded.shape[0],
                 "psnr": float(np.mean(finite)) if finite else float("inf"), "ssim": float(np.mean(ssims)),
-                **self._temporal(sample, reference, decoded, ref)}
+                **self._temporal(sample, reference, decoded, ref, diffs)}
 
-    def _temporal(self, sample: Sample, reference: str, decoded: torch.Tensor, ref: torch.Tensor) -> dict[str, Any]:
-        """flicker, temporal_energy, excess_motion and (with --tof) tOF of one decode; None below 2 frames."""
-        if decoded.shape[0] < 2:
+    def _temporal(self, sample: Sample, reference: str, decoded: torch.Tensor, ref: torch.Tensor,
+                  diffs: list[float]) -> dict[str, Any]:
+        """flicker (the mean of ``diffs``, the per-pair frame_diff), temporal_energy, excess_motion and (with
+        --tof) tOF of one decode; None below 2 frames."""
+        if not diffs:
             return dict.fromkeys(("flicker", "temporal_energy", "excess_motion", "tof"))
         energy = M.temporal_energy(decoded, ref)
         if energy is None:
             self.notes.add(f"temporal_energy of '{sample.name}' vs {reference} not reported: the {reference} clip "
                            "does not change from frame to frame, so the ratio is undefined "
                            "(excess_motion covers it)")
-        return {"flicker": M.flicker_score(decoded, ref), "temporal_energy": energy,
+        return {"flicker": float(np.mean(diffs)), "temporal_energy": energy,
                 "excess_motion": M.excess_motion(decoded, ref),
                 "tof": M.tof(self._flows(decoded), self._flows(ref)) if self.tof else None}
 
