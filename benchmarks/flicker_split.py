@@ -26,10 +26,10 @@ import torch
 import torch.nn.functional as F
 
 
-def motion_map(original: torch.Tensor, window: int = 9) -> torch.Tensor:
-    """(T - 1, 1, H, W): the original's frame-to-frame change, RGB-averaged and box-averaged over ``window`` px."""
-    change = (original[1:] - original[:-1]).abs().mean(1, keepdim=True)
-    return F.avg_pool2d(change, window, 1, window // 2, count_include_pad=False)
+def motion_map(change: torch.Tensor, window: int = 9) -> torch.Tensor:
+    """(T - 1, 1, H, W): the original's frame-to-frame ``change`` (O_t - O_{t-1}, (T - 1, 3, H, W)) in absolute
+    value, RGB-averaged and box-averaged over ``window`` px."""
+    return F.avg_pool2d(change.abs().mean(1, keepdim=True), window, 1, window // 2, count_include_pad=False)
 
 
 def flicker_split(decoded: torch.Tensor, original: torch.Tensor, threshold: float = 0.01,
@@ -39,11 +39,12 @@ def flicker_split(decoded: torch.Tensor, original: torch.Tensor, threshold: floa
         raise ValueError(f"need two clips of the same (T >= 2, 3, H, W) shape, got {tuple(decoded.shape)} "
                          f"and {tuple(original.shape)}")
     decoded, original = decoded.double(), original.double()
-    residual = ((decoded[1:] - decoded[:-1]) - (original[1:] - original[:-1])).abs()
-    still = (motion_map(original, window) < threshold).expand_as(residual)
+    original_change = original[1:] - original[:-1]
+    residual = ((decoded[1:] - decoded[:-1]) - original_change).abs()
+    still = (motion_map(original_change, window) < threshold).expand_as(residual)
     total = float(residual.sum())
     still_sum = float(residual[still].sum())
-    own_change = float((original[1:] - original[:-1]).abs()[still].sum())
+    own_change = float(original_change.abs()[still].sum())
     return {
         "flicker": total / residual.numel(),
         "still_pixels": float(still.double().mean()),
@@ -52,14 +53,9 @@ def flicker_split(decoded: torch.Tensor, original: torch.Tensor, threshold: floa
     }
 
 
-def decode_clip(decoder, z: torch.Tensor) -> torch.Tensor:
-    """(T, C, h, w) latents -> (T, 3, H, W): a video decoder sees the whole clip, an image decoder each frame."""
-    return (decoder(z[None])[0] if decoder.is_video else decoder(z)).float()
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     import fastdec
-    from fastdec.eval.run import crop_to_factor, list_videos, load_eval_teacher, read_frames, resize_short_side
+    from fastdec.eval.run import EvalDecoder, decode_frames, list_videos, load_clip, load_eval_teacher
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, help="folder of videos")
@@ -77,17 +73,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not videos:
         raise SystemExit(f"flicker_split.py: error: no videos in '{args.data}' match --clips {args.clips}")
     teacher = load_eval_teacher(args.teacher)
-    decoders = {name: fastdec.load_decoder(name).float().eval() for name in args.decoder}
+    decoders = []
+    for name in args.decoder:
+        decoder = fastdec.load_decoder(name).float().eval()
+        decoders.append(EvalDecoder(name, name, decoder, decoder.is_video))
     rows = []
     with torch.inference_mode():
-        for video in videos:
-            clip = resize_short_side(read_frames(video, args.frames).float() / 255, args.resolution)
-            original = crop_to_factor(clip, teacher.spatial_factor, args.resolution)
+        for video in videos:  # the clips fastdec eval video scores, decoded as it decodes them
+            original = load_clip(video, args.frames, args.resolution, teacher.spatial_factor)
             z = teacher.encode(original)
-            for name, decoder in decoders.items():
-                split = flicker_split(decode_clip(decoder, z), original, args.threshold, args.window)
-                rows.append({"video": video.name, "decoder": name, **split})
-                print(f"{video.name:16s} {name:18s} flicker {split['flicker']:.5f}  still pixels "
+            for dec in decoders:
+                split = flicker_split(decode_frames(dec, z, batch=4), original, args.threshold, args.window)
+                rows.append({"video": video.name, "decoder": dec.name, **split})
+                print(f"{video.name:16s} {dec.name:18s} flicker {split['flicker']:.5f}  still pixels "
                       f"{split['still_pixels']:.0%}  flicker there {split['still_share']:.0%}  "
                       f"removable by steadying them <= {split['still_bound']:.1%}", flush=True)
     if args.json:

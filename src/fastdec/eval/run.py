@@ -208,6 +208,16 @@ def resize_short_side(x: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(x, size=new, mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
 
 
+def load_clip(path: Path, frames: int | None, resolution: int | None, factor: int) -> torch.Tensor:
+    """The clip ``fastdec eval video`` scores: the first ``frames`` frames as float (T, 3, H, W) in [0, 1],
+    short side resized to ``resolution`` and centre-cropped (or cropped to multiples of ``factor``).
+    Raises ``VideoError`` for an unreadable video."""
+    clip = read_frames(path, frames).float() / 255
+    if resolution:
+        clip = resize_short_side(clip, resolution)
+    return crop_to_factor(clip, factor, resolution)
+
+
 # ----------------------------------------------------------------------------- checks
 def check_count(flag: str, value: int | None, minimum: int = 1) -> None:
     """``value`` is None (not given) or a whole number >= ``minimum``; the error names the flag."""
@@ -603,14 +613,12 @@ class VideoEvaluation(Evaluation):
 
     def load(self, item: Path) -> Sample | None:
         try:
-            clip = read_frames(item, self.frames).float() / 255
+            original = load_clip(item, self.frames, self.resolution, self.factor).to(self.device)
         except VideoError as e:  # one unreadable video does not end the evaluation (as for images)
             return self.skip(item, e)
-        if self.frames and clip.shape[0] < self.frames:
-            self.notes.add(f"'{item.name}' has {clip.shape[0]} frames (< --frames {self.frames}): all of them were used")
-        if self.resolution:
-            clip = resize_short_side(clip, self.resolution)
-        original = crop_to_factor(clip, self.factor, self.resolution).to(self.device)
+        if self.frames and original.shape[0] < self.frames:
+            self.notes.add(f"'{item.name}' has {original.shape[0]} frames (< --frames {self.frames}): all of them "
+                           "were used")
         return Sample(item.name, original, self.encode(original, item.name))
 
     def score(self, sample, dec, reference, decoded, ref):
