@@ -262,8 +262,8 @@ def peak_memory(
     allocated after the build. So the figure is the call's working memory, the weights excluded.
     ``warm_calls`` run first and are not measured (use 1 for ``torch.compile``d models so compilation does
     not count); on glibc the memory they freed is then handed back to the OS (``malloc_trim``), else the
-    measured call would reuse it unseen. Failures are reported in ``MemoryStats.error``, never raised: memory is one column among
-    several.
+    measured call would reuse it unseen. Failures are reported in ``MemoryStats.error``, never raised: memory
+    is one column among several.
     """
     request = {
         "builder": builder, "kwargs": kwargs or {}, "device": str(device),

@@ -278,8 +278,8 @@ def print_video_report(payload: dict[str, Any], console: Any = None) -> None:
         f"speed-up = SVD decoder ({dtypes[0]}, faster layout) time per frame / row time per frame (same size, same "
         f"frame count, same latents){same}. "
         f"SVD decodes in chunks of {settings['svd_chunk']} frames (decode_chunk_size) and is timed "
-        f"{_times(settings.get('svd_repeats', 1))} (no warm-up). peak MB = working memory of one whole-clip decode beyond the weights (peak RSS, isolated "
-        "process). streaming = one frame per push, frames dropped after decoding."
+        f"{_times(settings.get('svd_repeats', 1))} (no warm-up). peak MB = working memory of one whole-clip decode "
+        "beyond the weights (peak RSS, isolated process). streaming = one frame per push, frames dropped after decoding."
     )
     for r in payload["rows"]:
         if r.get("memory_error"):
