@@ -360,7 +360,9 @@ def test_bench_video_compile_backend_rows(tmp_path, monkeypatch):
         compiled.append(getattr(fn, "__name__", None))
         return fn
 
+    resets = []
     monkeypatch.setattr(torch, "compile", fake_compile)
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: resets.append(len(compiled)))
     out = tmp_path / "video.json"
     code = main(["bench", "--video", "--sizes", "32", "--video-frames", "2", "--baselines", "none", "--no-memory",
                  "--decoders", "tae-causal-64", "tae-temporal-192", "--backends", "eager", "compile",
@@ -370,6 +372,9 @@ def test_bench_video_compile_backend_rows(tmp_path, monkeypatch):
     assert rows == {("tae-causal-64", m, b) for m in ("parallel", "streaming") for b in ("eager", "compile")} | {
         ("tae-temporal-192", "chunked", "eager")}
     assert "run_frames" in compiled  # the streaming step, not only forward
+    # each compiled row empties Dynamo's cache before it compiles: graphs of earlier rows count towards
+    # recompile_limit, past which Dynamo would run the row eagerly
+    assert len(resets) == 2 and resets[0] < resets[1] == len(compiled) - 2
     assert main(["bench", "--video", "--backends", "onnx"]) == 2
     assert main(["bench", "--video", "--svd-repeats", "0"]) == 2
 
@@ -391,3 +396,36 @@ def test_causal_turbo_starts_equal_to_tae_turbo_and_streams_what_it_decodes():
     assert whole.shape == (1, 5, 3, 48, 56)
     assert (whole - pushed).abs().max() <= FP32_ATOL
     assert (whole[0] - image(z[0])).abs().max() > 1e-3  # the memory is live: the stream check can fail
+
+
+def test_bench_video_push_frames_gives_one_streaming_row_per_push_size(tmp_path):
+    """--push-frames 1 3: a streaming row per push size (the parallel row once), each pushing that many frames."""
+    import json
+
+    from fastdec.bench.video import _mode_call
+    from fastdec.cli import main
+
+    out = tmp_path / "video.json"
+    code = main(["bench", "--video", "--sizes", "32", "--video-frames", "5", "--baselines", "none", "--no-memory",
+                 "--decoders", "tae-causal-64", "--push-frames", "1", "3", "--repeats", "1", "--warmup", "0",
+                 "--threads", "1", "--json", str(out)])
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert sorted((r["mode"], r["push_frames"]) for r in report["rows"]) == [
+        ("parallel", None), ("streaming", 1), ("streaming", 3)]
+    assert report["settings"]["push_frames"] == [1, 3]
+
+    class Recorder:
+        def __init__(self):
+            self.pushed = []
+
+        def stream(self):
+            return self
+
+        def push(self, z):
+            self.pushed.append(z.shape[1])
+
+    recorder = Recorder()
+    _mode_call(recorder, "streaming", push=3)(torch.zeros(1, 8, 4, 2, 2))
+    assert recorder.pushed == [3, 3, 2]  # the last push holds what is left
+    assert main(["bench", "--video", "--push-frames", "0"]) == 2

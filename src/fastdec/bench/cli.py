@@ -31,7 +31,7 @@ def video_config_from_args(args: argparse.Namespace) -> VideoBenchConfig:
     return VideoBenchConfig(
         sizes=list(args.sizes) if args.sizes else VideoBenchConfig().sizes, frames=frames,
         svd_frames=list(args.svd_frames) if args.svd_frames else None, svd_chunk=args.svd_chunk,
-        svd_repeats=args.svd_repeats, decoders=args.decoders, baselines=args.baselines,
+        svd_repeats=args.svd_repeats, push_frames=list(args.push_frames), decoders=args.decoders, baselines=args.baselines,
         backends=list(args.backends or ["eager"]),
         dtypes=list(args.dtype), channels_last=bool(args.channels_last), device=args.device, repeats=args.repeats,
         warmup=args.warmup, seed=args.seed, threads=args.threads, memory=not args.no_memory,
@@ -114,6 +114,10 @@ def add_video_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--svd-repeats", type=int, default=1,
                        help="--video: timed SVD calls, median reported (default 1: each call takes seconds to minutes "
                             "on a CPU; more make the speed-up's reference steadier)")
+    group.add_argument("--push-frames", type=int, nargs="+", default=[1], metavar="K",
+                       help="--video: latent frames per push of the streaming rows, one row per K (default 1; "
+                            "fastdec decode-video pushes --chunk frames, default 8); memory stays flat in the clip "
+                            "length at any K")
     group.add_argument("--svd-frames", type=int, nargs="+", default=None, metavar="T",
                        help="--video: frame counts to run SVD at (default: all of --video-frames); other rows' speed-up "
                             "uses the closest, since chunked SVD costs the same per frame at any clip length")

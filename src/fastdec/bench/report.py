@@ -246,7 +246,8 @@ def _video_display_row(r: dict[str, Any], several_dtypes: bool) -> dict[str, str
     mem, same = r["peak_mem_mb"], r.get("speedup_same_dtype")
     vs = "" if r["speedup_vs_frames"] in (None, r["frames"]) else f" (vs {r['speedup_vs_frames']})"
     return {
-        "decoder": r["name"], "mode": r["mode"], "dtype": r.get("dtype", "fp32"),
+        "decoder": r["name"], "mode": r["mode"] + (f", {r['push_frames']}/push" if r.get("push_frames") else ""),
+        "dtype": r.get("dtype", "fp32"),
         "backend": r.get("backend", "eager"), "layout": "channels_last" if r.get("channels_last") else "NCHW",
         "px": str(r["size"]), "frames": str(r["frames"]), "runs": str(r["runs"]), "clip s": f"{r['median_s']:.2f}",
         "ms/frame": f"{r['per_frame_s'] * 1e3:,.1f}",
@@ -279,7 +280,7 @@ def print_video_report(payload: dict[str, Any], console: Any = None) -> None:
         f"frame count, same latents){same}. "
         f"SVD decodes in chunks of {settings['svd_chunk']} frames (decode_chunk_size) and is timed "
         f"{_times(settings.get('svd_repeats', 1))} (no warm-up). peak MB = working memory of one whole-clip decode "
-        "beyond the weights (peak RSS, isolated process). streaming = one frame per push, frames dropped after decoding."
+        "beyond the weights (peak RSS, isolated process). streaming = latent frames pushed k at a time (k/push), frames dropped after decoding."
     )
     for r in payload["rows"]:
         if r.get("memory_error"):

@@ -3,8 +3,9 @@
 Rows per (size, frame count): SVD's ``AutoencoderKLTemporalDecoder`` (real config, random weights;
 decoded in chunks of ``--svd-chunk`` frames, as ``StableVideoDiffusionPipeline.decode_latents`` does with
 ``decode_chunk_size``), then each fastdec video decoder in each of its modes: causal decoders ``parallel``
-(all frames in one call) and ``streaming`` (one frame per push, outputs dropped as a video writer would),
-the temporal decoder ``chunked`` (overlapping windows, outputs dropped per window).
+(all frames in one call) and ``streaming`` (``--push-frames`` frames per push, default 1; outputs dropped as a
+video writer would; ``fastdec decode-video`` pushes ``--chunk`` frames, default 8), the temporal decoder
+``chunked`` (overlapping windows, outputs dropped per window).
 
 Every row runs in each ``--dtype`` (SVD too). ``--channels-last`` puts every row's convolutions in NHWC;
 SVD then runs both ways (its 2-D convs only; its Conv3d weights are 5-D) and speed-ups are taken against
@@ -47,6 +48,7 @@ class VideoBenchConfig:
     svd_frames: list[int] | None = None     # frame counts SVD runs at (None: all of ``frames``)
     svd_chunk: int = 8                      # SVD decode_chunk_size
     svd_repeats: int = 1                    # timed SVD calls (each takes seconds to minutes on a CPU)
+    push_frames: list[int] = field(default_factory=lambda: [1])  # latent frames per push of the streaming rows
     decoders: list[str] | None = None       # None: DEFAULT_VIDEO_DECODERS
     baselines: list[str] | None = None      # None or ["svd"]: with SVD; ["none"]: without
     backends: list[str] = field(default_factory=lambda: ["eager"])
@@ -70,6 +72,7 @@ class VideoRow:
     mode: str
     channels_last: bool
     backend: str
+    push: int | None = None                 # streaming rows: latent frames per push
 
 
 @dataclass
@@ -101,12 +104,12 @@ def _svd_call(size: int, frames: int, seed: int, svd_chunk: int, dtype: str, cha
     return VideoCall(svd, None, decoder_modules(vae))
 
 
-def _mode_call(model: Any, mode: str) -> Callable[[torch.Tensor], Any]:
+def _mode_call(model: Any, mode: str, push: int = 1) -> Callable[[torch.Tensor], Any]:
     if mode == "streaming":
         def streaming(latents: torch.Tensor) -> None:
             stream = model.stream()
-            for t in range(latents.shape[1]):
-                stream.push(latents[:, t])
+            for t in range(0, latents.shape[1], push):
+                stream.push(latents[:, t : t + push])
 
         return streaming
     if mode == "chunked":
@@ -119,7 +122,7 @@ def _mode_call(model: Any, mode: str) -> Callable[[torch.Tensor], Any]:
 
 
 def _decoder_call(decoder: nn.Module, mode: str, size: int, frames: int, seed: int, dtype: str,
-                  channels_last: bool, backend: str) -> VideoCall:
+                  channels_last: bool, backend: str, push: int = 1) -> VideoCall:
     """``backend="compile"``: ``fastdec.optimize`` (channels_last + torch.compile of the parallel call and of
     the streaming step)."""
     from ..runtime import optimize, to_channels_last
@@ -128,20 +131,25 @@ def _decoder_call(decoder: nn.Module, mode: str, size: int, frames: int, seed: i
     decoder = decoder.eval().to(torch_dtype)
     if channels_last:
         to_channels_last(decoder)
+    if backend == "compile":
+        # Dynamo keeps its compiled graphs per code object (run_frames, forward), across decoder copies: after
+        # recompile_limit (8) graphs, e.g. the rows before this one, it silently runs the function eagerly. Each
+        # row starts from an empty cache, as a user's process that optimizes one decoder does.
+        torch._dynamo.reset()
     model = optimize(decoder, channels_last=True, compile=True) if backend == "compile" else decoder
     h = size // decoder.upsample_factor
     z = make_latents((1, frames, decoder.latent_channels, h, h), seed).to(torch_dtype)
     # The memory probe's warm-up runs the same mode on a tiny clip: it maps library code and sets up thread
     # pools without leaving a full-size clip's buffers in the allocator (which would hide the real peak).
     tiny = make_latents((1, 2, decoder.latent_channels, 2, 2), seed).to(torch_dtype)
-    run = _mode_call(model, mode)
+    run = _mode_call(model, mode, push)
     return VideoCall(lambda: run(z), lambda: run(tiny), [decoder])
 
 
 def build_video_callable(
     name: str, mode: str, size: int, frames: int, seed: int = 0, svd_chunk: int = 8,
     latent_space: str = DEFAULT_VIDEO_SPACE, dtype: str = "fp32", channels_last: bool = False,
-    backend: str = "eager", source: str | None = None,
+    backend: str = "eager", source: str | None = None, push: int | None = None,
 ) -> Callable[[], Any] | tuple[Callable[[], Any], Callable[[], Any]]:
     """One whole-clip decode as a zero-argument callable, or (call, tiny warm-up call) for our decoders: the
     builder of the memory probe's process. ``source`` is the decoder spec to resolve (default ``name``)."""
@@ -149,7 +157,7 @@ def build_video_callable(
         call = _svd_call(size, frames, seed, svd_chunk, dtype, channels_last)
     else:
         decoder = build_decoder(source or name, latent_space, seed)
-        call = _decoder_call(decoder, mode, size, frames, seed, dtype, channels_last, backend)
+        call = _decoder_call(decoder, mode, size, frames, seed, dtype, channels_last, backend, push or 1)
     return call.fn if call.warm_fn is None else (call.fn, call.warm_fn)
 
 
@@ -171,14 +179,18 @@ def validate_video_config(cfg: VideoBenchConfig) -> VideoBenchConfig:
                          "must be >= 1")
     if cfg.repeats < 1 or cfg.svd_repeats < 1 or cfg.warmup < 0 or (cfg.threads is not None and cfg.threads < 0):
         raise BenchError("--repeats and --svd-repeats must be >= 1, --warmup >= 0 and --threads >= 0")
-    return dataclasses.replace(cfg, backends=backends, dtypes=list(dict.fromkeys(dtype_name(d) for d in cfg.dtypes)),
+    if not cfg.push_frames or any(k < 1 for k in cfg.push_frames):
+        raise BenchError(f"--push-frames needs values >= 1 (latent frames per push of a streaming row), got "
+                         f"{cfg.push_frames}")
+    return dataclasses.replace(cfg, backends=backends, push_frames=list(dict.fromkeys(cfg.push_frames)), dtypes=list(dict.fromkeys(dtype_name(d) for d in cfg.dtypes)),
                                svd_frames=list(cfg.svd_frames or cfg.frames))
 
 
 def _plan(cfg: VideoBenchConfig, decoders: list[NamedDecoder]) -> list[VideoRow]:
     # the temporal decoder's chunked mode runs window by window in Python: only causal decoders compile
-    plan = [VideoRow(d.name, mode, cfg.channels_last, backend) for d in decoders for backend in cfg.backends
-            for mode in decoder_modes(d.decoder) if backend == "eager" or mode != "chunked"]
+    plan = [VideoRow(d.name, mode, cfg.channels_last, backend, push) for d in decoders for backend in cfg.backends
+            for mode in decoder_modes(d.decoder) if backend == "eager" or mode != "chunked"
+            for push in (cfg.push_frames if mode == "streaming" else [None])]
     if not cfg.baselines or "svd" in cfg.baselines:
         # SVD in its stock layout too: a speed-up must never rest on a layout that slows the baseline down
         plan[:0] = [VideoRow(SVD_ROW, f"chunks of {cfg.svd_chunk}", layout, "eager")
@@ -210,19 +222,20 @@ def _call_for(run: _VideoRun, kwargs: dict[str, Any]) -> VideoCall:
                          kwargs["channels_last"])
     decoder = copy.deepcopy(run.decoders[kwargs["name"]].decoder)
     return _decoder_call(decoder, kwargs["mode"], kwargs["size"], kwargs["frames"], kwargs["seed"], kwargs["dtype"],
-                         kwargs["channels_last"], kwargs["backend"])
+                         kwargs["channels_last"], kwargs["backend"], kwargs["push"] or 1)
 
 
 def _bench_video_row(run: _VideoRun, job: tuple[int, int, str, VideoRow]) -> dict[str, Any]:
     cfg = run.cfg
     size, frames, dtype, row = job
     runtime = "compile" if row.backend == "compile" else "channels_last" if row.channels_last else "eager"
-    run.console.print(f"[{len(run.rows) + 1}/{run.total}] {row.name} {row.mode} ({dtype}, {runtime}): {size} px, "
-                      f"{frames} frames ...")
+    per_push = f", {row.push}/push" if row.push else ""
+    run.console.print(f"[{len(run.rows) + 1}/{run.total}] {row.name} {row.mode}{per_push} ({dtype}, {runtime}): "
+                      f"{size} px, {frames} frames ...")
     named = run.decoders.get(row.name)
     kwargs = dict(name=row.name, mode=row.mode, size=size, frames=frames, seed=cfg.seed, svd_chunk=cfg.svd_chunk,
                   latent_space=cfg.latent_space or DEFAULT_VIDEO_SPACE, dtype=dtype, channels_last=row.channels_last,
-                  backend=row.backend, source=named.source if named else None)
+                  backend=row.backend, source=named.source if named else None, push=row.push)
     call = _call_for(run, kwargs)
     run.params.setdefault(row.name, count_parameters(call.modules))
     # SVD's decoder takes seconds to minutes per call on CPU: an untimed run would double the run time, and
@@ -242,7 +255,7 @@ def _bench_video_row(run: _VideoRun, job: tuple[int, int, str, VideoRow]) -> dic
     memory = peak_memory(VIDEO_BUILDER, kwargs, threads=torch.get_num_threads(),
                          warm_calls=0 if is_svd else 1) if cfg.memory else None
     result = {
-        "name": row.name, "mode": row.mode, "size": size, "frames": frames, "dtype": dtype,
+        "name": row.name, "mode": row.mode, "push_frames": row.push, "size": size, "frames": frames, "dtype": dtype,
         "channels_last": row.channels_last or row.backend == "compile", "backend": row.backend, "runs": stats.n,
         "median_s": stats.median_s, "per_frame_s": stats.median_s / frames,
         "peak_mem_mb": memory.peak_mb if memory else None, "memory_error": memory.error if memory else None,
@@ -270,7 +283,7 @@ def run_video_bench(cfg: VideoBenchConfig, console: Any = None) -> dict[str, Any
             write_json(cfg.json, {"rows": run.rows, "partial": True})
     _add_video_speedups(run.rows, cfg.dtypes[0])
     settings = {"sizes": cfg.sizes, "frames": cfg.frames, "svd_frames": cfg.svd_frames, "svd_chunk": cfg.svd_chunk,
-                "svd_repeats": cfg.svd_repeats,
+                "svd_repeats": cfg.svd_repeats, "push_frames": cfg.push_frames,
                 "repeats": cfg.repeats, "warmup": cfg.warmup, "seed": cfg.seed, "decoders": list(specs),
                 "dtypes": cfg.dtypes, "channels_last": cfg.channels_last, "backends": cfg.backends}
     return {"rows": run.rows, "system": system_info("cpu", "/".join(cfg.dtypes)),
