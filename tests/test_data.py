@@ -252,3 +252,38 @@ def test_eval_video_exclude_scores_only_the_held_out_clips(tmp_path):
     assert [p.name for p in list_videos(tmp_path, exclude=["a", "c"])] == ["b"]
     with pytest.raises(DataError, match="--exclude names zz"):
         list_videos(tmp_path, exclude=["zz"])
+
+
+def test_short_side_resizes_files_before_cropping(tmp_path):
+    """--short-side: frames and images are resized (down or up) so the shorter side is that, then cropped."""
+    from PIL import Image
+
+    from fastdec.train.cache import cache_key
+
+    frames = tmp_path / "videos" / "clip"
+    frames.mkdir(parents=True)
+    # a left-to-right ramp, 96x48: halved to 48x24, the crops see the whole ramp at half scale
+    ramp = np.tile(np.linspace(0, 255, 96, dtype=np.float64).round().astype(np.uint8)[None, :, None], (48, 1, 3))
+    for i in range(5):
+        Image.fromarray(ramp).save(frames / f"frame_{i:03d}.png")
+    data = VideoFolder(tmp_path / "videos", resolution=16, frames=3, short_side=24)
+    assert data.sizes == [(48, 24)]
+    crop = Crop(0, 4, 30, 16, False, 0)
+    clip = data.load(crop)
+    assert clip.shape == (3, 3, 16, 16)
+    # the reference: the same antialiased resize of the whole frame, then the crop (same op: float32 noise only)
+    full = torch.from_numpy(ramp).permute(2, 0, 1).float()[None] / 255
+    expected = torch.nn.functional.interpolate(full, size=(24, 48), mode="bicubic", antialias=True).clamp(0, 1)
+    torch.testing.assert_close(clip[0], expected[0, :, 4:20, 30:46], atol=1e-5, rtol=0)
+    # halved: a column step of the crop spans two of the original's (255/95 grey levels each)
+    step = float((clip[0, 0, 8, 1:] - clip[0, 0, 8, :-1]).mean())
+    assert step == pytest.approx(2 * 1 / 95, rel=0.05)
+    # upscaling too, and images as well as videos
+    images = ImageFolder(make_images(tmp_path / "images", 1, size=(40, 20)), resolution=16, short_side=32)
+    assert images.sizes == [(32, 64)] and images.load(images.random_crops(1, 0)[0]).shape == (3, 16, 16)
+    # the scale is part of the cache key (no short side: the key of caches written before the option)
+    teacher = _teacher(tmp_path)
+    keys = {s: cache_key(VideoFolder(tmp_path / "videos", 16, 3, short_side=s), teacher, 2, 0) for s in (None, 24, 32)}
+    assert len(set(keys.values())) == 3
+    with pytest.raises(DataError, match="--short-side 8 is smaller than the --resolution 16"):
+        VideoFolder(tmp_path / "videos", resolution=16, frames=3, short_side=8)

@@ -89,6 +89,10 @@ def test_model_card_markdown_carries_metrics_and_speed():
     text = package.render_card(video)
     assert "128 px crops of 8-frame clips (random stride 1-2), losses {'l1': 1.0, 'temporal': 1.0}" in text
     assert "Validation PSNR" not in text
+    # the learning rates and the resize, when the run had them
+    video["training"].update(lr=5e-5, temporal_lr=1e-3, short_side=256)
+    assert "clips (random stride 1-2) of files resized to a 256 px short side, losses {'l1': 1.0, 'temporal': 1.0}, " \
+           "lr 5e-05 (temporal layers 0.001), bf16" in package.render_card(video)
 
 
 def test_training_facts_read_the_run_folder(tmp_path):
@@ -103,6 +107,9 @@ def test_training_facts_read_the_run_folder(tmp_path):
     assert facts["clips"] == {"frames": 8, "max_frame_stride": 2}
     assert facts["validation_curve"] == [{"step": 0, "val_psnr": 27.5}]
     assert facts["precision"] == "bf16 autocast, channels_last" and facts["wall_time_min"] >= 0
+    assert "temporal_lr" not in facts and "short_side" not in facts  # said only when the run set them
+    facts = package.training_facts(run, {**config, "lr": 5e-5, "temporal_lr": 1e-3, "short_side": 256})
+    assert (facts["lr"], facts["temporal_lr"], facts["short_side"]) == (5e-5, 1e-3, 256)
 
 
 def test_flicker_split_finds_where_the_flicker_is():

@@ -159,6 +159,7 @@ def test_mismatched_latent_channels_fail_before_any_work(tiny_setup, tmp_path, c
     ("--steps", "0"), ("--steps", "-5"), ("--batch-size", "0"), ("--grad-accum", "0"), ("--ckpt-every", "0"),
     ("--log-every", "0"), ("--val-every", "-1"), ("--resolution", "0"), ("--lr", "0"), ("--lr", "nan"),
     ("--crops-per-image", "0"), ("--ema", "1"), ("--warmup", "-1"), ("--frames", "0"), ("--max-frame-stride", "0"),
+    ("--temporal-lr", "0"),
 ])
 def test_bad_numbers_are_refused_before_any_work(tiny_setup, tmp_path, capsys, flag, value):
     out, cache = tmp_path / "run", tmp_path / "cache"
@@ -342,6 +343,34 @@ def test_video_decoder_trains_on_clips(tiny_setup, tmp_path):
     assert decoder.is_video and decoder(torch.randn(1, 3, 4, 4, 4)).shape == (1, 3, 3, 32, 32)
     with pytest.raises(TrainError, match="--frames"):
         train(TrainConfig(**run | {"decoder": "tae-causal-64"}, steps=1, out=str(tmp_path / "x")))
+
+
+def test_temporal_lr_trains_the_temporal_layers_at_their_own_rate(tiny_setup, tmp_path):
+    """--temporal-lr: memory convs (zero at the start) learn at it while the image part stays at --lr."""
+    from fastdec.train.loop import parameter_groups
+
+    for name in ("a", "b"):
+        make_images(tmp_path / "clips" / name, 4, size=(40, 40), seed=ord(name))
+    image_file = tiny_decoder_file(tmp_path / "w" / "image.safetensors", width=64)
+    run = {**tiny_setup, "data": str(tmp_path / "clips"), "val": None, "decoder": "tae-causal-64",
+           "init": str(image_file), "frames": 3, "temporal": 1.0, "crops_per_image": 2, "warmup": 0}
+    config = _run(**run, steps=2, lr=1e-9, temporal_lr=1e-2, out=str(tmp_path / "video"))
+    trained = _weights(tmp_path / "video")
+    image = load_file(str(image_file))
+    memory = [k for k in trained if ".memory." in k]
+    assert memory and set(trained) - set(memory) == set(image)
+    # AdamW moves each weight by about lr per step: 1e-2 for the memory convs, 1e-9 for the rest (fp32 weights
+    # read back from fp32 safetensors, so a 1e-9 step stays below 1e-6)
+    assert min(trained[k].abs().max().item() for k in memory) > 1e-3
+    assert max((trained[k] - image[k]).abs().max().item() for k in image) < 1e-6
+    decoder = load_decoder(tmp_path / "video" / "decoder.safetensors")
+    groups = parameter_groups(decoder, config)
+    assert [g.get("lr") for g in groups] == [None, 1e-2]
+    assert {id(p) for p in groups[1]["params"]} == {id(p) for _, p in decoder.temporal_parameters()}
+    assert len(groups[0]["params"]) + len(groups[1]["params"]) == len(list(decoder.parameters()))
+    # an image run has nothing to give the rate to: refused before any work, with the fix
+    with pytest.raises(UsageError, match="--temporal-lr trains a video decoder's temporal layers: it needs --frames"):
+        make_config({"data": "d", "out": "o", "teacher": "t", "temporal_lr": 1e-3})
 
 
 @pytest.mark.slow

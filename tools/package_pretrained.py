@@ -76,6 +76,8 @@ def training_facts(run: Path, config: dict[str, Any]) -> dict[str, Any]:
                      f"{', channels_last' if precision.get('channels_last') else ''}",
         "losses": {k: config[k] for k in ("l1", "mse", "ms_ssim", "lpips", "teacher_weight", "temporal", "adversarial")
                    if config.get(k)},
+        "lr": config.get("lr"), **({"temporal_lr": config["temporal_lr"]} if config.get("temporal_lr") else {}),
+        **({"short_side": config["short_side"]} if config.get("short_side") else {}),
         **({"clips": {"frames": config["frames"], "max_frame_stride": config.get("max_frame_stride", 1)}}
            if config.get("frames") else {}),
         "validation_curve": curve,
@@ -174,8 +176,9 @@ def render_card(card: dict[str, Any]) -> str:
              f"{card['gflops_512']} GFLOPs per 512x512 image",
              f"- **Started from:** {card['started_from']}",
              f"- **Config:** `{card['config']}`",
-             f"- **Training:** {t['steps']} steps, batch {t['batch_size']}, {t['resolution']} px crops{_clips(t)}, "
-             f"losses {t['losses']}, {t['precision']}; {t['wall_time_min']} min on {t['hardware']}",
+             f"- **Training:** {t['steps']} steps, batch {t['batch_size']}, {t['resolution']} px crops{_clips(t)}"
+             f"{_scale(t)}, losses {t['losses']}{_rates(t)}, {t['precision']}; {t['wall_time_min']} min on "
+             f"{t['hardware']}",
              "- **Data:** " + "; ".join(f"{d['name']} ({d['licence']}; {d['used_for']})" for d in card["data"]),
              f"- **Latents:** {card['latents']}",
              f"- **Weights:** {card['weights']}"]
@@ -195,6 +198,18 @@ def render_card(card: dict[str, Any]) -> str:
     if curve:  # the video runs had no --val set: their held-out clips are scored by fastdec eval video
         lines += ["", f"Validation PSNR (16 BSDS val centre crops, {t['resolution']} px) by step: {curve}"]
     return "\n".join([*lines, ""])
+
+
+def _scale(training: dict[str, Any]) -> str:
+    side = training.get("short_side")
+    return f" of files resized to a {side} px short side" if side else ""
+
+
+def _rates(training: dict[str, Any]) -> str:
+    if training.get("lr") is None:  # cards packaged before the rates were recorded
+        return ""
+    temporal = training.get("temporal_lr")
+    return f", lr {training['lr']:g}" + (f" (temporal layers {temporal:g})" if temporal else "")
 
 
 def _clips(training: dict[str, Any]) -> str:

@@ -68,12 +68,18 @@ class LatentDecoder(nn.Module):
 
     Subclasses set ``architecture`` (the registry key stored in checkpoints),
     ``config_class`` (a dataclass) and implement ``decode_layers`` (checked latents -> unclamped RGB).
-    Video decoders set ``is_video = True`` and take (N, T, C, h, w).
+    Video decoders set ``is_video = True`` and take (N, T, C, h, w); ``temporal_parts`` names (as parameter-name
+    fragments) the layers a video decoder adds to its image decoder.
     """
 
     architecture: ClassVar[str] = ""
     config_class: ClassVar[type] = object
     is_video: ClassVar[bool] = False
+    temporal_parts: ClassVar[tuple[str, ...]] = ()
+
+    def temporal_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """(name, parameter) of the layers a video decoder adds to its image decoder; [] for image decoders."""
+        return [(n, p) for n, p in self.named_parameters() if any(part in n for part in self.temporal_parts)]
 
     def __init__(self, config: Any, latent_space: LatentSpace):
         super().__init__()

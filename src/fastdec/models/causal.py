@@ -68,6 +68,7 @@ class CausalTAEDecoder(LatentDecoder):
     architecture = "tae-causal"
     config_class = CausalTAEConfig
     is_video = True
+    temporal_parts = (".memory.",)
 
     def __init__(self, config: CausalTAEConfig, latent_space: LatentSpace):
         super().__init__(config, latent_space)
@@ -79,7 +80,7 @@ class CausalTAEDecoder(LatentDecoder):
         """A causal decoder holding ``image_decoder``'s weights, memory convs at zero: it starts equal to it."""
         config = CausalTAEConfig(**video_config_from_image(image_decoder, {}))
         decoder = cls(config, image_decoder.latent_space)
-        load_image_weights(decoder, image_decoder, (".memory.",))
+        load_image_weights(decoder, image_decoder, cls.temporal_parts)
         return decoder.to(device=image_decoder.device, dtype=image_decoder.dtype)
 
     @property

@@ -135,6 +135,7 @@ class TemporalTAEDecoder(LatentDecoder):
     architecture = "tae-temporal"
     config_class = TemporalTAEConfig
     is_video = True
+    temporal_parts = ("temporal_mid.",)
 
     def __init__(self, config: TemporalTAEConfig, latent_space: LatentSpace):
         super().__init__(config, latent_space)
@@ -150,7 +151,7 @@ class TemporalTAEDecoder(LatentDecoder):
         """A temporal decoder holding ``image_decoder``'s weights; its temporal block starts as the identity."""
         config = TemporalTAEConfig(**video_config_from_image(image_decoder, overrides))
         decoder = cls(config, image_decoder.latent_space)
-        load_image_weights(decoder, image_decoder, ("temporal_mid.",))
+        load_image_weights(decoder, image_decoder, cls.temporal_parts)
         return decoder.to(device=image_decoder.device, dtype=image_decoder.dtype)
 
     def windows(self, num_frames: int) -> list[Window]:

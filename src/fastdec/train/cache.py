@@ -52,6 +52,8 @@ def cache_key(dataset, teacher, per_file: int, seed: int) -> str:
     }
     if getattr(dataset, "max_stride", 1) != 1:  # only then: caches of consecutive clips keep their keys
         description["max_stride"] = dataset.max_stride
+    if getattr(dataset, "short_side", None):  # likewise: caches of unresized files keep theirs
+        description["short_side"] = dataset.short_side
     return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:16]
 
 

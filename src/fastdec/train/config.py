@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import TrainError, UsageError
+from .data import check_short_side
 from .precision import CHANNELS_LAST
 
 MIXED_PRECISION = ("auto", "no", "fp32", "fp16", "bf16")
@@ -31,12 +32,14 @@ class TrainConfig:
     val: str | None = None
     out: str = ""
     resolution: int = 256
+    short_side: int | None = None           # resize files so the shorter side is this before cropping
     frames: int | None = None               # video decoders: clip length T
     max_frame_stride: int = 1               # video: each clip's stride is drawn from 1..this (1 = consecutive)
     steps: int = 10000
     batch_size: int = 8                     # per process, per micro-step
     grad_accum: int = 1
     lr: float = 5e-4
+    temporal_lr: float | None = None        # video: lr of the layers added to the image decoder (None: lr)
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.0
     warmup: int = 200
@@ -83,9 +86,14 @@ HELP = {
                "e.g. held-out clips",
     "val": "held-out folder for validation (center crops)",
     "out": "run folder: checkpoints, metrics.csv, grids, decoder.safetensors",
+    "short_side": "resize every image and video frame (antialiased, down or up) so its shorter side is this many "
+                  "px before the --resolution crops are cut, e.g. the scale `fastdec eval --resolution` scores at "
+                  "(default: native size; files smaller than --resolution are upscaled to it)",
     "frames": "clip length T for video decoders",
     "max_frame_stride": "video: each clip takes every k-th frame, k drawn per clip from 1 to this (random stride; "
                         "1 = consecutive frames); longer strides show faster motion",
+    "temporal_lr": "video: learning rate of the layers a video decoder adds to its image decoder (memory convs, "
+                   "temporal attention; they start at zero) while the rest trains at --lr (default: --lr)",
     "batch_size": "batch per process per micro-step",
     "grad_accum": "micro-steps per optimizer step",
     "warmup": "linear warm-up steps before the cosine decay",
@@ -116,7 +124,7 @@ REQUIRED = ("teacher", "data", "out")
 # numbers that must be > 0: each is a count, a period or a size the loop divides by or iterates over
 POSITIVE = ("steps", "batch_size", "grad_accum", "ckpt_every", "log_every", "val_every", "resolution", "lr",
             "crops_per_image", "val_count", "device_batch_encode", "disc_lr", "frames", "stop_at",
-            "max_frame_stride")
+            "max_frame_stride", "temporal_lr", "short_side")
 NON_NEGATIVE = ("warmup", "weight_decay", "clip_grad", "l1", "mse", "ms_ssim", "lpips", "teacher_weight", "temporal",
                 "adversarial", "adv_start", "workers", "seed")
 FRACTIONS = {"ema": (0.0, 1.0, "in [0, 1)"), "min_lr_ratio": (0.0, 1.0, "in [0, 1]")}
@@ -220,6 +228,10 @@ def validate_config(config: TrainConfig) -> TrainConfig:
     for name, choices in CHOICES.items():
         if getattr(config, name) not in choices:
             raise UsageError(f"{flag(name)} must be one of {', '.join(choices)}, got {getattr(config, name)!r}")
+    check_short_side(config.short_side, config.resolution)
+    if config.temporal_lr is not None and not config.frames:
+        raise UsageError("--temporal-lr trains a video decoder's temporal layers: it needs --frames (and a video "
+                         "decoder)")
     if config.max_frame_stride != 1 and not config.frames:
         raise UsageError("--max-frame-stride samples video clips: it needs --frames (and a video decoder)")
     return config

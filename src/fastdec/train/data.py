@@ -44,13 +44,21 @@ class Crop:
         return cls(file, top, left, size, bool(flip), start, stride)
 
 
-def _resized_size(width: int, height: int, resolution: int) -> tuple[int, int]:
-    """Size after upscaling so the shorter side is at least ``resolution`` (never downscales)."""
+def _resized_size(width: int, height: int, resolution: int, short_side: int | None = None) -> tuple[int, int]:
+    """Size after resizing so the shorter side is ``short_side`` (down or up), or without it, at least
+    ``resolution`` (upscaling only)."""
     short = min(width, height)
-    if short >= resolution:
+    target = short_side or max(short, resolution)
+    if short == target:
         return width, height
-    scale = resolution / short
-    return max(resolution, round(width * scale)), max(resolution, round(height * scale))
+    scale = target / short
+    return max(target, round(width * scale)), max(target, round(height * scale))
+
+
+def check_short_side(short_side: int | None, resolution: int) -> None:
+    if short_side is not None and short_side < resolution:
+        raise DataError(f"--short-side {short_side} is smaller than the --resolution {resolution} crops cut from it: "
+                        f"use --short-side {resolution} or more")
 
 
 def _to_tensor(array: np.ndarray) -> torch.Tensor:
@@ -78,14 +86,16 @@ class _MediaFolder:
 class ImageFolder(_MediaFolder):
     """All images under ``root`` (recursive), to be cut into ``resolution``-pixel square crops."""
 
-    def __init__(self, root: str | Path, resolution: int, spatial_factor: int = 8, exclude: Iterable[str] = ()):
+    def __init__(self, root: str | Path, resolution: int, spatial_factor: int = 8, exclude: Iterable[str] = (),
+                 short_side: int | None = None):
         from PIL import Image
 
         self.root = Path(root).expanduser()
         if resolution % spatial_factor:
             raise DataError(f"--resolution {resolution} is not a multiple of the latent space's factor "
                             f"{spatial_factor}: use e.g. {resolution // spatial_factor * spatial_factor or spatial_factor}")
-        self.resolution = resolution
+        check_short_side(short_side, resolution)
+        self.resolution, self.short_side = resolution, short_side
         if not self.root.is_dir():
             raise DataError(f"data folder '{self.root}' does not exist or is not a folder")
         candidates = drop_excluded(list_images(self.root, recursive=True), self.root, exclude)
@@ -101,7 +111,7 @@ class ImageFolder(_MediaFolder):
                 self._skip(path, e)
                 continue
             self.files.append(path)
-            self.sizes.append(_resized_size(width, height, resolution))
+            self.sizes.append(_resized_size(width, height, resolution, short_side))
         if not self.files:
             found = f"{len(candidates)} image files, none readable" if candidates else "no image files"
             raise DataError(f"'{self.root}' has {found} ({', '.join(IMAGE_SUFFIXES)}, searched recursively): "
@@ -159,7 +169,7 @@ class VideoFolder(_MediaFolder):
     """
 
     def __init__(self, root: str | Path, resolution: int, frames: int, spatial_factor: int = 8,
-                 exclude: Iterable[str] = (), max_stride: int = 1):
+                 exclude: Iterable[str] = (), max_stride: int = 1, short_side: int | None = None):
         from ..io.video import video_info
 
         self.root = Path(root).expanduser()
@@ -169,7 +179,8 @@ class VideoFolder(_MediaFolder):
             raise DataError(f"video folder '{self.root}' does not exist or is not a folder")
         if max_stride < 1:
             raise DataError(f"--max-frame-stride must be 1 or more (1 = consecutive frames), got {max_stride}")
-        self.resolution, self.frames, self.max_stride = resolution, frames, max_stride
+        check_short_side(short_side, resolution)
+        self.resolution, self.frames, self.max_stride, self.short_side = resolution, frames, max_stride, short_side
         candidates = sorted(p for p in self.root.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES)
         frame_dirs = sorted({p.parent for p in list_images(self.root, recursive=True)})
         candidates = drop_excluded(candidates + frame_dirs, self.root, exclude)
@@ -189,7 +200,7 @@ class VideoFolder(_MediaFolder):
                 warnings.warn(f"skipping video '{path}': {info.num_frames} frames < --frames {frames}", stacklevel=2)
                 continue
             self.files.append(path)
-            self.sizes.append(_resized_size(info.width, info.height, resolution))
+            self.sizes.append(_resized_size(info.width, info.height, resolution, short_side))
             self.lengths.append(info.num_frames)
         if not self.files:
             found = f"{len(candidates)} videos, none usable" if candidates else "no videos or frame folders"
@@ -238,11 +249,11 @@ class VideoFolder(_MediaFolder):
 
 
 def open_folder(root: str | Path, resolution: int, spatial_factor: int, frames: int | None = None,
-                exclude: Iterable[str] = (), max_stride: int = 1):
+                exclude: Iterable[str] = (), max_stride: int = 1, short_side: int | None = None):
     """An ``ImageFolder``, or a ``VideoFolder`` when ``frames`` is given (video decoders)."""
     if frames:
-        return VideoFolder(root, resolution, frames, spatial_factor, exclude, max_stride)
-    return ImageFolder(root, resolution, spatial_factor, exclude)
+        return VideoFolder(root, resolution, frames, spatial_factor, exclude, max_stride, short_side)
+    return ImageFolder(root, resolution, spatial_factor, exclude, short_side)
 
 
 def crops_to_json(crops: Iterable[Crop]) -> list[list[int]]:

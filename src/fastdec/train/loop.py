@@ -200,8 +200,10 @@ def build_data(run: Run) -> None:
         if not run.is_main:  # one warning per bad file, not one per process
             warnings.simplefilter("ignore")
         run.dataset = open_folder(config.data, config.resolution, teacher.spatial_factor, config.frames,
-                                  exclude=(config.exclude or "").split(","), max_stride=config.max_frame_stride)
-        val_set = open_folder(config.val, config.resolution, teacher.spatial_factor, config.frames) if config.val else None
+                                  exclude=(config.exclude or "").split(","), max_stride=config.max_frame_stride,
+                                  short_side=config.short_side)
+        val_set = open_folder(config.val, config.resolution, teacher.spatial_factor, config.frames,
+                              short_side=config.short_side) if config.val else None
     if run.is_main:
         prepare_output_dir(run.out)  # a file or an unwritable folder at --out fails before the encoding pass
     cache_root = Path(config.cache_dir or os.environ.get("FASTDEC_CACHE") or Path.home() / ".cache/fastdec/latents")
@@ -224,6 +226,15 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def parameter_groups(decoder: LatentDecoder, config: TrainConfig) -> list[dict[str, Any]]:
+    """One group at --lr; with --temporal-lr, the temporal layers in a second group at that rate."""
+    if config.temporal_lr is None:
+        return [{"params": list(decoder.parameters())}]
+    temporal = {id(p) for _, p in decoder.temporal_parameters()}  # check_setup made sure there are some
+    return [{"params": [p for p in decoder.parameters() if id(p) not in temporal]},
+            {"params": [p for p in decoder.parameters() if id(p) in temporal], "lr": config.temporal_lr}]
+
+
 def build_optimization(run: Run, decoder: LatentDecoder) -> None:
     """The EMA copy, AdamW with its schedule, the optional discriminator; all prepared by accelerate."""
     config, accelerator = run.config, run.accelerator
@@ -231,7 +242,8 @@ def build_optimization(run: Run, decoder: LatentDecoder) -> None:
     if run.precision.channels_last:  # before the optimizer exists, so its state takes the same layout
         to_channels_last(decoder)
     model = TrainView(decoder)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.99), weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(parameter_groups(decoder, config), lr=config.lr, betas=(0.9, 0.99),
+                                  weight_decay=config.weight_decay)
     run.scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, config.warmup, config.steps, config.min_lr_ratio))
     if config.adversarial:

@@ -96,6 +96,9 @@ def check_setup(config: TrainConfig, teacher, decoder: LatentDecoder) -> None:
         raise TrainError("--teacher-weight needs a teacher decoder: pass --teacher-decoder (TAESD teachers)")
     if config.temporal and not decoder.is_video:
         raise TrainError("--temporal needs a video decoder and --frames")
+    if config.temporal_lr is not None and not decoder.temporal_parameters():
+        raise TrainError(f"--temporal-lr: '{config.decoder}' ({type(decoder).__name__}) has no temporal layers "
+                         "(memory convs or temporal attention) to train at it; drop --temporal-lr")
 
 
 class TrainView(nn.Module):
