@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from fastdec import load_decoder
 from fastdec.cli import main as cli_main
-from fastdec.errors import NonFiniteOutputError, UsageError
+from fastdec.errors import DataError, NonFiniteOutputError, UsageError
 from fastdec.train import GlobalBatches, TrainConfig, TrainError, lr_factor, make_config, train
 from fastdec.train.losses import (LossConfigError, PatchDiscriminator, hinge_d_loss, hinge_g_loss, load_lpips,
                                   ms_ssim_loss, ms_ssim_scales, temporal_loss)
@@ -159,7 +159,7 @@ def test_mismatched_latent_channels_fail_before_any_work(tiny_setup, tmp_path, c
     ("--steps", "0"), ("--steps", "-5"), ("--batch-size", "0"), ("--grad-accum", "0"), ("--ckpt-every", "0"),
     ("--log-every", "0"), ("--val-every", "-1"), ("--resolution", "0"), ("--lr", "0"), ("--lr", "nan"),
     ("--crops-per-image", "0"), ("--ema", "1"), ("--warmup", "-1"), ("--frames", "0"), ("--max-frame-stride", "0"),
-    ("--temporal-lr", "0"),
+    ("--temporal-lr", "0"), ("--short-side", "0"),
 ])
 def test_bad_numbers_are_refused_before_any_work(tiny_setup, tmp_path, capsys, flag, value):
     out, cache = tmp_path / "run", tmp_path / "cache"
@@ -222,6 +222,9 @@ def test_config_file_values_are_checked_and_typed(tmp_path):
     with pytest.raises(UsageError, match="--max-frame-stride samples video clips: it needs --frames"):
         make_config({"data": "d", "out": "o", "teacher": "t", "max_frame_stride": 2})
     assert make_config({"data": "d", "out": "o", "teacher": "t", "max_frame_stride": 2, "frames": 8}).max_frame_stride == 2
+    # crops cannot be larger than the resized files they are cut from
+    with pytest.raises(DataError, match="--short-side 64 is smaller than the --resolution 128"):
+        make_config({"data": "d", "out": "o", "teacher": "t", "resolution": 128, "short_side": 64})
 
 
 def _free_port() -> int:

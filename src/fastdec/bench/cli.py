@@ -31,7 +31,8 @@ def video_config_from_args(args: argparse.Namespace) -> VideoBenchConfig:
     return VideoBenchConfig(
         sizes=list(args.sizes) if args.sizes else VideoBenchConfig().sizes, frames=frames,
         svd_frames=list(args.svd_frames) if args.svd_frames else None, svd_chunk=args.svd_chunk,
-        svd_repeats=args.svd_repeats, push_frames=list(args.push_frames), decoders=args.decoders, baselines=args.baselines,
+        svd_repeats=args.svd_repeats, push_frames=list(args.push_frames), decoders=args.decoders,
+        baselines=args.baselines,
         backends=list(args.backends or ["eager"]),
         dtypes=list(args.dtype), channels_last=bool(args.channels_last), device=args.device, repeats=args.repeats,
         warmup=args.warmup, seed=args.seed, threads=args.threads, memory=not args.no_memory,

@@ -280,7 +280,8 @@ def print_video_report(payload: dict[str, Any], console: Any = None) -> None:
         f"frame count, same latents){same}. "
         f"SVD decodes in chunks of {settings['svd_chunk']} frames (decode_chunk_size) and is timed "
         f"{_times(settings.get('svd_repeats', 1))} (no warm-up). peak MB = working memory of one whole-clip decode "
-        "beyond the weights (peak RSS, isolated process). streaming = latent frames pushed k at a time (k/push), frames dropped after decoding."
+        "beyond the weights (peak RSS, isolated process). streaming = latent frames pushed k at a time (k/push), "
+        "frames dropped after decoding."
     )
     for r in payload["rows"]:
         if r.get("memory_error"):

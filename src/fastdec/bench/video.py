@@ -122,7 +122,7 @@ def _mode_call(model: Any, mode: str, push: int = 1) -> Callable[[torch.Tensor],
 
 
 def _decoder_call(decoder: nn.Module, mode: str, size: int, frames: int, seed: int, dtype: str,
-                  channels_last: bool, backend: str, push: int = 1) -> VideoCall:
+                  channels_last: bool, backend: str, push: int | None = None) -> VideoCall:
     """``backend="compile"``: ``fastdec.optimize`` (channels_last + torch.compile of the parallel call and of
     the streaming step)."""
     from ..runtime import optimize, to_channels_last
@@ -142,7 +142,7 @@ def _decoder_call(decoder: nn.Module, mode: str, size: int, frames: int, seed: i
     # The memory probe's warm-up runs the same mode on a tiny clip: it maps library code and sets up thread
     # pools without leaving a full-size clip's buffers in the allocator (which would hide the real peak).
     tiny = make_latents((1, 2, decoder.latent_channels, 2, 2), seed).to(torch_dtype)
-    run = _mode_call(model, mode, push)
+    run = _mode_call(model, mode, push or 1)
     return VideoCall(lambda: run(z), lambda: run(tiny), [decoder])
 
 
@@ -157,7 +157,7 @@ def build_video_callable(
         call = _svd_call(size, frames, seed, svd_chunk, dtype, channels_last)
     else:
         decoder = build_decoder(source or name, latent_space, seed)
-        call = _decoder_call(decoder, mode, size, frames, seed, dtype, channels_last, backend, push or 1)
+        call = _decoder_call(decoder, mode, size, frames, seed, dtype, channels_last, backend, push)
     return call.fn if call.warm_fn is None else (call.fn, call.warm_fn)
 
 
@@ -182,7 +182,8 @@ def validate_video_config(cfg: VideoBenchConfig) -> VideoBenchConfig:
     if not cfg.push_frames or any(k < 1 for k in cfg.push_frames):
         raise BenchError(f"--push-frames needs values >= 1 (latent frames per push of a streaming row), got "
                          f"{cfg.push_frames}")
-    return dataclasses.replace(cfg, backends=backends, push_frames=list(dict.fromkeys(cfg.push_frames)), dtypes=list(dict.fromkeys(dtype_name(d) for d in cfg.dtypes)),
+    return dataclasses.replace(cfg, backends=backends, push_frames=list(dict.fromkeys(cfg.push_frames)),
+                               dtypes=list(dict.fromkeys(dtype_name(d) for d in cfg.dtypes)),
                                svd_frames=list(cfg.svd_frames or cfg.frames))
 
 
@@ -222,7 +223,7 @@ def _call_for(run: _VideoRun, kwargs: dict[str, Any]) -> VideoCall:
                          kwargs["channels_last"])
     decoder = copy.deepcopy(run.decoders[kwargs["name"]].decoder)
     return _decoder_call(decoder, kwargs["mode"], kwargs["size"], kwargs["frames"], kwargs["seed"], kwargs["dtype"],
-                         kwargs["channels_last"], kwargs["backend"], kwargs["push"] or 1)
+                         kwargs["channels_last"], kwargs["backend"], kwargs["push"])
 
 
 def _bench_video_row(run: _VideoRun, job: tuple[int, int, str, VideoRow]) -> dict[str, Any]:
