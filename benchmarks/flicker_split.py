@@ -16,14 +16,15 @@ the per-frame error moves with the content and only a more accurate decode of th
 """
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from eval_clips import clip_parser, decoded_clips, write_rows  # noqa: E402
 
 
 def motion_map(change: torch.Tensor, window: int = 9) -> torch.Tensor:
@@ -54,44 +55,19 @@ def flicker_split(decoded: torch.Tensor, original: torch.Tensor, threshold: floa
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    import fastdec
-    from fastdec.eval.run import EvalDecoder, decode_frames, list_videos, load_clip, load_eval_teacher
-
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", required=True, help="folder of videos")
-    p.add_argument("--clips", default=None, help="comma-separated video names to use (default: all)")
-    p.add_argument("--teacher", required=True, help="encoder that makes the latents (frame by frame)")
-    p.add_argument("--decoder", action="append", required=True, help="decoder name or file (repeatable)")
-    p.add_argument("--frames", type=int, default=32)
-    p.add_argument("--resolution", type=int, default=256)
+    p = clip_parser(__doc__.split("\n\n")[0])
     p.add_argument("--threshold", type=float, default=0.01, help="original change below this = still pixel")
     p.add_argument("--window", type=int, default=9, help="box average of the motion map, px")
-    p.add_argument("--json", default=None, help="write the rows here")
     args = p.parse_args(argv)
-    wanted = set(args.clips.split(",")) if args.clips else None
-    videos = [v for v in list_videos(args.data) if wanted is None or v.name in wanted]
-    if not videos:
-        raise SystemExit(f"flicker_split.py: error: no videos in '{args.data}' match --clips {args.clips}")
-    teacher = load_eval_teacher(args.teacher)
-    decoders = []
-    for name in args.decoder:
-        decoder = fastdec.load_decoder(name).float().eval()
-        decoders.append(EvalDecoder(name, name, decoder, decoder.is_video))
     rows = []
-    with torch.inference_mode():
-        for video in videos:  # the clips fastdec eval video scores, decoded as it decodes them
-            original = load_clip(video, args.frames, args.resolution, teacher.spatial_factor)
-            z = teacher.encode(original)
-            for dec in decoders:
-                split = flicker_split(decode_frames(dec, z, batch=4), original, args.threshold, args.window)
-                rows.append({"video": video.name, "decoder": dec.name, **split})
-                print(f"{video.name:16s} {dec.name:18s} flicker {split['flicker']:.5f}  still pixels "
-                      f"{split['still_pixels']:.0%}  flicker there {split['still_share']:.0%}  "
-                      f"removable by steadying them <= {split['still_bound']:.1%}", flush=True)
-    if args.json:
-        from fastdec.io.files import atomic_write
-
-        atomic_write(Path(args.json), lambda tmp: Path(tmp).write_text(json.dumps(rows, indent=2)))
+    for video, original, decoded in decoded_clips(args, "flicker_split.py"):
+        for name, clip in decoded.items():
+            split = flicker_split(clip, original, args.threshold, args.window)
+            rows.append({"video": video, "decoder": name, **split})
+            print(f"{video:16s} {name:18s} flicker {split['flicker']:.5f}  still pixels "
+                  f"{split['still_pixels']:.0%}  flicker there {split['still_share']:.0%}  "
+                  f"removable by steadying them <= {split['still_bound']:.1%}", flush=True)
+    write_rows(rows, args.json)
     return 0
 
 

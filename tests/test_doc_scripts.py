@@ -5,6 +5,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -132,3 +133,79 @@ def test_flicker_split_finds_where_the_flicker_is():
     assert result["still_share"] == 0 and result["still_bound"] == 0
     with pytest.raises(ValueError, match="same"):
         split.flicker_split(original[:1], original[:1])
+
+
+def _panning_clip(frames: int = 6, size: int = 32, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A smooth random texture panning 1 px per frame to the left, and a second texture for errors that pan
+    with it: (T, 3, size, size) each."""
+    g = torch.Generator().manual_seed(seed)
+    wide = torch.nn.functional.avg_pool2d(torch.rand(2, 3, size + 4, size + frames + 4, generator=g), 5, 1)
+    clip = torch.stack([wide[0, :, :, t:t + size] for t in range(frames)])
+    travelling_error = torch.stack([wide[1, :, :, t:t + size] for t in range(frames)]) - 0.5
+    return clip * 0.8 + 0.1, travelling_error
+
+
+def test_flicker_oracle_removes_independent_error_not_error_that_travels():
+    """Filtering along the original's motion averages out an error that is new in every frame (less flicker,
+    higher PSNR) and leaves an error that moves with the content where it was; strength 0 is the decode itself."""
+    oracle = load_script("benchmarks/flicker_oracle.py")
+    original, travelling = _panning_clip()
+    for method in ("ilk", "tvl1"):  # the pan: each pixel was 1 px to the right one frame before
+        pan = oracle.backward_flows(original, method)[:, :, 4:-4, 4:-4]
+        assert np.allclose(pan[:, 1], 1.0, atol=0.15) and np.allclose(pan[:, 0], 0.0, atol=0.15), method
+    flows = oracle.backward_flows(original)
+    noisy = (original + 0.03 * torch.randn(original.shape, generator=torch.Generator().manual_seed(1))).clamp(0, 1)
+    psnr0, flicker0 = oracle.score(noisy, original)
+    psnr1, flicker1 = oracle.score(oracle.oracle_filter(noisy, original, 0.5, flows=flows), original)
+    assert flicker1 < 0.8 * flicker0 and psnr1 > psnr0 + 0.5
+    assert abs(oracle.error_travel(noisy, original, flows)) < 0.2
+    carried = (original + 0.2 * travelling).clamp(0, 1)
+    assert oracle.error_travel(carried, original, flows) > 0.8
+    _, flicker_carried = oracle.score(carried, original)
+    _, flicker_carried_filtered = oracle.score(oracle.oracle_filter(carried, original, 0.5, flows=flows), original)
+    assert flicker_carried_filtered > 0.8 * flicker_carried
+    assert torch.equal(oracle.oracle_filter(noisy, original, 0.0, flows=flows), noisy)
+    with pytest.raises(ValueError, match="alpha"):
+        oracle.oracle_filter(noisy, original, 1.0, flows=flows)
+    with pytest.raises(ValueError, match="same"):
+        oracle.error_travel(noisy[:, :, :16], original)
+
+
+def test_flicker_oracle_means_and_plot(tmp_path):
+    """Means over clips are per decoder and strength, relative to the same decoder unfiltered; the plot is a PNG."""
+    oracle = load_script("benchmarks/flicker_oracle.py")
+    rows = [{"video": v, "decoder": "d", "alpha": a, "psnr": p, "flicker": f}
+            for v, a, p, f in [("x", 0.0, 30.0, 0.010), ("y", 0.0, 32.0, 0.006),
+                               ("x", 0.5, 30.5, 0.008), ("y", 0.5, 32.1, 0.006)]]
+    base, half = oracle.means(rows)
+    assert (base["flicker_ratio"], base["psnr_change"]) == (1.0, 0.0)
+    assert half["flicker_ratio"] == pytest.approx(0.007 / 0.008) and half["psnr_change"] == pytest.approx(0.3)
+    png = oracle.write_plot(rows, tmp_path / "oracle.png", "ilk")
+    assert Image.open(png).format == "PNG" and not list(tmp_path.glob(".*"))
+
+
+def test_flicker_scripts_run_end_to_end(tmp_path, capsys):
+    """Both flicker scripts score a folder of clips with a real (tiny, random) encoder and decoder and write their
+    rows; a --clips filter that matches nothing is an error naming the folder."""
+    import json
+
+    from _train_helpers import make_images, tiny_decoder_file, tiny_encoder_file
+
+    videos = tmp_path / "videos"
+    make_images(videos / "clip", 4, size=(32, 32))
+    teacher = tiny_encoder_file(tmp_path / "taesdxl_encoder.pth")
+    decoder = tiny_decoder_file(tmp_path / "decoder.safetensors")
+    common = ["--data", str(videos), "--teacher", str(teacher), "--decoder", str(decoder), "--frames", "4",
+              "--resolution", "32"]
+    split = load_script("benchmarks/flicker_split.py")
+    assert split.main([*common, "--json", str(tmp_path / "split.json")]) == 0
+    [row] = json.loads((tmp_path / "split.json").read_text())
+    assert row["video"] == "clip" and row["flicker"] > 0
+    oracle = load_script("benchmarks/flicker_oracle.py")
+    assert oracle.main([*common, "--alpha", "0", "0.5", "--json", str(tmp_path / "oracle.json"),
+                        "--plot", str(tmp_path / "oracle.png")]) == 0
+    rows = json.loads((tmp_path / "oracle.json").read_text())
+    assert [r["alpha"] for r in rows] == [0.0, 0.5] and rows[0]["flicker"] == pytest.approx(row["flicker"])
+    assert Image.open(tmp_path / "oracle.png").format == "PNG" and "means over clips" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="no videos in .*videos.* match --clips nope"):
+        oracle.main([*common, "--clips", "nope"])

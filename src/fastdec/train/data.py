@@ -4,7 +4,8 @@ Every crop is described by a ``Crop`` (file, crop box, horizontal flip, and for 
 frame). Crops are planned deterministically from a seed, so the latent cache can store them next to
 the latents and training reloads exactly the pixels the latents were encoded from.
 
-Images smaller than the crop resolution are first resized (shorter side = resolution, Lanczos).
+Images are read upright (EXIF orientation applied, as ``fastdec eval`` reads them); images smaller than the
+crop resolution are first resized (shorter side = resolution, Lanczos).
 Unreadable files are skipped with one warning each and counted in ``skipped``; a folder with no
 readable file is an error that names the folder.
 """
@@ -61,6 +62,10 @@ def check_short_side(short_side: int | None, resolution: int) -> None:
                         f"use --short-side {resolution} or more")
 
 
+EXIF_ORIENTATION = 0x0112
+TRANSPOSING_ORIENTATIONS = {5, 6, 7, 8}  # rotated by 90 degrees either way: width and height swap
+
+
 def _to_tensor(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).float() / 255
 
@@ -75,12 +80,18 @@ class _MediaFolder:
         return len(self.files)
 
     def describe(self) -> list[str]:
-        """One line per file (name, size, mtime): part of the cache key, so changed data means a new cache."""
+        """One line per file (name, size, mtime): part of the cache key, so changed data means a new cache.
+
+        A photo stored rotated (EXIF orientation other than 1) adds its orientation: caches from before
+        training read photos upright are rebuilt for folders that hold such photos, and only for those."""
         lines = []
-        for path in self.files:
+        for index, path in enumerate(self.files):
             stat = path.stat()
-            lines.append(f"{path.relative_to(self.root)}:{stat.st_size}:{int(stat.st_mtime)}")
+            lines.append(f"{path.relative_to(self.root)}:{stat.st_size}:{int(stat.st_mtime)}{self._file_note(index)}")
         return lines
+
+    def _file_note(self, index: int) -> str:
+        return ""
 
 
 class ImageFolder(_MediaFolder):
@@ -100,22 +111,31 @@ class ImageFolder(_MediaFolder):
             raise DataError(f"data folder '{self.root}' does not exist or is not a folder")
         candidates = drop_excluded(list_images(self.root, recursive=True), self.root, exclude)
         self.files: list[Path] = []
-        self.sizes: list[tuple[int, int]] = []  # (width, height) after resizing
+        self.sizes: list[tuple[int, int]] = []  # (width, height) upright and after resizing
+        self.orientations: list[int] = []  # EXIF orientation, 1 = stored upright
         self.skipped: list[Path] = []
         for path in candidates:
             try:
                 with Image.open(path) as im:
-                    width, height = im.size
                     im.verify()  # cheap integrity check (PNG CRCs, headers); full decode happens when cached
+                with Image.open(path) as im:  # verify() must come first after opening and leaves im unusable
+                    width, height = im.size
+                    orientation = int(im.getexif().get(EXIF_ORIENTATION, 1) or 1)
             except Exception as e:  # PIL raises many types for a bad file
                 self._skip(path, e)
                 continue
+            if orientation in TRANSPOSING_ORIENTATIONS:
+                width, height = height, width
             self.files.append(path)
+            self.orientations.append(orientation)
             self.sizes.append(_resized_size(width, height, resolution, short_side))
         if not self.files:
             found = f"{len(candidates)} image files, none readable" if candidates else "no image files"
             raise DataError(f"'{self.root}' has {found} ({', '.join(IMAGE_SUFFIXES)}, searched recursively): "
                             "point --data/--val at a folder of images")
+
+    def _file_note(self, index: int) -> str:
+        return f":exif{self.orientations[index]}" if self.orientations[index] != 1 else ""
 
     def _skip(self, path: Path, error: Exception) -> None:
         self.skipped.append(path)
@@ -141,12 +161,12 @@ class ImageFolder(_MediaFolder):
 
     def load(self, crop: Crop) -> torch.Tensor:
         """The pixels of ``crop``, (3, R, R) float in [0, 1]. Raises ``DataError`` for an undecodable file."""
-        from PIL import Image
+        from PIL import Image, ImageOps
 
         path = self.files[crop.file]
         try:
             with Image.open(path) as im:
-                im = im.convert("RGB")
+                im = ImageOps.exif_transpose(im).convert("RGB")  # upright, as fastdec eval reads it
                 size = self.sizes[crop.file]
                 if im.size != size:
                     im = im.resize(size, Image.Resampling.LANCZOS)
