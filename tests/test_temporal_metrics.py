@@ -15,7 +15,7 @@ from PIL import Image
 
 from conftest import assert_mean_ci
 from fastdec.cli import main
-from fastdec.errors import MetricUnavailable
+from fastdec.errors import EvalError, MetricUnavailable
 from fastdec.eval import metrics as M
 from fastdec.eval.run import evaluate_video
 from fastdec.io.checkpoints import save_decoder
@@ -236,3 +236,18 @@ def test_frame_diff_plot_caps_its_panels(tmp_path):
     with Image.open(path) as png:
         assert png.format == "PNG"
         png.verify()
+
+
+def test_motion_metrics_are_temporal_energy_and_excess_motion_in_one_pass():
+    """What fastdec eval video reports: the pair equals the two metrics computed on their own, and a static
+    original leaves temporal energy undefined while excess motion is still measured."""
+    torch.manual_seed(0)
+    original = torch.rand(5, 3, 16, 16)
+    decoded = _flicker(original, 0.05)
+    assert M.motion_metrics(decoded, original) == (M.temporal_energy(decoded, original),
+                                                    M.excess_motion(decoded, original))
+    static = original[:1].expand(5, -1, -1, -1)
+    energy, excess = M.motion_metrics(_flicker(static, 0.05), static)
+    assert energy is None and excess > 0.01
+    with pytest.raises(EvalError, match="motion metrics needs at least 2 frames"):
+        M.motion_metrics(original[:1], original[:1])

@@ -643,13 +643,13 @@ class VideoEvaluation(Evaluation):
         --tof) tOF of one decode; None below 2 frames."""
         if not diffs:
             return dict.fromkeys(("flicker", "temporal_energy", "excess_motion", "tof"))
-        energy = M.temporal_energy(decoded, ref)
+        energy, excess = M.motion_metrics(decoded, ref)
         if energy is None:
             self.notes.add(f"temporal_energy of '{sample.name}' vs {reference} not reported: the {reference} clip "
                            "does not change from frame to frame, so the ratio is undefined "
                            "(excess_motion covers it)")
         return {"flicker": float(np.mean(diffs)), "temporal_energy": energy,
-                "excess_motion": M.excess_motion(decoded, ref),
+                "excess_motion": excess,
                 "tof": M.tof(self._flows(decoded), self._flows(ref)) if self.tof else None}
 
     def _flows(self, clip: torch.Tensor) -> np.ndarray:
