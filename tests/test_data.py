@@ -289,7 +289,8 @@ def test_short_side_resizes_files_before_cropping(tmp_path):
         VideoFolder(tmp_path / "videos", resolution=16, frames=3, short_side=8)
 
 
-def test_photos_stored_rotated_are_cropped_upright(tmp_path):
+@pytest.mark.parametrize("suffix", [".png", ".jpg", ".tiff"])  # PIL turns TIFFs itself, the others on request
+def test_photos_stored_rotated_are_cropped_upright(tmp_path, suffix):
     """A photo with EXIF orientation 6 (stored on its side, shown turned 90 degrees) is cut into crops of the
     upright picture, as fastdec eval reads it; its orientation is in the cache key, an upright photo's is not."""
     from PIL import Image
@@ -303,16 +304,20 @@ def test_photos_stored_rotated_are_cropped_upright(tmp_path):
     folder.mkdir()
     exif = Image.Exif()
     exif[0x0112] = 6
-    Image.fromarray(stored).save(folder / "side.png", exif=exif)
+    photo = folder / f"side{suffix}"
+    Image.fromarray(stored).save(photo, exif=exif)
     data = ImageFolder(folder, resolution=16)
     assert data.sizes == [(24, 40)]  # upright: 24 wide, 40 high
-    upright = load_image(folder / "side.png")[0]
+    upright = load_image(photo)[0]
     assert upright.shape == (3, 40, 24)
     crop = Crop(0, 20, 3, 16, False)
-    torch.testing.assert_close(data.load(crop), upright[:, 20:36, 3:19], atol=0, rtol=0)  # same bytes, exactly
+    torch.testing.assert_close(data.load(crop), upright[:, 20:36, 3:19], atol=0, rtol=0)  # same decode, exactly
     assert data.describe()[0].endswith(":exif6")
-    Image.fromarray(stored).save(folder / "side.png")  # the same pixels stored without the tag
+    Image.fromarray(stored).save(photo)  # the same pixels stored without the tag
     plain = ImageFolder(folder, resolution=16)
     assert plain.sizes == [(40, 24)] and not plain.describe()[0].endswith("exif6")
     teacher = _teacher(tmp_path)
     assert cache_key(plain, teacher, 2, 0) != cache_key(data, teacher, 2, 0)
+    # a picture whose upright shape no longer fits the planned crops is refused, never stretched to fit
+    with pytest.raises(DataError, match=r"decodes upright at 40x24 px, not the shape .* planned for \(24x40"):
+        data.load(crop)

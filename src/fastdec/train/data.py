@@ -121,11 +121,13 @@ class ImageFolder(_MediaFolder):
                 with Image.open(path) as im:  # verify() must come first after opening and leaves im unusable
                     width, height = im.size
                     orientation = int(im.getexif().get(EXIF_ORIENTATION, 1) or 1)
+                    # PIL's TIFF reader turns the image itself (its size is upright already); the others
+                    # leave the turn to exif_transpose, as load() does
+                    if orientation in TRANSPOSING_ORIENTATIONS and im.format != "TIFF":
+                        width, height = height, width
             except Exception as e:  # PIL raises many types for a bad file
                 self._skip(path, e)
                 continue
-            if orientation in TRANSPOSING_ORIENTATIONS:
-                width, height = height, width
             self.files.append(path)
             self.orientations.append(orientation)
             self.sizes.append(_resized_size(width, height, resolution, short_side))
@@ -167,13 +169,16 @@ class ImageFolder(_MediaFolder):
         try:
             with Image.open(path) as im:
                 im = ImageOps.exif_transpose(im).convert("RGB")  # upright, as fastdec eval reads it
-                size = self.sizes[crop.file]
-                if im.size != size:
-                    im = im.resize(size, Image.Resampling.LANCZOS)
-                im = im.crop((crop.left, crop.top, crop.left + crop.size, crop.top + crop.size))
-                array = np.array(im)
         except Exception as e:  # PIL raises many types for a bad file
             raise DataError(f"cannot decode image '{path}': {type(e).__name__}: {e}") from e
+        size = self.sizes[crop.file]
+        if _resized_size(*im.size, self.resolution, self.short_side) != size:  # else: a stretched picture
+            raise DataError(f"image '{path}' decodes upright at {im.size[0]}x{im.size[1]} px, not the shape its crops "
+                            f"were planned for ({size[0]}x{size[1]} after resizing): the file changed after it was listed, or "
+                            "its orientation reads differently once decoded; run training again")
+        if im.size != size:
+            im = im.resize(size, Image.Resampling.LANCZOS)
+        array = np.array(im.crop((crop.left, crop.top, crop.left + crop.size, crop.top + crop.size)))
         if crop.flip:
             array = array[:, ::-1]
         return _to_tensor(array)
