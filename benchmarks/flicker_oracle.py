@@ -11,11 +11,12 @@ motion-compensated recursive filter over the per-frame decode,
     F_0 = D_0,    F_t = (1 - a m_t) D_t + a m_t warp(F_{t-1})
 
 with the flow from O_t to O_{t-1} (scikit-image's ``optical_flow_ilk`` on the original's luminance, the flow tOF
-uses, or with ``--flow tvl1`` its TV-L1 flow) and m_t = 1 where the warped original O_{t-1} matches O_t to within ``--occlusion``, else 0, and scores
-every strength ``a`` as ``fastdec eval video`` does (PSNR, flicker). It also reports how much the per-frame error
-travels with the content: the correlation between E_t = D_t - O_t and warp(E_{t-1}). An error that travels with the
-content is consistent over time to a viewer, yet the warping-free flicker score still counts it; filtering along
-the motion cannot remove it, only a more accurate decode can.
+uses, or with ``--flow tvl1`` its TV-L1 flow) and m_t = 1 where the warped original O_{t-1} matches O_t to
+within ``--occlusion``, else 0, and scores every strength ``a`` as ``fastdec eval video`` does (PSNR, flicker).
+It also reports how much the per-frame error travels with the content: the correlation between E_t = D_t - O_t
+and warp(E_{t-1}). An error that travels with the content is consistent over time to a viewer, yet the
+warping-free flicker score still counts it; filtering along the motion cannot remove it, only a more accurate
+decode can.
 """
 from __future__ import annotations
 
@@ -59,18 +60,28 @@ def _check(decoded: torch.Tensor, original: torch.Tensor) -> None:
                          f"and {tuple(original.shape)}")
 
 
+def tracked_pixels(original: torch.Tensor, flows: np.ndarray, occlusion: float = 0.03) -> np.ndarray:
+    """(T - 1, H, W) bool, m_t: where the original's frame t - 1, warped along ``flows``, matches frame t to within
+    ``occlusion`` (mean over RGB); elsewhere the pixel was occluded or the flow is wrong."""
+    o = original.double().cpu().numpy()
+    return np.stack([np.abs(warp_previous(o[t - 1], flows[t - 1]) - o[t]).mean(0) < occlusion
+                     for t in range(1, o.shape[0])])
+
+
 def oracle_filter(decoded: torch.Tensor, original: torch.Tensor, alpha: float, occlusion: float = 0.03,
-                  flows: np.ndarray | None = None) -> torch.Tensor:
-    """The decode (T, 3, H, W) in [0, 1] filtered along the original's motion (see the module docstring)."""
+                  flows: np.ndarray | None = None, tracked: np.ndarray | None = None) -> torch.Tensor:
+    """The decode (T, 3, H, W) in [0, 1] filtered along the original's motion (see the module docstring).
+    ``flows`` and ``tracked`` (:func:`tracked_pixels`) depend on the original only: pass them to score
+    several decodes or strengths of one clip without recomputing them."""
     _check(decoded, original)
     if not 0 <= alpha < 1:
         raise ValueError(f"alpha must be in [0, 1), got {alpha}")
     flows = backward_flows(original) if flows is None else flows
-    d, o = decoded.double().cpu().numpy(), original.double().cpu().numpy()
+    tracked = tracked_pixels(original, flows, occlusion) if tracked is None else tracked
+    d = decoded.double().cpu().numpy()
     out = [d[0]]
     for t in range(1, d.shape[0]):
-        matches = np.abs(warp_previous(o[t - 1], flows[t - 1]) - o[t]).mean(0) < occlusion
-        weight = alpha * matches[None]
+        weight = alpha * tracked[t - 1][None]
         out.append((1 - weight) * d[t] + weight * warp_previous(out[-1], flows[t - 1]))
     return torch.from_numpy(np.stack(out)).clamp(0, 1).to(decoded.dtype)
 
@@ -102,10 +113,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = []
     for video, original, decoded in decoded_clips(args, "flicker_oracle.py"):
         flows = backward_flows(original, args.flow)
+        tracked = tracked_pixels(original, flows, args.occlusion)
         for name, clip in decoded.items():
             travel = error_travel(clip, original, flows)
             for alpha in args.alpha:
-                psnr_db, flicker = score(oracle_filter(clip, original, alpha, args.occlusion, flows), original)
+                psnr_db, flicker = score(oracle_filter(clip, original, alpha, flows=flows, tracked=tracked), original)
                 rows.append({"video": video, "decoder": name, "alpha": alpha, "psnr": psnr_db,
                              "flicker": flicker, "error_travel": travel})
                 print(f"{video:16s} {name:18s} alpha {alpha:.2f}  PSNR {psnr_db:6.2f}  flicker {flicker:.5f}"
@@ -152,8 +164,9 @@ def write_plot(rows: list[dict], path: Path, flow: str, goal: float = 0.8, allow
     fig = Figure(figsize=(7, 4.5), dpi=120)
     FigureCanvasAgg(fig)
     ax = fig.subplots()
+    all_means = means(rows)
     for name in dict.fromkeys(r["decoder"] for r in rows):
-        points = [m for m in means(rows) if m["decoder"] == name and "flicker_ratio" in m]
+        points = [m for m in all_means if m["decoder"] == name and "flicker_ratio" in m]
         ax.plot([m["flicker_ratio"] for m in points], [m["psnr_change"] for m in points], marker="o", label=name)
         for m in points:
             ax.annotate(f"{m['alpha']:g}", (m["flicker_ratio"], m["psnr_change"]), fontsize=7,

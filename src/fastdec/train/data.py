@@ -87,7 +87,8 @@ class _MediaFolder:
         lines = []
         for index, path in enumerate(self.files):
             stat = path.stat()
-            lines.append(f"{path.relative_to(self.root)}:{stat.st_size}:{int(stat.st_mtime)}{self._file_note(index)}")
+            note = self._file_note(index)
+            lines.append(f"{path.relative_to(self.root)}:{stat.st_size}:{int(stat.st_mtime)}{note}")
         return lines
 
     def _file_note(self, index: int) -> str:
@@ -173,9 +174,9 @@ class ImageFolder(_MediaFolder):
             raise DataError(f"cannot decode image '{path}': {type(e).__name__}: {e}") from e
         size = self.sizes[crop.file]
         if _resized_size(*im.size, self.resolution, self.short_side) != size:  # else: a stretched picture
-            raise DataError(f"image '{path}' decodes upright at {im.size[0]}x{im.size[1]} px, not the shape its crops "
-                            f"were planned for ({size[0]}x{size[1]} after resizing): the file changed after it was listed, or "
-                            "its orientation reads differently once decoded; run training again")
+            raise DataError(f"image '{path}' decodes upright at {im.size[0]}x{im.size[1]} px, not the shape its "
+                            f"crops were planned for ({size[0]}x{size[1]} after resizing): the file changed after "
+                            "it was listed, or its orientation reads differently once decoded; run training again")
         if im.size != size:
             im = im.resize(size, Image.Resampling.LANCZOS)
         array = np.array(im.crop((crop.left, crop.top, crop.left + crop.size, crop.top + crop.size)))
