@@ -124,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       f"  error travels with the content: corr {travel:.2f}", flush=True)
     print_means(rows)
     if args.plot:
-        write_plot(rows, Path(args.plot), args.flow)
+        write_plot(rows, Path(args.plot), args.flow, latent_noise=args.latent_noise)
     write_rows(rows, args.json)
     return 0
 
@@ -153,7 +153,15 @@ def print_means(rows: list[dict]) -> None:
         print(f"{m['decoder']:18s} alpha {m['alpha']:.2f}  PSNR {m['psnr']:6.2f}  flicker {m['flicker']:.5f}{change}")
 
 
-def write_plot(rows: list[dict], path: Path, flow: str, goal: float = 0.8, allowance: float = 0.2) -> Path:
+def plot_limits(points: list[dict], goal: float, allowance: float) -> tuple[tuple[float, float], tuple[float, float]]:
+    """x and y ranges that hold every point and the goal region's corner, with a margin."""
+    xs, ys = [m["flicker_ratio"] for m in points], [m["psnr_change"] for m in points]
+    return ((min(*xs, goal) - 0.05, max(*xs, 1.0) + 0.03),
+            (min(*ys, -allowance) - 0.15, max(*ys, 0.1) + 0.15))
+
+
+def write_plot(rows: list[dict], path: Path, flow: str, goal: float = 0.8, allowance: float = 0.2,
+               latent_noise: float = 0.0) -> Path:
     """Flicker ratio against PSNR change, one line per decoder over the filter strengths, and the region where
     a decoder would meet the goal (flicker <= ``goal`` x, PSNR at most ``allowance`` dB lower)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -171,14 +179,15 @@ def write_plot(rows: list[dict], path: Path, flow: str, goal: float = 0.8, allow
         for m in points:
             ax.annotate(f"{m['alpha']:g}", (m["flicker_ratio"], m["psnr_change"]), fontsize=7,
                         textcoords="offset points", xytext=(4, 4))
-    (x0, x1), (y0, y1) = (min(0.75, goal - 0.05), ax.get_xlim()[1]), ax.get_ylim()
-    ax.fill_between([x0, goal], -allowance, max(y1, 0.1), color="tab:green", alpha=0.12,
+    (x0, x1), (y0, y1) = plot_limits([m for m in all_means if "flicker_ratio" in m], goal, allowance)
+    ax.fill_between([x0, goal], -allowance, y1, color="tab:green", alpha=0.12,
                     label=f"goal: flicker <= {goal}x at PSNR >= -{allowance} dB")
     ax.set_xlim(x0, x1)
-    ax.set_ylim(y0, max(y1, 0.1))
+    ax.set_ylim(y0, y1)
     ax.set_xlabel("flicker vs the same decode unfiltered (x)")
     ax.set_ylabel("PSNR change (dB)")
-    ax.set_title(f"oracle filter along the original's motion ({flow} flow), labels: strength a", fontsize=9)
+    jitter = f", latents + noise of std {latent_noise:g}" if latent_noise else ""
+    ax.set_title(f"oracle filter along the original's motion ({flow} flow{jitter}), labels: strength a", fontsize=9)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()

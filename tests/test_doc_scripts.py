@@ -94,6 +94,8 @@ def test_model_card_markdown_carries_metrics_and_speed():
     video["training"].update(lr=5e-5, temporal_lr=1e-3, short_side=256)
     assert "clips (random stride 1-2) of files resized to a 256 px short side, losses {'l1': 1.0, 'temporal': 1.0}, " \
            "lr 5e-05 (temporal layers 0.001), bf16" in package.render_card(video)
+    video["training"]["latent_noise"] = 0.15
+    assert "256 px short side, latents + noise of std up to 0.15, losses" in package.render_card(video)
 
 
 def test_training_facts_read_the_run_folder(tmp_path):
@@ -111,6 +113,8 @@ def test_training_facts_read_the_run_folder(tmp_path):
     assert "temporal_lr" not in facts and "short_side" not in facts  # said only when the run set them
     facts = package.training_facts(run, {**config, "lr": 5e-5, "temporal_lr": 1e-3, "short_side": 256})
     assert (facts["lr"], facts["temporal_lr"], facts["short_side"]) == (5e-5, 1e-3, 256)
+    assert "latent_noise" not in facts
+    assert package.training_facts(run, {**config, "latent_noise": 0.15})["latent_noise"] == 0.15
 
 
 def test_flicker_split_finds_where_the_flicker_is():
@@ -180,7 +184,13 @@ def test_flicker_oracle_means_and_plot(tmp_path):
     base, half = oracle.means(rows)
     assert (base["flicker_ratio"], base["psnr_change"]) == (1.0, 0.0)
     assert half["flicker_ratio"] == pytest.approx(0.007 / 0.008) and half["psnr_change"] == pytest.approx(0.3)
-    png = oracle.write_plot(rows, tmp_path / "oracle.png", "ilk")
+    # the axes hold every point and the goal region's corner, however far below the goal a filter gets
+    (x0, x1), (y0, y1) = oracle.plot_limits([{"flicker_ratio": 0.6, "psnr_change": -1.5},
+                                             {"flicker_ratio": 1.0, "psnr_change": 0.8}], 0.8, 0.2)
+    assert x0 < 0.6 and x1 > 1.0 and y0 < -1.5 and y1 > 0.8
+    (x0, _), (y0, _) = oracle.plot_limits([{"flicker_ratio": 1.0, "psnr_change": 0.0}], 0.8, 0.2)
+    assert x0 < 0.8 and y0 < -0.2
+    png = oracle.write_plot(rows, tmp_path / "oracle.png", "ilk", latent_noise=0.1)
     assert Image.open(png).format == "PNG" and not list(tmp_path.glob(".*"))
 
 
@@ -209,3 +219,10 @@ def test_flicker_scripts_run_end_to_end(tmp_path, capsys):
     assert Image.open(tmp_path / "oracle.png").format == "PNG" and "means over clips" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="no videos in .*videos.* match --clips nope"):
         oracle.main([*common, "--clips", "nope"])
+    # --latent-noise: both scripts jitter the latents as `fastdec eval video` does, so they agree with each other
+    noisy = [*common, "--latent-noise", "0.5"]
+    assert split.main([*noisy, "--json", str(tmp_path / "split.json")]) == 0
+    assert oracle.main([*noisy, "--alpha", "0", "--json", str(tmp_path / "oracle.json")]) == 0
+    [jittered] = json.loads((tmp_path / "split.json").read_text())
+    assert jittered["flicker"] != pytest.approx(row["flicker"])
+    assert json.loads((tmp_path / "oracle.json").read_text())[0]["flicker"] == pytest.approx(jittered["flicker"])

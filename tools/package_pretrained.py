@@ -78,6 +78,7 @@ def training_facts(run: Path, config: dict[str, Any]) -> dict[str, Any]:
                    if config.get(k)},
         "lr": config.get("lr"), **({"temporal_lr": config["temporal_lr"]} if config.get("temporal_lr") else {}),
         **({"short_side": config["short_side"]} if config.get("short_side") else {}),
+        **({"latent_noise": config["latent_noise"]} if config.get("latent_noise") else {}),
         **({"clips": {"frames": config["frames"], "max_frame_stride": config.get("max_frame_stride", 1)}}
            if config.get("frames") else {}),
         "validation_curve": curve,
@@ -201,8 +202,9 @@ def render_card(card: dict[str, Any]) -> str:
 
 
 def _scale(training: dict[str, Any]) -> str:
-    side = training.get("short_side")
-    return f" of files resized to a {side} px short side" if side else ""
+    side, noise = training.get("short_side"), training.get("latent_noise")
+    return (f" of files resized to a {side} px short side" if side else "") + \
+        (f", latents + noise of std up to {noise:g}" if noise else "")
 
 
 def _rates(training: dict[str, Any]) -> str:

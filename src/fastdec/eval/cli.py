@@ -22,6 +22,11 @@ def _common_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="report folder: report.json, report.md, CSV and PNGs")
     p.add_argument("--limit", type=int, help="evaluate only the first N (sorted by name; N >= 1)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--latent-noise", type=float, default=0.0, metavar="STD",
+                   help="decode latents plus Gaussian noise of this std (diffusion-space units; latents have std ~1), "
+                        "independent per frame and element and seeded by the input's name, the same for every "
+                        "decoder: how each copes with latents that jitter from frame to frame, as generated ones do "
+                        "(default 0: the encoder's latents)")
 
 
 def _cmd_images(args: argparse.Namespace) -> int:
@@ -29,7 +34,8 @@ def _cmd_images(args: argparse.Namespace) -> int:
         data=args.data, decoders=args.decoder, out=args.out, teacher=args.teacher,
         teacher_decoder=args.teacher_decoder, latents=args.latents, latent_space=args.latent_space,
         resolution=args.resolution, limit=args.limit, lpips_weights=args.lpips_weights, lpips_net=args.lpips_net,
-        fid_weights=args.fid_weights, grid=args.grid, device=args.device, baseline=args.baseline)
+        fid_weights=args.fid_weights, grid=args.grid, device=args.device, baseline=args.baseline,
+        latent_noise=args.latent_noise)
     print_summary(report, args.out)
     return 0
 
@@ -40,7 +46,7 @@ def _cmd_video(args: argparse.Namespace) -> int:
         teacher_decoder=args.teacher_decoder, latent_space=args.latent_space, frames=args.frames,
         resolution=args.resolution, limit=args.limit, fvd_extractor=args.fvd_extractor,
         clip_frames=args.clip_frames, batch_size=args.batch_size, device=args.device, baseline=args.baseline,
-        tof=args.tof, exclude=(args.exclude or "").split(","))
+        tof=args.tof, exclude=(args.exclude or "").split(","), latent_noise=args.latent_noise)
     print_summary(report, args.out)
     return 0
 

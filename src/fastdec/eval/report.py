@@ -151,6 +151,8 @@ def report_markdown(report: Mapping[str, Any], figures: Sequence[str] = ()) -> s
              f"- data: `{s['data']}` ({report['count']} {report['unit']})",
              f"- teacher: `{s.get('teacher')}`{latents}",
              f"- crop: {s['crop']}",
+             *([f"- latents jittered: + Gaussian noise of std {s['latent_noise']:g}, independent per element and "
+                "frame, seeded by the input's name (the same for every decoder)"] if s.get("latent_noise") else []),
              "- values: mean ± half-width of the 95% confidence interval (Student t over "
              f"{'images' if report['kind'] == 'images' else 'clips'})"]
     lines += [f"- {LABELS.get(key, key.upper())}: {s[key]}" for key in ("vif", "gradient_energy", *TEMPORAL_KEYS)

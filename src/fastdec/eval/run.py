@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import sys
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -225,6 +226,22 @@ def check_count(flag: str, value: int | None, minimum: int = 1) -> None:
         raise UsageError(f"{flag} must be a whole number >= {minimum}, got {value!r}")
 
 
+def check_latent_noise(std: float) -> None:
+    if isinstance(std, bool) or not isinstance(std, (int, float)) or not math.inf > std >= 0:
+        raise UsageError(f"--latent-noise must be a finite std >= 0 (0 = clean latents), got {std!r}")
+
+
+def jitter_latents(z: torch.Tensor, std: float, name: str) -> torch.Tensor:
+    """``z`` plus Gaussian noise of ``std``, independent per element and so per frame: latents that jitter from
+    frame to frame as a denoiser's do while the picture holds still. Seeded by the input's name and drawn on
+    the CPU in fp32, so every decoder, every run and every device sees the same noise for the same input."""
+    if not std:
+        return z
+    generator = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+    noise = torch.randn(z.shape, generator=generator, dtype=torch.float32)
+    return z + (std * noise).to(device=z.device, dtype=z.dtype)
+
+
 def checked_output(who: str, item: str, produce: Callable[[], torch.Tensor]) -> torch.Tensor:
     """``produce()``, refused when it holds NaN or inf: one error naming who produced it and on which input.
 
@@ -312,19 +329,24 @@ class Evaluation:
 
     def __init__(self, *, data: str | Path, items: list[Path], teacher, decoders: list[EvalDecoder], space,
                  factor: int, device: str, notes: Notes, options: dict[str, Any], batch_size: int = 1,
-                 baseline: str | None = None):
+                 baseline: str | None = None, latent_noise: float = 0.0):
         self.data, self.items, self.teacher, self.decoders = data, items, teacher, decoders
         self.space, self.factor, self.device, self.notes, self.batch_size = space, factor, device, notes, batch_size
         self.baseline = baseline  # report name (pick_baseline), None: no paired differences
-        self.options = {"data": str(data), **options, "baseline": baseline}
+        self.latent_noise = latent_noise  # every decoder decodes the same jittered latents (jitter_latents)
+        self.options = {"data": str(data), **options, "baseline": baseline, "latent_noise": latent_noise}
         self.reference = _teacher_decoder(teacher) if teacher is not None and teacher.has_decoder else None
         self.rows: list[dict[str, Any]] = []  # one per input x decoder x reference: what the means are over
         self.skipped: dict[str, str] = {}
         self.count = 0
 
     def encode(self, original: torch.Tensor, name: str) -> torch.Tensor:
-        return checked_output("the teacher encoder", name,
-                              lambda: _in_chunks(self.teacher.encode, original, self.batch_size))
+        z = checked_output("the teacher encoder", name,
+                           lambda: _in_chunks(self.teacher.encode, original, self.batch_size))
+        return self.jitter(z, name)
+
+    def jitter(self, z: torch.Tensor, name: str) -> torch.Tensor:
+        return jitter_latents(z, self.latent_noise, name)
 
     def decode(self, dec: EvalDecoder, sample: Sample) -> torch.Tensor:
         return checked_output(f"decoder '{dec.name}' ({dec.source})", sample.name,
@@ -463,7 +485,7 @@ class ImageEvaluation(Evaluation):
         if self.latents is None:
             original = crop_to_factor(image, self.factor, self.resolution).to(self.device)
             return Sample(path.name, original, self.encode(original, path.name))
-        z = read_latent(find_latent(self.latents, path), self.channels).to(self.device)
+        z = self.jitter(read_latent(find_latent(self.latents, path), self.channels).to(self.device), path.name)
         original = center_crop(image, z.shape[-2] * self.factor, z.shape[-1] * self.factor).to(self.device)
         return Sample(path.name, original, z)
 
@@ -564,6 +586,7 @@ def evaluate_images(
     grid: int = 4,
     device: str = "cpu",
     baseline: str | None = None,
+    latent_noise: float = 0.0,
 ) -> dict[str, Any]:
     """Evaluate image decoders on a folder of originals; returns the report dict (and writes it to ``out``).
 
@@ -572,6 +595,7 @@ def evaluate_images(
     ``vs_baseline``: paired per-image differences against it.
     """
     _check_image_options(teacher, latents, resolution, limit, grid)
+    check_latent_noise(latent_noise)
     base = pick_baseline(decoders, baseline)
     check_device(device)
     items = image_inputs(data, limit)
@@ -589,7 +613,8 @@ def evaluate_images(
         factor=teach.spatial_factor if teach else decs[0].fn.upsample_factor,
         options={"teacher": teacher, "teacher_decoder": teacher_decoder,
                  "latents": str(latents) if latents else None, "resolution": resolution},
-        latents=latents, resolution=resolution, lpips=lpips, fid=fid, grid=grid, baseline=base)
+        latents=latents, resolution=resolution, lpips=lpips, fid=fid, grid=grid, baseline=base,
+        latent_noise=latent_noise)
     return run_evaluation(task, out_dir)
 
 
@@ -743,6 +768,7 @@ def evaluate_video(
     baseline: str | None = None,
     tof: bool = False,
     exclude: Sequence[str] = (),
+    latent_noise: float = 0.0,
 ) -> dict[str, Any]:
     """Evaluate decoders on videos: per-frame PSNR/SSIM and frame-difference error, per-clip flicker, temporal
     energy, excess motion, optional tOF and FVD; returns the report dict.
@@ -752,6 +778,7 @@ def evaluate_video(
     ``exclude``: names of videos or frame folders under ``data`` to leave out (e.g. the training clips).
     """
     _check_video_options(teacher, frames, resolution, limit, clip_frames, batch_size)
+    check_latent_noise(latent_noise)
     if tof:  # a missing scikit-image is refused before any decoder is loaded or clip read
         M.optical_flow_ilk()
     base = pick_baseline(decoders, baseline)
@@ -769,5 +796,5 @@ def evaluate_video(
         device=device, notes=notes, batch_size=batch_size,
         options={"teacher": teacher, "teacher_decoder": teacher_decoder, "tof_enabled": tof},
         frames=frames, resolution=resolution, fvd=fvd, fvd_extractor=fvd_extractor, window=window, baseline=base,
-        tof=tof)
+        tof=tof, latent_noise=latent_noise)
     return run_evaluation(task, out_dir)

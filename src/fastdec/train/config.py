@@ -52,6 +52,7 @@ class TrainConfig:
     lpips_weights: str | None = None
     teacher_weight: float = 0.0
     temporal: float = 0.0
+    latent_noise: float = 0.0               # largest std of the frame-independent noise added to the student's latents
     adversarial: float = 0.0
     adv_start: int = 2000                   # steps of reconstruction-only training before the GAN term
     disc_lr: float = 2e-4
@@ -104,6 +105,10 @@ HELP = {
     "lpips_weights": "local torchvision AlexNet weights for LPIPS (nothing is downloaded)",
     "teacher_weight": "weight of L1 to the teacher decoder's output",
     "temporal": "weight of the temporal-consistency loss (video)",
+    "latent_noise": "robustness to latents that jitter from frame to frame, as generated ones do: add Gaussian noise "
+                    "to the student's input latents, independent per frame and element, with a std drawn per "
+                    "sample uniformly from 0 to this (diffusion-space units, latents have std ~1); the targets stay "
+                    "the clean pixels (and the teacher decodes the clean latents). 0 = off",
     "adversarial": "weight of the hinge GAN loss (patch discriminator)",
     "adv_start": "step at which the adversarial loss starts",
     "crops_per_image": "random crops per file encoded into the latent cache",
@@ -126,7 +131,7 @@ POSITIVE = ("steps", "batch_size", "grad_accum", "ckpt_every", "log_every", "val
             "crops_per_image", "val_count", "device_batch_encode", "disc_lr", "frames", "stop_at",
             "max_frame_stride", "temporal_lr", "short_side")
 NON_NEGATIVE = ("warmup", "weight_decay", "clip_grad", "l1", "mse", "ms_ssim", "lpips", "teacher_weight", "temporal",
-                "adversarial", "adv_start", "workers", "seed")
+                "latent_noise", "adversarial", "adv_start", "workers", "seed")
 FRACTIONS = {"ema": (0.0, 1.0, "in [0, 1)"), "min_lr_ratio": (0.0, 1.0, "in [0, 1]")}
 
 

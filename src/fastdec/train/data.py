@@ -286,6 +286,18 @@ def crops_to_json(crops: Iterable[Crop]) -> list[list[int]]:
     return [c.to_list() for c in crops]
 
 
+def add_latent_noise(latents: torch.Tensor, max_std: float) -> torch.Tensor:
+    """``latents`` plus Gaussian noise, independent per element (so per frame of a clip), with a std drawn per
+    sample uniformly from [0, ``max_std``]: a decoder trained on it meets latents that jitter between frames,
+    as a denoiser's do, and clean ones. Drawn from the global RNG of the latents' device, which checkpoints
+    save and ``--resume`` restores."""
+    if not max_std:
+        return latents
+    std = torch.rand(latents.shape[0], device=latents.device) * max_std
+    noise = torch.randn(latents.shape, device=latents.device, dtype=latents.dtype)
+    return latents + std.view(-1, *[1] * (latents.ndim - 1)).to(latents.dtype) * noise
+
+
 class GlobalBatches:
     """Batches of sample ids for one rank: epoch-seeded permutations consumed in global batches of
     ``batch_size * world`` (rank r takes the r-th slice), starting at global batch ``start``. A resumed run
@@ -313,5 +325,5 @@ class GlobalBatches:
             g += 1
 
 
-__all__ = ["Crop", "DataError", "GlobalBatches", "ImageFolder", "VideoFolder", "open_folder", "crops_to_json",
-           "IMAGE_SUFFIXES", "VIDEO_SUFFIXES"]
+__all__ = ["Crop", "DataError", "GlobalBatches", "add_latent_noise", "ImageFolder", "VideoFolder", "open_folder",
+           "crops_to_json", "IMAGE_SUFFIXES", "VIDEO_SUFFIXES"]

@@ -36,7 +36,7 @@ from ..models.base import LatentDecoder
 from ..runtime.optimize import to_channels_last
 from .cache import CachedCrops, LatentCache, build_cache
 from .config import TrainConfig, validate_config
-from .data import GlobalBatches, open_folder
+from .data import GlobalBatches, add_latent_noise, open_folder
 from .losses import DistillLoss, LossWeights, PatchDiscriminator, hinge_d_loss, hinge_g_loss
 from .precision import Precision, resolve_precision
 from .state import (checkpoint_path, load_resume_state, read_csv, rng_state, save_checkpoint_file,
@@ -141,6 +141,9 @@ def build_run(config: TrainConfig) -> Run:
     resume = load_resume_state(run.out) if config.resume else None
     build_data(run)
     build_optimization(run, decoder)
+    # the draws training makes (--latent-noise) start from the seed, whether the latent cache was just built
+    # (which draws) or reused; one stream per process, so ranks draw different noise
+    set_seed(config.seed, device_specific=True)
     if resume is not None:
         restore(run, *resume)
     run.batches = iter(make_loader(run))
@@ -296,9 +299,12 @@ def make_loader(run: Run) -> torch.utils.data.DataLoader:
     config = run.config
     sampler = GlobalBatches(len(run.cache), config.batch_size, run.rank, run.world, config.seed,
                             start=run.step * config.grad_accum)
+    # its own generator: a loader without one draws its worker seed from the global RNG when iterated, which
+    # a resumed run does after restoring it, so --latent-noise would draw other noise than a straight run
     return torch.utils.data.DataLoader(
         CachedCrops(run.cache, run.dataset), batch_sampler=sampler, num_workers=config.workers,
         pin_memory=run.device.type == "cuda", persistent_workers=config.workers > 0,
+        generator=torch.Generator().manual_seed(config.seed),
     )
 
 
@@ -320,7 +326,8 @@ def open_logs(run: Run) -> None:
 
 # ----------------------------------------------------------------------------- 2. one train step
 def forward_loss(run: Run, pixels: torch.Tensor, latents: torch.Tensor, use_gan: bool):
-    """The student's prediction and its loss (terms in ``parts``).
+    """The student's prediction and its loss (terms in ``parts``). With ``--latent-noise`` the student decodes
+    noisy latents while the targets (and the teacher's decode) stay clean: it learns to ignore the jitter.
 
     The networks (student, teacher decoder, discriminator) run under the run's autocast; the loss terms do
     not: they get fp32 tensors with autocast off, because MS-SSIM's products of per-scale terms, FFT
@@ -329,7 +336,7 @@ def forward_loss(run: Run, pixels: torch.Tensor, latents: torch.Tensor, use_gan:
     """
     weights = run.criterion.weights
     with run.autocast():
-        pred = run.model(run.layout(latents))
+        pred = run.model(run.layout(add_latent_noise(latents, run.config.latent_noise)))
         teacher_out = None
         if weights.teacher:  # the teacher decodes frames, so clips are flattened and shaped back
             flat = latents.flatten(0, 1) if run.config.frames else latents
