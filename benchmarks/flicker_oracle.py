@@ -129,15 +129,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def means(rows: list[dict]) -> list[dict]:
-    """Per decoder and strength, the means over clips, with the ratio / difference to the unfiltered decode."""
+def means(rows: list[dict], keys: Sequence[str] = ("alpha",)) -> list[dict]:
+    """Per decoder and setting (the values of ``keys``), the means over clips, with the ratio / difference to
+    the same decoder unfiltered (its rows with alpha 0)."""
     out = []
     for name in dict.fromkeys(r["decoder"] for r in rows):
         mine = [r for r in rows if r["decoder"] == name]
         base = [r for r in mine if r["alpha"] == 0]
-        for alpha in dict.fromkeys(r["alpha"] for r in mine):
-            at = [r for r in mine if r["alpha"] == alpha]
-            row = {"decoder": name, "alpha": alpha, "psnr": float(np.mean([r["psnr"] for r in at])),
+        for setting in dict.fromkeys(tuple(r[k] for k in keys) for r in mine):
+            at = [r for r in mine if tuple(r[k] for k in keys) == setting]
+            row = {"decoder": name, **dict(zip(keys, setting)), "psnr": float(np.mean([r["psnr"] for r in at])),
                    "flicker": float(np.mean([r["flicker"] for r in at]))}
             if base:
                 row["flicker_ratio"] = row["flicker"] / float(np.mean([r["flicker"] for r in base]))
@@ -146,11 +147,12 @@ def means(rows: list[dict]) -> list[dict]:
     return out
 
 
-def print_means(rows: list[dict]) -> None:
+def print_means(rows: list[dict], keys: Sequence[str] = ("alpha",)) -> None:
     print("\nmeans over clips (vs the same decoder unfiltered):")
-    for m in means(rows):
+    for m in means(rows, keys):
         change = f"  ({m['flicker_ratio']:.3f}x, {m['psnr_change']:+.2f} dB)" if "flicker_ratio" in m else ""
-        print(f"{m['decoder']:18s} alpha {m['alpha']:.2f}  PSNR {m['psnr']:6.2f}  flicker {m['flicker']:.5f}{change}")
+        setting = "  ".join(f"{k} {m[k]:.2f}" for k in keys)
+        print(f"{m['decoder']:18s} {setting}  PSNR {m['psnr']:6.2f}  flicker {m['flicker']:.5f}{change}")
 
 
 def plot_limits(points: list[dict], goal: float, allowance: float) -> tuple[tuple[float, float], tuple[float, float]]:
@@ -164,6 +166,15 @@ def write_plot(rows: list[dict], path: Path, flow: str, goal: float = 0.8, allow
                latent_noise: float = 0.0) -> Path:
     """Flicker ratio against PSNR change, one line per decoder over the filter strengths, and the region where
     a decoder would meet the goal (flicker <= ``goal`` x, PSNR at most ``allowance`` dB lower)."""
+    jitter = f", latents + noise of std {latent_noise:g}" if latent_noise else ""
+    return plot_tradeoff(rows, path, f"oracle filter along the original's motion ({flow} flow{jitter}), "
+                         "labels: strength a", goal=goal, allowance=allowance)
+
+
+def plot_tradeoff(rows: list[dict], path: Path, title: str, keys: Sequence[str] = ("alpha",), goal: float = 0.8,
+                  allowance: float = 0.2) -> Path:
+    """The plot of :func:`write_plot` for any filter: one line per decoder and value of ``keys[1:]`` (each
+    starting at the unfiltered decode), over the values of ``keys[0]``, which label the points."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -172,24 +183,28 @@ def write_plot(rows: list[dict], path: Path, flow: str, goal: float = 0.8, allow
     fig = Figure(figsize=(7, 4.5), dpi=120)
     FigureCanvasAgg(fig)
     ax = fig.subplots()
-    all_means = means(rows)
+    all_means = [m for m in means(rows, keys) if "flicker_ratio" in m]
     for name in dict.fromkeys(r["decoder"] for r in rows):
-        points = [m for m in all_means if m["decoder"] == name and "flicker_ratio" in m]
-        ax.plot([m["flicker_ratio"] for m in points], [m["psnr_change"] for m in points], marker="o", label=name)
-        for m in points:
-            ax.annotate(f"{m['alpha']:g}", (m["flicker_ratio"], m["psnr_change"]), fontsize=7,
-                        textcoords="offset points", xytext=(4, 4))
-    (x0, x1), (y0, y1) = plot_limits([m for m in all_means if "flicker_ratio" in m], goal, allowance)
+        mine = [m for m in all_means if m["decoder"] == name]
+        base = [m for m in mine if m["alpha"] == 0]
+        for rest in dict.fromkeys(tuple(m[k] for k in keys[1:]) for m in mine if m["alpha"] != 0 or not keys[1:]):
+            points = base + [m for m in mine if m["alpha"] != 0 and tuple(m[k] for k in keys[1:]) == rest]
+            label = " ".join([name, *(f"{k} {v:g}" for k, v in zip(keys[1:], rest))])
+            ax.plot([m["flicker_ratio"] for m in points], [m["psnr_change"] for m in points], marker="o",
+                    label=label)
+            for m in points[len(base):] if keys[1:] else points:
+                ax.annotate(f"{m[keys[0]]:g}", (m["flicker_ratio"], m["psnr_change"]), fontsize=7,
+                            textcoords="offset points", xytext=(4, 4))
+    (x0, x1), (y0, y1) = plot_limits(all_means, goal, allowance)
     ax.fill_between([x0, goal], -allowance, y1, color="tab:green", alpha=0.12,
                     label=f"goal: flicker <= {goal}x at PSNR >= -{allowance} dB")
     ax.set_xlim(x0, x1)
     ax.set_ylim(y0, y1)
     ax.set_xlabel("flicker vs the same decode unfiltered (x)")
     ax.set_ylabel("PSNR change (dB)")
-    jitter = f", latents + noise of std {latent_noise:g}" if latent_noise else ""
-    ax.set_title(f"oracle filter along the original's motion ({flow} flow{jitter}), labels: strength a", fontsize=9)
+    ax.set_title(title, fontsize=9)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7, loc="lower left")
+    ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"), suffix=".png")
 

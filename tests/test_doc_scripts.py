@@ -194,6 +194,28 @@ def test_flicker_oracle_means_and_plot(tmp_path):
     assert Image.open(png).format == "PNG" and not list(tmp_path.glob(".*"))
 
 
+def test_flicker_gate_holds_still_jitter_and_lets_motion_through():
+    """The flow-free gate averages out noise that is new in every frame where the picture is still (less
+    flicker, higher PSNR), and where the content moves by much more than tau it passes the decode through."""
+    gate = load_script("benchmarks/flicker_gate.py")
+    g = torch.Generator().manual_seed(0)
+    still = torch.full((8, 3, 32, 32), 0.5)
+    jittered = (still + 0.01 * torch.randn(still.shape, generator=g)).clamp(0, 1)
+    psnr0, flicker0 = gate.score(jittered, still)
+    psnr1, flicker1 = gate.score(gate.gated_filter(jittered, 0.85, 0.02), still)
+    assert flicker1 < 0.6 * flicker0 and psnr1 > psnr0 + 1.0
+    # a clip that changes by ~0.3 per pixel each frame: |D_t - F_{t-1}| >> tau, so the gate lets go
+    moving = torch.rand((6, 3, 32, 32), generator=g)
+    assert (gate.gated_filter(moving, 0.85, 0.02) - moving).abs().max() < 1e-3
+    assert gate.gated_filter(jittered, 0.0, 0.02) is jittered
+    for bad, match in [((jittered, 1.0, 0.02), "alpha"), ((jittered, 0.5, 0.0), "tau"),
+                       ((jittered[:, :1], 0.5, 0.02), "RGB")]:
+        with pytest.raises(ValueError, match=match):
+            gate.gated_filter(*bad)
+    with pytest.raises(ValueError, match="window"):
+        gate.gated_filter(jittered, 0.5, 0.02, window=4)
+
+
 def test_flicker_scripts_run_end_to_end(tmp_path, capsys):
     """Both flicker scripts score a folder of clips with a real (tiny, random) encoder and decoder and write their
     rows; a --clips filter that matches nothing is an error naming the folder."""
@@ -226,3 +248,12 @@ def test_flicker_scripts_run_end_to_end(tmp_path, capsys):
     [jittered] = json.loads((tmp_path / "split.json").read_text())
     assert jittered["flicker"] != pytest.approx(row["flicker"])
     assert json.loads((tmp_path / "oracle.json").read_text())[0]["flicker"] == pytest.approx(jittered["flicker"])
+    gate = load_script("benchmarks/flicker_gate.py")
+    assert gate.main([*noisy, "--alpha", "0", "0.5", "--tau", "0.02", "0.04", "--json", str(tmp_path / "gate.json"),
+                      "--plot", str(tmp_path / "gate.png")]) == 0
+    rows = json.loads((tmp_path / "gate.json").read_text())
+    assert [(r["alpha"], r["tau"]) for r in rows] == [(0.0, 0.0), (0.5, 0.02), (0.5, 0.04)]
+    assert rows[0]["flicker"] == pytest.approx(jittered["flicker"])  # unfiltered: the same decode as the others
+    assert Image.open(tmp_path / "gate.png").format == "PNG" and "alpha 0.50  tau 0.04" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="alpha"):
+        gate.main([*common, "--alpha", "1.5"])
