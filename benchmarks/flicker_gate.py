@@ -13,8 +13,8 @@ and takes the new decode where it differs a lot (motion, a cut):
 
 with |.| the mean over RGB and box a ``--window`` x ``--window`` mean, so a change of about ``tau`` (in the [0, 1]
 pixel range) is where the filter lets go. It needs no flow, no original and no training: a causal decoder
-could compute it from its own last output, so where this filter meets a goal a trained one can, and where it
-does not the gain has to come from elsewhere. Every strength ``a`` and ``tau`` is scored as ``fastdec eval
+could compute it from its own last output, so where this filter meets a goal a decoder with it built in meets it
+too, and where it does not the gain has to come from elsewhere. Every strength ``a`` and ``tau`` is scored as ``fastdec eval
 video`` scores (PSNR, flicker), relative to the same decode unfiltered.
 """
 from __future__ import annotations
@@ -65,8 +65,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--plot", default=None, help="write a PNG of flicker ratio against PSNR change here")
     args = p.parse_args(argv)
     settings = [(0.0, 0.0)] + [(a, tau) for a in args.alpha if a != 0 for tau in args.tau]
-    for a, tau in settings[1:]:
-        gated_filter(torch.zeros(1, 3, 1, 1), a, tau, args.window)  # bad settings fail before any decoding
+    for a, tau in settings[1:]:  # bad settings fail before any decoding
+        try:
+            gated_filter(torch.zeros(1, 3, 1, 1), a, tau, args.window)
+        except ValueError as e:
+            p.error(str(e))
     rows = []
     for video, original, decoded in decoded_clips(args, "flicker_gate.py"):
         for name, clip in decoded.items():

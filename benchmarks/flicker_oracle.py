@@ -110,6 +110,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--occlusion", type=float, default=0.03, help="warped original off by more = occluded, px in [0, 1]")
     p.add_argument("--plot", default=None, help="write a PNG of flicker ratio against PSNR change here")
     args = p.parse_args(argv)
+    bad = [a for a in args.alpha if not 0 <= a < 1]
+    if bad:  # refused before any decoding, not after the first clip
+        p.error(f"--alpha must be in [0, 1), got {bad[0]}")
     rows = []
     for video, original, decoded in decoded_clips(args, "flicker_oracle.py"):
         flows = backward_flows(original, args.flow)

@@ -255,5 +255,8 @@ def test_flicker_scripts_run_end_to_end(tmp_path, capsys):
     assert [(r["alpha"], r["tau"]) for r in rows] == [(0.0, 0.0), (0.5, 0.02), (0.5, 0.04)]
     assert rows[0]["flicker"] == pytest.approx(jittered["flicker"])  # unfiltered: the same decode as the others
     assert Image.open(tmp_path / "gate.png").format == "PNG" and "alpha 0.50  tau 0.04" in capsys.readouterr().out
-    with pytest.raises(ValueError, match="alpha"):
-        gate.main([*common, "--alpha", "1.5"])
+    # bad settings are usage errors, refused before anything is decoded
+    for script, bad in [(gate, ["--alpha", "1.5"]), (gate, ["--tau", "0"]), (oracle, ["--alpha", "1"])]:
+        with pytest.raises(SystemExit):
+            script.main([*common, *bad])
+        assert "must be" in capsys.readouterr().err
