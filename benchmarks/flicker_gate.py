@@ -28,23 +28,26 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from eval_clips import clip_parser, decoded_clips, write_rows  # noqa: E402
-from flicker_oracle import plot_tradeoff, print_means, score  # noqa: E402
+from flicker_oracle import check_alpha, plot_tradeoff, print_means, refuse_bad_settings, score  # noqa: E402
 
 ALPHAS = (0.0, 0.5, 0.7, 0.85)
 TAUS = (0.01, 0.02, 0.04)
 SETTING = ("alpha", "tau")
 
 
-def gated_filter(decoded: torch.Tensor, alpha: float, tau: float, window: int = 5) -> torch.Tensor:
-    """The decode (T, 3, H, W) in [0, 1] filtered as the module docstring says; ``alpha`` 0 returns it as is."""
-    if decoded.ndim != 4 or decoded.shape[1] != 3 or decoded.shape[0] < 1:
-        raise ValueError(f"need an RGB clip shaped (T, 3, H, W), got {tuple(decoded.shape)}")
-    if not 0 <= alpha < 1:
-        raise ValueError(f"alpha must be in [0, 1), got {alpha}")
+def check_gate(alpha: float, tau: float, window: int) -> None:
+    check_alpha(alpha)
     if not tau > 0:
         raise ValueError(f"tau must be > 0, got {tau}")
     if window < 1 or window % 2 == 0:
         raise ValueError(f"window must be an odd number of pixels, got {window}")
+
+
+def gated_filter(decoded: torch.Tensor, alpha: float, tau: float, window: int = 5) -> torch.Tensor:
+    """The decode (T, 3, H, W) in [0, 1] filtered as the module docstring says; ``alpha`` 0 returns it as is."""
+    if decoded.ndim != 4 or decoded.shape[1] != 3 or decoded.shape[0] < 1:
+        raise ValueError(f"need an RGB clip shaped (T, 3, H, W), got {tuple(decoded.shape)}")
+    check_gate(alpha, tau, window)
     if alpha == 0:
         return decoded
     d = decoded.float()
@@ -65,16 +68,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--plot", default=None, help="write a PNG of flicker ratio against PSNR change here")
     args = p.parse_args(argv)
     settings = [(0.0, 0.0)] + [(a, tau) for a in args.alpha if a != 0 for tau in args.tau]
-    for a, tau in settings[1:]:  # bad settings fail before any decoding
-        try:
-            gated_filter(torch.zeros(1, 3, 1, 1), a, tau, args.window)
-        except ValueError as e:
-            p.error(str(e))
+    refuse_bad_settings(p, check_gate, [(a, tau, args.window) for a, tau in settings[1:]])
     rows = []
     for video, original, decoded in decoded_clips(args, "flicker_gate.py"):
         for name, clip in decoded.items():
             for alpha, tau in settings:
-                psnr_db, flicker = score(gated_filter(clip, alpha, tau or 1.0, args.window), original)
+                filtered = gated_filter(clip, alpha, tau, args.window) if alpha else clip  # tau 0: unfiltered
+                psnr_db, flicker = score(filtered, original)
                 rows.append({"video": video, "decoder": name, "alpha": alpha, "tau": tau, "psnr": psnr_db,
                              "flicker": flicker})
                 print(f"{video:16s} {name:18s} alpha {alpha:.2f}  tau {tau:.3f}  PSNR {psnr_db:6.2f}  "

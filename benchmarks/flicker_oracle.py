@@ -20,9 +20,10 @@ decode can.
 """
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -68,14 +69,28 @@ def tracked_pixels(original: torch.Tensor, flows: np.ndarray, occlusion: float =
                      for t in range(1, o.shape[0])])
 
 
+def check_alpha(alpha: float) -> None:
+    """A filter strength: the share of the previous output kept, in [0, 1) (1 would never take a new frame)."""
+    if not 0 <= alpha < 1:
+        raise ValueError(f"alpha must be in [0, 1), got {alpha}")
+
+
+def refuse_bad_settings(parser: argparse.ArgumentParser, check: Callable[..., None], settings: Iterable[tuple]) -> None:
+    """``check(*setting)`` for every setting before any decoding; a bad one is a usage error naming its flag."""
+    for setting in settings:
+        try:
+            check(*setting)
+        except ValueError as e:
+            parser.error(f"--{e}")
+
+
 def oracle_filter(decoded: torch.Tensor, original: torch.Tensor, alpha: float, occlusion: float = 0.03,
                   flows: np.ndarray | None = None, tracked: np.ndarray | None = None) -> torch.Tensor:
     """The decode (T, 3, H, W) in [0, 1] filtered along the original's motion (see the module docstring).
     ``flows`` and ``tracked`` (:func:`tracked_pixels`) depend on the original only: pass them to score
     several decodes or strengths of one clip without recomputing them."""
     _check(decoded, original)
-    if not 0 <= alpha < 1:
-        raise ValueError(f"alpha must be in [0, 1), got {alpha}")
+    check_alpha(alpha)
     flows = backward_flows(original) if flows is None else flows
     tracked = tracked_pixels(original, flows, occlusion) if tracked is None else tracked
     d = decoded.double().cpu().numpy()
@@ -110,9 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--occlusion", type=float, default=0.03, help="warped original off by more = occluded, px in [0, 1]")
     p.add_argument("--plot", default=None, help="write a PNG of flicker ratio against PSNR change here")
     args = p.parse_args(argv)
-    bad = [a for a in args.alpha if not 0 <= a < 1]
-    if bad:  # refused before any decoding, not after the first clip
-        p.error(f"--alpha must be in [0, 1), got {bad[0]}")
+    refuse_bad_settings(p, check_alpha, [(a,) for a in args.alpha])
     rows = []
     for video, original, decoded in decoded_clips(args, "flicker_oracle.py"):
         flows = backward_flows(original, args.flow)
@@ -188,14 +201,14 @@ def plot_tradeoff(rows: list[dict], path: Path, title: str, keys: Sequence[str] 
     ax = fig.subplots()
     all_means = [m for m in means(rows, keys) if "flicker_ratio" in m]
     for name in dict.fromkeys(r["decoder"] for r in rows):
-        mine = [m for m in all_means if m["decoder"] == name]
-        base = [m for m in mine if m["alpha"] == 0]
-        for rest in dict.fromkeys(tuple(m[k] for k in keys[1:]) for m in mine if m["alpha"] != 0 or not keys[1:]):
-            points = base + [m for m in mine if m["alpha"] != 0 and tuple(m[k] for k in keys[1:]) == rest]
+        unfiltered = [m for m in all_means if m["decoder"] == name and m["alpha"] == 0]
+        filtered = [m for m in all_means if m["decoder"] == name and m["alpha"] != 0]
+        for rest in dict.fromkeys(tuple(m[k] for k in keys[1:]) for m in filtered):
+            points = unfiltered + [m for m in filtered if tuple(m[k] for k in keys[1:]) == rest]
             label = " ".join([name, *(f"{k} {v:g}" for k, v in zip(keys[1:], rest))])
             ax.plot([m["flicker_ratio"] for m in points], [m["psnr_change"] for m in points], marker="o",
                     label=label)
-            for m in points[len(base):] if keys[1:] else points:
+            for m in points:
                 ax.annotate(f"{m[keys[0]]:g}", (m["flicker_ratio"], m["psnr_change"]), fontsize=7,
                             textcoords="offset points", xytext=(4, 4))
     (x0, x1), (y0, y1) = plot_limits(all_means, goal, allowance)

@@ -178,7 +178,7 @@ def render_card(card: dict[str, Any]) -> str:
              f"- **Started from:** {card['started_from']}",
              f"- **Config:** `{card['config']}`",
              f"- **Training:** {t['steps']} steps, batch {t['batch_size']}, {t['resolution']} px crops{_clips(t)}"
-             f"{_scale(t)}, losses {t['losses']}{_rates(t)}, {t['precision']}; {t['wall_time_min']} min on "
+             f"{_inputs_note(t)}, losses {t['losses']}{_rates(t)}, {t['precision']}; {t['wall_time_min']} min on "
              f"{t['hardware']}",
              "- **Data:** " + "; ".join(f"{d['name']} ({d['licence']}; {d['used_for']})" for d in card["data"]),
              f"- **Latents:** {card['latents']}",
@@ -201,7 +201,7 @@ def render_card(card: dict[str, Any]) -> str:
     return "\n".join([*lines, ""])
 
 
-def _scale(training: dict[str, Any]) -> str:
+def _inputs_note(training: dict[str, Any]) -> str:
     side, noise = training.get("short_side"), training.get("latent_noise")
     return (f" of files resized to a {side} px short side" if side else "") + \
         (f", latents + noise of std up to {noise:g}" if noise else "")
