@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
+
+from fastdec.runtime.deflickering import DeflickerSettings, deflicker
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from eval_clips import clip_parser, decoded_clips, write_rows  # noqa: E402
@@ -44,20 +45,13 @@ def check_gate(alpha: float, tau: float, window: int) -> None:
 
 
 def gated_filter(decoded: torch.Tensor, alpha: float, tau: float, window: int = 5) -> torch.Tensor:
-    """The decode (T, 3, H, W) in [0, 1] filtered as the module docstring says; ``alpha`` 0 returns it as is."""
+    """The decode (T, 3, H, W) in [0, 1] filtered as the module docstring says; ``alpha`` 0 returns it as is.
+    The filter is the package's (``fastdec.runtime.deflickering``, strength ``alpha``, threshold ``tau``): what
+    ``--deflicker`` does in ``fastdec decode-video`` and ``fastdec eval video``."""
     if decoded.ndim != 4 or decoded.shape[1] != 3 or decoded.shape[0] < 1:
         raise ValueError(f"need an RGB clip shaped (T, 3, H, W), got {tuple(decoded.shape)}")
     check_gate(alpha, tau, window)
-    if alpha == 0:
-        return decoded
-    d = decoded.float()
-    out = [d[0]]
-    for t in range(1, d.shape[0]):
-        change = (d[t] - out[-1]).abs().mean(0, keepdim=True)[None]
-        change = F.avg_pool2d(change, window, 1, window // 2, count_include_pad=False)[0]
-        hold = alpha * torch.exp(-(change / tau) ** 2)
-        out.append(d[t] + hold * (out[-1] - d[t]))
-    return torch.stack(out).to(decoded.dtype)
+    return deflicker(decoded, DeflickerSettings(strength=alpha, threshold=tau, window=window))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

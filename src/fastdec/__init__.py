@@ -21,6 +21,9 @@ _LAZY = {
     "PreviewCallback": "pipelines",
     "optimize": "runtime",
     "decode_tiled": "runtime",
+    "deflicker": "runtime",
+    "Deflicker": "runtime",
+    "DeflickerSettings": "runtime",
     "OnnxDecoder": "runtime",
     "grow": "models.growth",
 }

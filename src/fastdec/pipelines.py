@@ -33,6 +33,7 @@ from .errors import InputTypeError, PipelineError, PipelineStateError
 from .io.files import atomic_write
 from .io.images import to_uint8
 from .resolve import resolve_decoder
+from .runtime.deflickering import DeflickerSettings, deflicker
 from .latent_spaces import PRESETS as SPACES, LatentSpace, get_latent_space
 from .models.base import LatentDecoder
 from .models.registry import build_decoder
@@ -206,6 +207,7 @@ class FastVAE(ModelMixin, AutoencoderMixin, ConfigMixin):
         self.use_tiling = False
         self.tile_size = 64
         self.tile_overlap: int | None = None
+        self.deflicker: DeflickerSettings | None = None  # enable_deflicker
 
     # -- construction ------------------------------------------------------------------
     @classmethod
@@ -296,6 +298,17 @@ class FastVAE(ModelMixin, AutoencoderMixin, ConfigMixin):
         """Decode one sample (one clip for video decoders) at a time."""
         self.use_slicing = True
 
+    # -- deflicker ---------------------------------------------------------------------
+    def enable_deflicker(self, settings: DeflickerSettings | None = None) -> None:
+        """Steady every decoded clip where the picture holds still (:mod:`fastdec.runtime.deflickering`):
+        for generated video, whose latents jitter from frame to frame. It filters each ``decode(...,
+        num_frames=T)`` call's clips on their own, so a pipeline decoding in chunks (Stable Video Diffusion's
+        ``decode_chunk_size``) is filtered chunk by chunk: pass ``decode_chunk_size=num_frames`` for whole clips."""
+        self.deflicker = settings or DeflickerSettings()
+
+    def disable_deflicker(self) -> None:
+        self.deflicker = None
+
     # -- encode ------------------------------------------------------------------------
     @apply_forward_hook
     def encode(self, x: torch.Tensor, return_dict: bool = True):
@@ -335,6 +348,13 @@ class FastVAE(ModelMixin, AutoencoderMixin, ConfigMixin):
             out = self.decoder(clips)
         return out.flatten(0, 1)
 
+    def _deflickered(self, rgb: torch.Tensor, num_frames: int) -> torch.Tensor:
+        if rgb.shape[0] % num_frames:  # a video decoder has refused this already; an image decoder has not
+            raise PipelineError(f"decode got {rgb.shape[0]} latent frames with num_frames={num_frames}: the frame "
+                                "count must divide the batch to deflicker clips (pass (clips*num_frames, C, h, w))")
+        clips = rgb.reshape(-1, num_frames, *rgb.shape[1:])
+        return deflicker(clips, self.deflicker).flatten(0, 1)
+
     @apply_forward_hook
     def decode(
         self,
@@ -365,6 +385,8 @@ class FastVAE(ModelMixin, AutoencoderMixin, ConfigMixin):
             rgb = self._decode_video(latents, num_frames)
         else:
             rgb = self._decode_images(latents)
+        if self.deflicker is not None and (num_frames or 1) > 1:
+            rgb = self._deflickered(rgb, num_frames)
         sample = rgb * 2 - 1
         if not return_dict:
             return (sample,)

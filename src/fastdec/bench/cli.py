@@ -31,7 +31,8 @@ def video_config_from_args(args: argparse.Namespace) -> VideoBenchConfig:
     return VideoBenchConfig(
         sizes=list(args.sizes) if args.sizes else VideoBenchConfig().sizes, frames=frames,
         svd_frames=list(args.svd_frames) if args.svd_frames else None, svd_chunk=args.svd_chunk,
-        svd_repeats=args.svd_repeats, push_frames=list(args.push_frames), decoders=args.decoders,
+        svd_repeats=args.svd_repeats, push_frames=list(args.push_frames), deflicker=args.deflicker,
+        decoders=args.decoders,
         baselines=args.baselines,
         backends=list(args.backends or ["eager"]),
         dtypes=list(args.dtype), channels_last=bool(args.channels_last), device=args.device, repeats=args.repeats,
@@ -119,6 +120,9 @@ def add_video_arguments(group: argparse._ArgumentGroup) -> None:
                        help="--video: latent frames per push of the streaming rows, one row per K (default 1; "
                             "fastdec decode-video pushes --chunk frames, default 8); memory stays flat in the clip "
                             "length at any K")
+    group.add_argument("--deflicker", action="store_true",
+                       help="--video: also time each causal decoder streaming with its output deflickered "
+                            "(streaming+deflicker rows, default settings: what decode-video --deflicker costs)")
     group.add_argument("--svd-frames", type=int, nargs="+", default=None, metavar="T",
                        help="--video: frame counts to run SVD at (default: all of --video-frames); other rows' speed-up "
                             "uses the closest, since chunked SVD costs the same per frame at any clip length")

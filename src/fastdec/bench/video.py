@@ -5,7 +5,9 @@ decoded in chunks of ``--svd-chunk`` frames, as ``StableVideoDiffusionPipeline.d
 ``decode_chunk_size``), then each fastdec video decoder in each of its modes: causal decoders ``parallel``
 (all frames in one call) and ``streaming`` (``--push-frames`` frames per push, default 1; outputs dropped as a
 video writer would; ``fastdec decode-video`` pushes ``--chunk`` frames, default 8), the temporal decoder
-``chunked`` (overlapping windows, outputs dropped per window).
+``chunked`` (overlapping windows, outputs dropped per window). ``--deflicker`` adds, for causal decoders,
+``streaming+deflicker``: the streaming rows with every pushed output deflickered (``fastdec.runtime.deflickering``,
+default settings), what ``fastdec decode-video --deflicker`` costs.
 
 Every row runs in each ``--dtype`` (SVD too). ``--channels-last`` puts every row's convolutions in NHWC;
 SVD then runs both ways (its 2-D convs only; its Conv3d weights are 5-D) and speed-ups are taken against
@@ -38,6 +40,7 @@ DEFAULT_FRAMES = (8, 32)
 DEFAULT_SIZE = 256
 DEFAULT_VIDEO_SPACE = "svd"
 SVD_ROW = "svd-vae"
+STREAMING_DEFLICKER = "streaming+deflicker"  # streaming, each pushed output deflickered
 VIDEO_BUILDER = "fastdec.bench.video:build_video_callable"
 
 
@@ -60,6 +63,7 @@ class VideoBenchConfig:
     seed: int = 0
     threads: int | None = None
     memory: bool = True
+    deflicker: bool = False                 # also the streaming rows with their outputs deflickered
     latent_space: str | None = None         # None: svd
     json: str | None = None                 # rewritten after every row, so partial results survive
 
@@ -105,11 +109,15 @@ def _svd_call(size: int, frames: int, seed: int, svd_chunk: int, dtype: str, cha
 
 
 def _mode_call(model: Any, mode: str, push: int = 1) -> Callable[[torch.Tensor], Any]:
-    if mode == "streaming":
+    if mode in ("streaming", STREAMING_DEFLICKER):
         def streaming(latents: torch.Tensor) -> None:
-            stream = model.stream()
+            from ..runtime.deflickering import Deflicker
+
+            stream, steady = model.stream(), Deflicker() if mode == STREAMING_DEFLICKER else None
             for t in range(0, latents.shape[1], push):
-                stream.push(latents[:, t : t + push])
+                frames = stream.push(latents[:, t : t + push])
+                if steady is not None:
+                    steady(frames)
 
         return streaming
     if mode == "chunked":
@@ -189,14 +197,20 @@ def validate_video_config(cfg: VideoBenchConfig) -> VideoBenchConfig:
 
 def _plan(cfg: VideoBenchConfig, decoders: list[NamedDecoder]) -> list[VideoRow]:
     # the temporal decoder's chunked mode runs window by window in Python: only causal decoders compile
+    extra = [STREAMING_DEFLICKER] if cfg.deflicker else []
     plan = [VideoRow(d.name, mode, cfg.channels_last, backend, push) for d in decoders for backend in cfg.backends
-            for mode in decoder_modes(d.decoder) if backend == "eager" or mode != "chunked"
-            for push in (cfg.push_frames if mode == "streaming" else [None])]
+            for mode in _with_streaming(decoder_modes(d.decoder), extra) if backend == "eager" or mode != "chunked"
+            for push in (cfg.push_frames if mode in ("streaming", STREAMING_DEFLICKER) else [None])]
     if not cfg.baselines or "svd" in cfg.baselines:
         # SVD in its stock layout too: a speed-up must never rest on a layout that slows the baseline down
         plan[:0] = [VideoRow(SVD_ROW, f"chunks of {cfg.svd_chunk}", layout, "eager")
                     for layout in dict.fromkeys([False, cfg.channels_last])]
     return plan
+
+
+def _with_streaming(modes: list[str], extra: list[str]) -> list[str]:
+    """``modes`` plus the ``extra`` streaming variants, for decoders that stream."""
+    return modes + extra if "streaming" in modes else modes
 
 
 def _jobs(cfg: VideoBenchConfig, plan: list[VideoRow]) -> list[tuple[int, int, str, VideoRow]]:
@@ -284,7 +298,7 @@ def run_video_bench(cfg: VideoBenchConfig, console: Any = None) -> dict[str, Any
             write_json(cfg.json, {"rows": run.rows, "partial": True})
     _add_video_speedups(run.rows, cfg.dtypes[0])
     settings = {"sizes": cfg.sizes, "frames": cfg.frames, "svd_frames": cfg.svd_frames, "svd_chunk": cfg.svd_chunk,
-                "svd_repeats": cfg.svd_repeats, "push_frames": cfg.push_frames,
+                "svd_repeats": cfg.svd_repeats, "push_frames": cfg.push_frames, "deflicker": cfg.deflicker,
                 "repeats": cfg.repeats, "warmup": cfg.warmup, "seed": cfg.seed, "decoders": list(specs),
                 "dtypes": cfg.dtypes, "channels_last": cfg.channels_last, "backends": cfg.backends}
     return {"rows": run.rows, "system": system_info("cpu", "/".join(cfg.dtypes)),

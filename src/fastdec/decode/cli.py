@@ -10,6 +10,7 @@ from typing import Any
 
 from ..dtypes import add_dtype_argument
 from ..io.images import IMAGE_FORMATS
+from ..runtime.deflickering import add_deflicker_arguments
 
 _RANDOM_WEIGHTS_HELP = "build a preset with random weights: for benchmarks and tests"
 
@@ -59,12 +60,14 @@ def add_decode_command(subparsers: Any) -> None:
 
 # ----------------------------------------------------------------------------- fastdec decode-video
 def decode_video_command(args: argparse.Namespace) -> int:
+    from ..runtime.deflickering import deflicker_from_args
     from .video import decode_video
 
     decode_video(args.input, args.out, args.decoder, teacher=args.teacher, latent_space=args.latent_space,
                  raw=args.raw, start=args.start, num_frames=args.num_frames, chunk=args.chunk, parallel=args.parallel,
                  fps=args.fps, crf=args.crf, device=args.device, dtype=args.dtype, channels_last=args.channels_last,
-                 threads=args.threads, random_weights=args.random_weights, progress=not args.quiet)
+                 threads=args.threads, random_weights=args.random_weights, progress=not args.quiet,
+                 deflicker=deflicker_from_args(args))
     return 0
 
 
@@ -95,6 +98,7 @@ def add_decode_video_command(subparsers: Any) -> None:
                                "AMX/AVX512-BF16")
     _add_channels_last(p)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    add_deflicker_arguments(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=decode_video_command)
 

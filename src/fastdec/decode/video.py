@@ -3,7 +3,8 @@
 Causal decoders stream (a few frames at a time, bounded memory), temporal
 decoders decode overlapping chunks, image decoders decode frame by frame.
 Frames are written as they are decoded; the output file appears only when
-the whole video is done.
+the whole video is done. ``deflicker`` steadies the decoded frames where the
+picture holds still (:mod:`fastdec.runtime.deflickering`), in every mode.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from ..io.files import check_output_file
 from ..io.latents import LATENT_SUFFIXES, check_latent, read_tensors
 from ..models import LatentDecoder
 from ..models.temporal import CausalTAEDecoder, TemporalTAEDecoder
+from ..runtime.deflickering import Deflicker, DeflickerSettings, as_deflicker_settings
 from ..io.video import WRITE_SUFFIXES as VIDEO_OUTPUTS, VideoWriter, iter_video, video_info
 from .common import build_decoder, check_device, describe_spec
 
@@ -106,14 +108,28 @@ def encoded_video(path: Path, encoder: Any, start: int, num_frames: int | None, 
 
 # ----------------------------------------------------------------------------- decoding
 def decode_stream(
-    decoder: LatentDecoder, chunks: Iterator[torch.Tensor], parallel: bool = False, batch: int = 8
+    decoder: LatentDecoder, chunks: Iterator[torch.Tensor], parallel: bool = False, batch: int = 8,
+    deflicker: DeflickerSettings | None = None,
 ) -> Iterator[torch.Tensor]:
     """RGB frames (k, 3, H, W) in [0, 1] for latent chunks (1, k, C, h, w), in order, each decoder its own way.
 
     Causal: streamed push by push (or all at once with ``parallel``); temporal:
     overlapping windows over the whole clip (its latents are small, the frames
-    are produced window by window); image: ``batch`` frames per call.
+    are produced window by window); image: ``batch`` frames per call. With
+    ``deflicker`` every decoded chunk goes through one :class:`Deflicker`.
     """
+    frames = _decoded_chunks(decoder, chunks, parallel, batch)
+    if deflicker is None:
+        yield from frames
+        return
+    steady = Deflicker(deflicker)
+    with torch.inference_mode():
+        for chunk in frames:
+            yield steady(chunk)
+
+
+def _decoded_chunks(decoder: LatentDecoder, chunks: Iterator[torch.Tensor], parallel: bool,
+                    batch: int) -> Iterator[torch.Tensor]:
     with torch.inference_mode():
         if isinstance(decoder, CausalTAEDecoder) and not parallel:
             stream = decoder.stream()
@@ -194,14 +210,14 @@ def encoded_source(path: Path, decoder: LatentDecoder, *, teacher: str | None, l
 
 
 def write_decoded(decoder: LatentDecoder, source: VideoSource, out: Path, spec: Any, *, parallel: bool,
-                  chunk: int, crf: int, progress: bool) -> int:
+                  chunk: int, crf: int, progress: bool, deflicker: DeflickerSettings | None = None) -> int:
     """Decode ``source`` into ``out`` (atomically); returns the number of frames written."""
     from tqdm.auto import tqdm
 
     with VideoWriter(out, fps=source.fps, crf=crf) as writer, \
             tqdm(total=source.total, unit="frame", disable=not progress) as bar:
         try:  # the decoder itself refuses NaN; frames of a wrapper that does not are checked here
-            for frames in decode_stream(decoder, source.chunks, parallel=parallel, batch=chunk):
+            for frames in decode_stream(decoder, source.chunks, parallel=parallel, batch=chunk, deflicker=deflicker):
                 if not torch.isfinite(frames).all():
                     raise NonFiniteOutputError("non-finite frames")
                 writer.write(frames.float())
@@ -251,9 +267,15 @@ def decode_video(
     threads: int | None = None,
     random_weights: bool = False,
     progress: bool = True,
+    deflicker: DeflickerSettings | bool | None = None,
 ) -> Path:
-    """Decode a latents file, or a video encoded by ``teacher``, to ``out`` (.mp4 or .gif); returns ``out``."""
+    """Decode a latents file, or a video encoded by ``teacher``, to ``out`` (.mp4 or .gif); returns ``out``.
+
+    ``deflicker`` (settings, True for the defaults, or None: off) steadies the frames where the picture holds
+    still: for generated latents, which jitter from frame to frame (:mod:`fastdec.runtime.deflickering` says what
+    it trades)."""
     source, out = Path(source), Path(out)
+    deflicker = as_deflicker_settings(deflicker)
     check_video_options(source, out, start=start, num_frames=num_frames, chunk=chunk, crf=crf, fps=fps,
                         threads=threads)
     check_device(device)
@@ -268,10 +290,13 @@ def decode_video(
     else:
         frames = encoded_source(source, model, teacher=teacher, latent_space=latent_space, device=device,
                                 start=start, num_frames=num_frames, chunk=chunk, fps=fps)
-    print(f"decoding {frames.total} {frames.what} with {describe_spec(decoder)} ({decoding_mode(model, parallel)}) "
-          f"-> {out}", file=sys.stderr)
+    steady = "" if deflicker is None else (f", deflicker strength {deflicker.strength:g} threshold "
+                                           f"{deflicker.threshold:g}")
+    print(f"decoding {frames.total} {frames.what} with {describe_spec(decoder)} ({decoding_mode(model, parallel)}"
+          f"{steady}) -> {out}", file=sys.stderr)
     started = time.perf_counter()
-    written = write_decoded(model, frames, out, decoder, parallel=parallel, chunk=chunk, crf=crf, progress=progress)
+    written = write_decoded(model, frames, out, decoder, parallel=parallel, chunk=chunk, crf=crf, progress=progress,
+                            deflicker=deflicker)
     elapsed = time.perf_counter() - started
     print(f"wrote {written} frames to {out} in {elapsed:.1f} s ({written / max(elapsed, 1e-9):.1f} frames/s)",
           file=sys.stderr)

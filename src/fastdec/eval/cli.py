@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..runtime.deflickering import add_deflicker_arguments, deflicker_from_args
 from .report import print_summary
 from .run import evaluate_images, evaluate_video
 
@@ -46,7 +47,8 @@ def _cmd_video(args: argparse.Namespace) -> int:
         teacher_decoder=args.teacher_decoder, latent_space=args.latent_space, frames=args.frames,
         resolution=args.resolution, limit=args.limit, fvd_extractor=args.fvd_extractor,
         clip_frames=args.clip_frames, batch_size=args.batch_size, device=args.device, baseline=args.baseline,
-        tof=args.tof, exclude=(args.exclude or "").split(","), latent_noise=args.latent_noise)
+        tof=args.tof, exclude=(args.exclude or "").split(","), latent_noise=args.latent_noise,
+        deflicker=deflicker_from_args(args))
     print_summary(report, args.out)
     return 0
 
@@ -93,6 +95,8 @@ def _add_video(kinds) -> None:
     video.add_argument("--exclude", metavar="NAMES",
                        help="comma-separated videos or frame folders under --data to leave out (e.g. the clips a "
                             "decoder was trained on, so only held-out clips are scored)")
+    add_deflicker_arguments(video, help="also score every decoder with its decode deflickered (NAME+deflicker), "
+                                        "beside the unfiltered decode: see fastdec.runtime.deflickering")
     video.set_defaults(func=_cmd_video)
 
 

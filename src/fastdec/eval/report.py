@@ -153,6 +153,9 @@ def report_markdown(report: Mapping[str, Any], figures: Sequence[str] = ()) -> s
              f"- crop: {s['crop']}",
              *([f"- latents jittered: + Gaussian noise of std {s['latent_noise']:g}, independent per element and "
                 "frame, seeded by the input's name (the same for every decoder)"] if s.get("latent_noise") else []),
+             *([f"- NAME+deflicker: NAME's decode deflickered (fastdec.runtime.deflickering: strength "
+                f"{s['deflicker']['strength']:g}, threshold {s['deflicker']['threshold']:g}, "
+                f"{s['deflicker']['window']} px window)"] if s.get("deflicker") else []),
              "- values: mean ± half-width of the 95% confidence interval (Student t over "
              f"{'images' if report['kind'] == 'images' else 'clips'})"]
     lines += [f"- {LABELS.get(key, key.upper())}: {s[key]}" for key in ("vif", "gradient_energy", *TEMPORAL_KEYS)

@@ -11,7 +11,8 @@ from __future__ import annotations
 import math
 import sys
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -28,6 +29,7 @@ from ..io.latents import LATENT_SUFFIXES, check_latent, read_latents
 from ..io.video import VIDEO_SUFFIXES, read_video
 from ..latent_spaces import get_latent_space
 from ..resolve import resolve_decoder
+from ..runtime.deflickering import DeflickerSettings, as_deflicker_settings, deflicker
 from . import metrics as M
 from .metrics import IMAGE_METRICS, REFERENCES, VIDEO_METRICS, summarize
 from .report import Table, write_frame_diff_plot, write_frame_strip, write_image_grid, write_psnr_plot, write_report
@@ -71,6 +73,10 @@ class EvalDecoder:
     fn: Callable[[torch.Tensor], torch.Tensor]
     is_video: bool = False
     is_teacher: bool = False  # the teacher's own decoder: "vs teacher decode" would compare it with itself
+    filters: str | None = None  # the decoder whose decode ``fn`` filters (deflicker) instead of decoding latents
+
+
+DEFLICKER_SUFFIX = "+deflicker"  # report name of a decoder's deflickered decode (--deflicker)
 
 
 def decoder_names(sources: Sequence[str]) -> list[str]:
@@ -85,13 +91,16 @@ def decoder_names(sources: Sequence[str]) -> list[str]:
     return names
 
 
-def pick_baseline(sources: Sequence[str], baseline: str | None = None) -> str | None:
+def pick_baseline(sources: Sequence[str], baseline: str | None = None, deflickered: bool = False) -> str | None:
     """The report name the other decoders' paired differences are taken against: ``baseline``, else the
-    first decoder's; None with fewer than two decoders (nothing to compare).
+    first decoder's; None with fewer than two decoders (nothing to compare). ``deflickered``: every decoder is
+    also scored deflickered (``NAME+deflicker``, which may be the baseline too).
 
     Checked from the names alone, before any decoder is loaded or image read, so a typo costs nothing.
     """
     names = decoder_names(sources)
+    if deflickered:
+        names += [name + DEFLICKER_SUFFIX for name in names]
     if baseline is not None and baseline not in names:
         valid = ", ".join(f"'{n}'" for n in names) or "none (no --decoder given)"
         raise UsageError(f"--baseline '{baseline}' is not one of the decoders evaluated; use a report name: {valid}")
@@ -115,6 +124,13 @@ def _student_decoder(name: str, source: str, space, factor: int | None, device: 
     if space is not None and decoder.latent_channels != space.channels:
         raise EvalError(f"decoder '{source}': {space.channel_mismatch_message(decoder.latent_channels)}")
     return EvalDecoder(name, str(source), decoder, bool(decoder.is_video))
+
+
+def deflickered_decoders(decoders: Sequence[EvalDecoder], settings: DeflickerSettings) -> list[EvalDecoder]:
+    """For each decoder, one that scores its decode deflickered (the same decode, not a second one)."""
+    how = f"deflicker strength {settings.strength:g}, threshold {settings.threshold:g}"
+    return [EvalDecoder(d.name + DEFLICKER_SUFFIX, f"{d.source} + {how}", partial(deflicker, settings=settings),
+                        is_video=True, filters=d.name) for d in decoders]
 
 
 def load_decoders(sources: Sequence[str], teacher, latent_space, factor: int | None, device: str) -> list[EvalDecoder]:
@@ -348,7 +364,10 @@ class Evaluation:
     def jitter(self, z: torch.Tensor, name: str) -> torch.Tensor:
         return jitter_latents(z, self.latent_noise, name)
 
-    def decode(self, dec: EvalDecoder, sample: Sample) -> torch.Tensor:
+    def decode(self, dec: EvalDecoder, sample: Sample, decoded: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """``dec``'s output on ``sample``; a filter (``dec.filters``) takes its decoder's entry in ``decoded``."""
+        if dec.filters is not None:
+            return checked_output(f"'{dec.name}' ({dec.source})", sample.name, lambda: dec.fn(decoded[dec.filters]))
         return checked_output(f"decoder '{dec.name}' ({dec.source})", sample.name,
                               lambda: decode_frames(dec, sample.z, self.batch_size))
 
@@ -449,7 +468,9 @@ def run_evaluation(task: Evaluation, out: Path | None = None) -> dict[str, Any]:
         sample = task.load(item)
         if sample is None:  # skipped, with a warning
             continue
-        decoded = {dec.name: task.decode(dec, sample) for dec in task.decoders}
+        decoded: dict[str, torch.Tensor] = {}
+        for dec in task.decoders:  # in order: a filter comes after the decoder it filters
+            decoded[dec.name] = task.decode(dec, sample, decoded)
         teacher_decode = _teacher_decode(task, sample, decoded)
         for dec in task.decoders:
             for reference, ref in _references(sample.original, teacher_decode, dec):
@@ -769,9 +790,13 @@ def evaluate_video(
     tof: bool = False,
     exclude: Sequence[str] = (),
     latent_noise: float = 0.0,
+    deflicker: DeflickerSettings | bool | None = None,
 ) -> dict[str, Any]:
     """Evaluate decoders on videos: per-frame PSNR/SSIM and frame-difference error, per-clip flicker, temporal
     energy, excess motion, optional tOF and FVD; returns the report dict.
+
+    ``deflicker`` (settings, or True for the defaults): each decoder is also scored with its decode
+    deflickered (:mod:`fastdec.runtime.deflickering`), as ``NAME+deflicker``, beside the unfiltered one.
 
     As for images, ``vs_baseline`` holds paired per-clip differences against ``baseline`` (default: the first).
     ``tof``: TecoGAN's tOF with scikit-image's optical flow (``VIDEO_METRIC_NOTES``); opt-in for its CPU cost.
@@ -779,22 +804,26 @@ def evaluate_video(
     """
     _check_video_options(teacher, frames, resolution, limit, clip_frames, batch_size)
     check_latent_noise(latent_noise)
+    steady = as_deflicker_settings(deflicker)
     if tof:  # a missing scikit-image is refused before any decoder is loaded or clip read
         M.optical_flow_ilk()
-    base = pick_baseline(decoders, baseline)
+    base = pick_baseline(decoders, baseline, deflickered=steady is not None)
     check_device(device)
     items = list_videos(data, limit, exclude)
     out_dir = prepare_output_dir(out) if out is not None else None
     notes = Notes()
     teach = load_eval_teacher(teacher, teacher_decoder, latent_space, device)
     decs = load_decoders(decoders, teach, teach.latent_space, teach.spatial_factor, device)
+    if steady is not None:
+        decs += deflickered_decoders(decs, steady)
     _note_missing_reference(teach, notes)
     fvd = FrechetTracker(M.load_feature_extractor(fvd_extractor, device=device), decs) if fvd_extractor else None
     window = clip_frames or (fvd.extractor.num_frames if fvd is not None else None) or 16
     task = VideoEvaluation(
         data=data, items=items, teacher=teach, decoders=decs, space=teach.latent_space, factor=teach.spatial_factor,
         device=device, notes=notes, batch_size=batch_size,
-        options={"teacher": teacher, "teacher_decoder": teacher_decoder, "tof_enabled": tof},
+        options={"teacher": teacher, "teacher_decoder": teacher_decoder, "tof_enabled": tof,
+                 "deflicker": None if steady is None else asdict(steady)},
         frames=frames, resolution=resolution, fvd=fvd, fvd_extractor=fvd_extractor, window=window, baseline=base,
         tof=tof, latent_noise=latent_noise)
     return run_evaluation(task, out_dir)

@@ -1,0 +1,219 @@
+"""Deflicker (``fastdec.runtime.deflickering``): steadying decoded video where the picture holds still, streamed
+the same as all at once, and its ``--deflicker`` flags in ``fastdec decode-video`` and ``fastdec eval video``."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fastdec.cli import main
+from fastdec.errors import UsageError
+from fastdec.eval import metrics as M
+from fastdec.io.checkpoints import save_decoder
+from fastdec.io.video import read_video
+from fastdec.runtime.deflickering import Deflicker, DeflickerSettings, as_deflicker_settings, deflicker
+from test_temporal_metrics import _write_clips
+from test_video import _tiny
+
+# fp32 round-off: the streamed and the whole-clip filter run the same ops on the same values, one frame at a time
+STREAM_ATOL = 1e-6
+
+
+def _still_and_jittered(frames: int = 12, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A smooth still picture (T, 3, 32, 32) and the same with independent per-frame noise (std 0.005, well under
+    the 0.02 threshold once averaged over 5x5), as a jittering decode would give."""
+    gen = torch.Generator().manual_seed(seed)
+    ramp = torch.linspace(0.2, 0.8, 32)
+    picture = torch.stack([ramp[None, :].expand(32, 32), ramp[:, None].expand(32, 32), 0.5 * torch.ones(32, 32)])
+    still = picture[None].expand(frames, 3, 32, 32).clone()
+    return still, (still + 0.005 * torch.randn(still.shape, generator=gen)).clamp(0, 1)
+
+
+def test_it_steadies_a_jittering_still_clip_and_lets_big_changes_through():
+    still, jittered = _still_and_jittered()
+    steadied = deflicker(jittered)
+    assert M.flicker_score(steadied, still) < 0.6 * M.flicker_score(jittered, still)
+    assert float(M.psnr(steadied, still).mean()) > float(M.psnr(jittered, still).mean()) + 1.0
+    # a change far above the threshold (0.2 against 0.02) is not held at all: exp(-100) is 0 in fp32
+    moving = torch.stack([torch.full((3, 32, 32), 0.2 * (t % 2) + 0.3) for t in range(6)])
+    assert torch.equal(deflicker(moving), moving)
+    assert deflicker(jittered, DeflickerSettings(strength=0)) is jittered  # strength 0: off
+
+
+@pytest.mark.parametrize("sizes", [(1,) * 12, (3, 5, 4), (12,)])
+def test_streaming_in_chunks_gives_the_whole_clip_filter(sizes):
+    _, jittered = _still_and_jittered()
+    jittered[6:] = 1 - jittered[6:]  # a cut in the middle: the filter lets go there
+    whole = deflicker(jittered)
+    steady, out, start = Deflicker(), [], 0
+    for size in sizes:
+        out.append(steady(jittered[start:start + size]))
+        start += size
+    torch.testing.assert_close(torch.cat(out), whole, atol=STREAM_ATOL, rtol=0)
+    # N clips together are each clip on its own, and reset() starts a new video
+    other = _still_and_jittered(seed=1)[1]
+    together = deflicker(torch.stack([jittered, other]))
+    torch.testing.assert_close(together[1], deflicker(other), atol=STREAM_ATOL, rtol=0)
+    steady.reset()
+    torch.testing.assert_close(steady(other), deflicker(other), atol=STREAM_ATOL, rtol=0)
+
+
+def test_it_keeps_the_frames_dtype():
+    _, jittered = _still_and_jittered(4)
+    out = deflicker(jittered.bfloat16())
+    assert out.dtype == torch.bfloat16
+    # computed in fp32 and rounded once: within bf16's half-ulp (2^-9 relative) of the fp32 result on bf16 input
+    torch.testing.assert_close(out.float(), deflicker(jittered.bfloat16().float()), atol=0, rtol=2 ** -8)
+
+
+@pytest.mark.parametrize("settings,flag", [
+    ({"strength": 1.0}, "--deflicker-strength"), ({"strength": -0.1}, "--deflicker-strength"),
+    ({"strength": float("nan")}, "--deflicker-strength"), ({"threshold": 0.0}, "--deflicker-threshold"),
+    ({"threshold": float("inf")}, "--deflicker-threshold"), ({"window": 4}, "window must be an odd"),
+])
+def test_bad_settings_are_refused_naming_the_flag(settings, flag):
+    with pytest.raises(UsageError, match=flag):
+        DeflickerSettings(**settings)
+
+
+def test_bad_frames_and_a_switched_video_are_refused():
+    with pytest.raises(UsageError, match=r"RGB float frames"):
+        deflicker(torch.zeros(4, 4, 8, 8))
+    with pytest.raises(UsageError, match=r"RGB float frames"):
+        deflicker(torch.zeros(4, 3, 8, 8, dtype=torch.uint8))
+    steady = Deflicker()
+    steady(torch.zeros(2, 3, 8, 8))
+    with pytest.raises(UsageError, match=r"call reset\(\) between videos"):
+        steady(torch.zeros(2, 3, 16, 16))
+    assert as_deflicker_settings(True) == DeflickerSettings() and as_deflicker_settings(None) is None
+    with pytest.raises(UsageError, match="deflicker must be"):
+        as_deflicker_settings(0.5)
+
+
+# ----------------------------------------------------------------------------- the commands
+@pytest.mark.parametrize("kind", ["causal", "image"])
+def test_decode_video_deflickers_what_it_decodes(tmp_path, kind, capsys):
+    from fastdec.decode.video import decode_stream
+
+    decoder = _tiny(kind)
+    ckpt = save_decoder(decoder, tmp_path / "dec.safetensors")
+    torch.manual_seed(1)
+    z = torch.randn(1, 9, 4, 8, 8) * 0.5
+    settings = DeflickerSettings(strength=0.9, threshold=0.05)
+    chunks = lambda: (z[:, i:i + 2] for i in range(0, 9, 2))  # noqa: E731
+    streamed = torch.cat(list(decode_stream(decoder, chunks(), deflicker=settings)))
+    plain = torch.cat(list(decode_stream(decoder, chunks())))
+    torch.testing.assert_close(streamed, deflicker(plain, settings), atol=STREAM_ATOL, rtol=0)
+    assert not torch.allclose(streamed, plain)  # it did something
+    torch.save(z[0], tmp_path / "lat.pt")
+    out = tmp_path / "out.mp4"
+    assert main(["decode-video", str(tmp_path / "lat.pt"), "--decoder", str(ckpt), "--out", str(out), "--chunk", "2",
+                 "--deflicker-strength", "0.9", "--deflicker-threshold", "0.05", "--crf", "0", "--quiet"]) == 0
+    assert "deflicker strength 0.9 threshold 0.05" in capsys.readouterr().err
+    written = read_video(out).float() / 255
+    # H.264 (yuv420p, 8 bits) moves the frames by about 1/255: the video written is the deflickered decode
+    assert (written - streamed).abs().mean() < (written - plain).abs().mean()
+
+
+def test_decode_video_refuses_bad_deflicker_settings_before_decoding(tmp_path, capsys):
+    ckpt = save_decoder(_tiny("image"), tmp_path / "dec.safetensors")
+    torch.save(torch.randn(3, 4, 8, 8), tmp_path / "lat.pt")
+    out = tmp_path / "out.mp4"
+    assert main(["decode-video", str(tmp_path / "lat.pt"), "--decoder", str(ckpt), "--out", str(out),
+                 "--deflicker-strength", "1"]) == 2
+    assert "(--deflicker-strength) must be in [0, 1), got 1.0" in capsys.readouterr().err
+    assert not out.exists() and not list(tmp_path.glob("*.mp4*"))  # nothing, not even a temporary file
+
+
+def test_eval_video_scores_each_decoder_deflickered_beside_it(tmp_path, taef2_encoder_path, make_decoder,
+                                                               one_thread):
+    from fastdec.eval.run import load_clip, load_eval_teacher
+
+    videos = tmp_path / "videos"
+    _write_clips(videos)
+    a = save_decoder(make_decoder("tae-64", "flux2"), tmp_path / "a.safetensors")
+    out = tmp_path / "out"
+    assert main(["eval", "video", "--data", str(videos), "--teacher", str(taef2_encoder_path), "--decoder", str(a),
+                 "--frames", "4", "--latent-noise", "0.3", "--deflicker-threshold", "0.05", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert list(report["decoders"]) == ["a", "a+deflicker"]
+    assert report["settings"]["deflicker"] == {"strength": 0.9, "threshold": 0.05, "window": 5}
+    assert report["decoders"]["a+deflicker"]["vs_baseline"]["baseline"] == "a"  # paired against its own decode
+    assert "NAME+deflicker: NAME's decode deflickered (fastdec.runtime.deflickering: strength 0.9, threshold 0.05" \
+        in (out / "report.md").read_text()
+    # what a user gets by hand: the jittered latents decoded, then deflickered
+    from fastdec import load_decoder
+    from fastdec.eval.run import jitter_latents
+
+    teacher, decoder = load_eval_teacher(str(taef2_encoder_path)), load_decoder(a)
+    clip = load_clip(videos / "still", 4, None, 8)
+    with torch.no_grad():
+        decoded = decoder(jitter_latents(teacher.encode(clip), 0.3, "still"))
+    steadied = deflicker(decoded, DeflickerSettings(threshold=0.05))
+    rows = {r["video"]: r for r in report["decoders"]["a+deflicker"]["clips"]}
+    # the same fp32 latents, weights and filter: 1e-6 of flicker and 1e-4 dB cover float reordering
+    assert rows["still"]["flicker"] == pytest.approx(M.flicker_score(steadied, clip), abs=1e-6)
+    assert rows["still"]["psnr"] == pytest.approx(float(M.psnr(steadied, clip).mean()), abs=1e-4)
+    plain = {r["video"]: r for r in report["decoders"]["a"]["clips"]}
+    assert rows["still"]["flicker"] < plain["still"]["flicker"]  # a still clip's jitter is what it removes
+
+
+def test_bench_video_times_streaming_with_deflicker_beside_streaming(tmp_path, monkeypatch):
+    """--deflicker adds a streaming+deflicker row per push size, and that row runs the filter on every push."""
+    import fastdec.runtime.deflickering as module
+    from fastdec.bench.video import STREAMING_DEFLICKER, _mode_call
+
+    out = tmp_path / "video.json"
+    assert main(["bench", "--video", "--sizes", "32", "--video-frames", "4", "--baselines", "none", "--no-memory",
+                 "--decoders", "tae-causal-64", "--push-frames", "2", "--deflicker", "--repeats", "1",
+                 "--warmup", "0", "--threads", "1", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert sorted((r["mode"], r["push_frames"]) for r in report["rows"]) == [
+        ("parallel", None), ("streaming", 2), (STREAMING_DEFLICKER, 2)]
+    assert report["settings"]["deflicker"] is True
+    filtered = []
+    monkeypatch.setattr(module.Deflicker, "__call__", lambda self, frames: filtered.append(frames.shape[1]))
+
+    class Stream:
+        def stream(self):
+            return self
+
+        def push(self, z):
+            return torch.zeros(1, z.shape[1], 3, 8, 8)
+
+    _mode_call(Stream(), STREAMING_DEFLICKER, push=3)(torch.zeros(1, 7, 4, 1, 1))
+    assert filtered == [3, 3, 1]
+    _mode_call(Stream(), "streaming", push=3)(torch.zeros(1, 7, 4, 1, 1))
+    assert filtered == [3, 3, 1]  # plain streaming does not filter
+
+
+@pytest.mark.parametrize("video", [True, False])
+def test_fast_vae_deflickers_each_decoded_clip(video):
+    """enable_deflicker: every clip of a ``decode(..., num_frames=T)`` call filtered on its own, for a video
+    decoder and for an image decoder decoding a pipeline's frames; frames without num_frames are left alone."""
+    import pipeline_fixtures as pf
+    from fastdec.errors import PipelineError
+    from fastdec.pipelines import FastVAE
+
+    decoder = pf.MeanMixVideoDecoder.random("svd") if video else pf.tiny_decoder("svd")
+    fast = FastVAE.from_decoder(decoder, vae=pf.svd_vae())
+    torch.manual_seed(0)
+    raw = torch.randn(6, 4, 4, 4)
+    settings = DeflickerSettings(strength=0.9, threshold=0.5)  # random decoders: a threshold they cross rarely
+    with torch.no_grad():
+        plain = fast.decode(raw, num_frames=3).sample
+        fast.enable_deflicker(settings)
+        steadied = fast.decode(raw, num_frames=3).sample
+        as_images = fast.decode(raw[:2]).sample
+    expected = deflicker(((plain + 1) / 2).view(2, 3, *plain.shape[1:]), settings).flatten(0, 1) * 2 - 1
+    # the same fp32 frames through the same filter; the [0, 1] <-> [-1, 1] round trip costs an ulp or two
+    torch.testing.assert_close(steadied, expected, atol=1e-6, rtol=0)
+    assert (steadied - plain).abs().max() > 1e-3  # it did something
+    if not video:
+        torch.testing.assert_close(as_images, plain[:2], atol=1e-6, rtol=0)  # no num_frames: images, unfiltered
+        with pytest.raises(PipelineError, match="num_frames=4"):
+            fast.decode(raw, num_frames=4)
+    fast.disable_deflicker()
+    with torch.no_grad():
+        torch.testing.assert_close(fast.decode(raw, num_frames=3).sample, plain, atol=0, rtol=0)
