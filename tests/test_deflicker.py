@@ -217,3 +217,13 @@ def test_fast_vae_deflickers_each_decoded_clip(video):
     fast.disable_deflicker()
     with torch.no_grad():
         torch.testing.assert_close(fast.decode(raw, num_frames=3).sample, plain, atol=0, rtol=0)
+
+
+def test_eval_refuses_a_report_name_its_deflickered_twin_would_take(tmp_path):
+    from fastdec.eval.run import evaluate_video
+
+    # refused from the names alone: nothing is loaded (t.pth and the decoders do not exist)
+    with pytest.raises(UsageError, match=r"rename 'b\+deflicker'"):
+        evaluate_video(tmp_path, ["b.safetensors", "b+deflicker.safetensors"], teacher="t.pth", deflicker=True)
+    with pytest.raises(UsageError, match="deflicker must be"):
+        evaluate_video(tmp_path, ["b.safetensors"], teacher="t.pth", deflicker="yes")

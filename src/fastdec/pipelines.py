@@ -207,7 +207,7 @@ class FastVAE(ModelMixin, AutoencoderMixin, ConfigMixin):
         self.use_tiling = False
         self.tile_size = 64
         self.tile_overlap: int | None = None
-        self.deflicker: DeflickerSettings | None = None  # enable_deflicker
+        self.deflicker_settings: DeflickerSettings | None = None  # enable_deflicker
 
     # -- construction ------------------------------------------------------------------
     @classmethod
@@ -304,10 +304,10 @@ class FastVAE(ModelMixin, AutoencoderMixin, ConfigMixin):
         for generated video, whose latents jitter from frame to frame. It filters each ``decode(...,
         num_frames=T)`` call's clips on their own, so a pipeline decoding in chunks (Stable Video Diffusion's
         ``decode_chunk_size``) is filtered chunk by chunk: pass ``decode_chunk_size=num_frames`` for whole clips."""
-        self.deflicker = settings or DeflickerSettings()
+        self.deflicker_settings = settings or DeflickerSettings()
 
     def disable_deflicker(self) -> None:
-        self.deflicker = None
+        self.deflicker_settings = None
 
     # -- encode ------------------------------------------------------------------------
     @apply_forward_hook
@@ -353,7 +353,7 @@ class FastVAE(ModelMixin, AutoencoderMixin, ConfigMixin):
             raise PipelineError(f"decode got {rgb.shape[0]} latent frames with num_frames={num_frames}: the frame "
                                 "count must divide the batch to deflicker clips (pass (clips*num_frames, C, h, w))")
         clips = rgb.reshape(-1, num_frames, *rgb.shape[1:])
-        return deflicker(clips, self.deflicker).flatten(0, 1)
+        return deflicker(clips, self.deflicker_settings).flatten(0, 1)
 
     @apply_forward_hook
     def decode(
@@ -385,7 +385,7 @@ class FastVAE(ModelMixin, AutoencoderMixin, ConfigMixin):
             rgb = self._decode_video(latents, num_frames)
         else:
             rgb = self._decode_images(latents)
-        if self.deflicker is not None and (num_frames or 1) > 1:
+        if self.deflicker_settings is not None and (num_frames or 1) > 1:
             rgb = self._deflickered(rgb, num_frames)
         sample = rgb * 2 - 1
         if not return_dict:

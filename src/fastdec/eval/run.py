@@ -100,6 +100,10 @@ def pick_baseline(sources: Sequence[str], baseline: str | None = None, deflicker
     """
     names = decoder_names(sources)
     if deflickered:
+        taken = [name for name in names if name.endswith(DEFLICKER_SUFFIX)]
+        if taken:  # its deflickered twin would get the same report name and overwrite its scores
+            raise UsageError(f"with --deflicker, report names ending in '{DEFLICKER_SUFFIX}' are taken by the "
+                             f"deflickered decodes: rename {', '.join(repr(n) for n in taken)}")
         names += [name + DEFLICKER_SUFFIX for name in names]
     if baseline is not None and baseline not in names:
         valid = ", ".join(f"'{n}'" for n in names) or "none (no --decoder given)"
