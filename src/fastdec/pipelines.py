@@ -335,13 +335,7 @@ class FastVAE(ModelMixin, AutoencoderMixin, ConfigMixin):
     def _decode_video(self, z: torch.Tensor, num_frames: int | None) -> torch.Tensor:
         if self.use_tiling:
             raise PipelineError("tiling is for image decoders: disable_tiling() for a video decoder")
-        frames = num_frames or 1  # without a frame count every latent is a one-frame clip
-        if z.shape[0] % frames:
-            raise PipelineError(
-                f"decode got {z.shape[0]} latent frames with num_frames={num_frames}: the frame count must divide "
-                "the batch (pass frames as (clips*num_frames, C, h, w))"
-            )
-        clips = z.reshape(-1, frames, *z.shape[1:])
+        clips = _as_clips(z, num_frames or 1)  # without a frame count every latent is a one-frame clip
         if self.use_slicing and clips.shape[0] > 1:
             out = torch.cat([self.decoder(c) for c in clips.split(1)])
         else:
@@ -349,11 +343,7 @@ class FastVAE(ModelMixin, AutoencoderMixin, ConfigMixin):
         return out.flatten(0, 1)
 
     def _deflickered(self, rgb: torch.Tensor, num_frames: int) -> torch.Tensor:
-        if rgb.shape[0] % num_frames:  # a video decoder has refused this already; an image decoder has not
-            raise PipelineError(f"decode got {rgb.shape[0]} latent frames with num_frames={num_frames}: the frame "
-                                "count must divide the batch to deflicker clips (pass (clips*num_frames, C, h, w))")
-        clips = rgb.reshape(-1, num_frames, *rgb.shape[1:])
-        return deflicker(clips, self.deflicker_settings).flatten(0, 1)
+        return deflicker(_as_clips(rgb, num_frames), self.deflicker_settings).flatten(0, 1)
 
     @apply_forward_hook
     def decode(
@@ -404,6 +394,16 @@ class FastVAE(ModelMixin, AutoencoderMixin, ConfigMixin):
         posterior = self.encode(sample).latent_dist
         z = posterior.sample(generator=generator) if sample_posterior else posterior.mode()
         return self.decode(z, return_dict=return_dict, num_frames=num_frames)
+
+
+def _as_clips(frames: torch.Tensor, num_frames: int) -> torch.Tensor:
+    """Frames flattened as diffusers video pipelines pass them, (clips*num_frames, ...), as (clips, num_frames, ...)."""
+    if frames.shape[0] % num_frames:
+        raise PipelineError(
+            f"decode got {frames.shape[0]} latent frames with num_frames={num_frames}: the frame count must divide "
+            "the batch (pass frames as (clips*num_frames, C, h, w))"
+        )
+    return frames.reshape(-1, num_frames, *frames.shape[1:])
 
 
 # ----------------------------------------------------------------------------- swapping

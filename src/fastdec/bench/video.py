@@ -27,6 +27,7 @@ import torch.nn as nn
 
 from ..dtypes import DTYPES, dtype_name
 from ..errors import BenchError, NonFiniteOutputError
+from ..runtime.deflickering import Deflicker
 from .baselines import (
     VAE_FACTOR, NamedDecoder, build_decoder, build_vae, decode_rgb, decoder_modules, named_decoders, place_vae,
     vae_latents,
@@ -41,6 +42,7 @@ DEFAULT_SIZE = 256
 DEFAULT_VIDEO_SPACE = "svd"
 SVD_ROW = "svd-vae"
 STREAMING_DEFLICKER = "streaming+deflicker"  # streaming, each pushed output deflickered
+STREAMING_MODES = ("streaming", STREAMING_DEFLICKER)
 VIDEO_BUILDER = "fastdec.bench.video:build_video_callable"
 
 
@@ -109,10 +111,8 @@ def _svd_call(size: int, frames: int, seed: int, svd_chunk: int, dtype: str, cha
 
 
 def _mode_call(model: Any, mode: str, push: int = 1) -> Callable[[torch.Tensor], Any]:
-    if mode in ("streaming", STREAMING_DEFLICKER):
+    if mode in STREAMING_MODES:
         def streaming(latents: torch.Tensor) -> None:
-            from ..runtime.deflickering import Deflicker
-
             stream, steady = model.stream(), Deflicker() if mode == STREAMING_DEFLICKER else None
             for t in range(0, latents.shape[1], push):
                 frames = stream.push(latents[:, t : t + push])
@@ -200,7 +200,7 @@ def _plan(cfg: VideoBenchConfig, decoders: list[NamedDecoder]) -> list[VideoRow]
     extra = [STREAMING_DEFLICKER] if cfg.deflicker else []
     plan = [VideoRow(d.name, mode, cfg.channels_last, backend, push) for d in decoders for backend in cfg.backends
             for mode in _with_streaming(decoder_modes(d.decoder), extra) if backend == "eager" or mode != "chunked"
-            for push in (cfg.push_frames if mode in ("streaming", STREAMING_DEFLICKER) else [None])]
+            for push in (cfg.push_frames if mode in STREAMING_MODES else [None])]
     if not cfg.baselines or "svd" in cfg.baselines:
         # SVD in its stock layout too: a speed-up must never rest on a layout that slows the baseline down
         plan[:0] = [VideoRow(SVD_ROW, f"chunks of {cfg.svd_chunk}", layout, "eager")
