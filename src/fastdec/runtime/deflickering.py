@@ -12,8 +12,9 @@ strength ``s``. It needs no flow, no original and no training, and streams: :cla
 output frame per clip, so decoding in chunks gives the frames decoding at once gives.
 
 What it trades (fastdec's held-out clips, 256 px; README "Latents that jitter"): on latents jittered like a
-denoiser's (std 0.1) the defaults remove about a fifth of the flicker at no PSNR cost; on an encoder's latents of
-real footage, which do not jitter, it removes almost nothing and costs 0.1-0.3 dB where fine texture moves.
+denoiser's (std 0.1) the defaults remove about a fifth of the flicker at 0-0.05 dB of PSNR; on an encoder's
+latents of real footage, which do not jitter, it removes almost nothing and costs 0.15-0.3 dB (up to 0.75 dB on
+a clip whose fine texture moves).
 Use it for generated video, not for reconstructions.
 """
 from __future__ import annotations
