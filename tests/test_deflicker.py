@@ -93,7 +93,8 @@ def test_bad_frames_and_a_switched_video_are_refused():
 
 # ----------------------------------------------------------------------------- the commands
 @pytest.mark.parametrize("kind", ["causal", "image"])
-def test_decode_video_deflickers_what_it_decodes(tmp_path, kind, capsys):
+def test_decode_video_deflickers_what_it_decodes(tmp_path, kind, monkeypatch, capsys):
+    from fastdec.decode import video as decode_video_module
     from fastdec.decode.video import decode_stream
 
     decoder = _tiny(kind)
@@ -105,15 +106,21 @@ def test_decode_video_deflickers_what_it_decodes(tmp_path, kind, capsys):
     streamed = torch.cat(list(decode_stream(decoder, chunks(), deflicker=settings)))
     plain = torch.cat(list(decode_stream(decoder, chunks())))
     torch.testing.assert_close(streamed, deflicker(plain, settings), atol=STREAM_ATOL, rtol=0)
-    assert not torch.allclose(streamed, plain)  # it did something
+    # it did something: the random decoder's frames barely change, and the filter holds them steadier still
+    assert (streamed[1:] - streamed[:-1]).abs().mean() < 0.5 * (plain[1:] - plain[:-1]).abs().mean()
+    # what the command hands the video writer (H.264's 8 bits would hide differences this small)
+    handed, write = [], decode_video_module.VideoWriter.write
+    monkeypatch.setattr(decode_video_module.VideoWriter, "write",
+                        lambda self, frames: handed.append(frames.clone()) or write(self, frames))
     torch.save(z[0], tmp_path / "lat.pt")
     out = tmp_path / "out.mp4"
     assert main(["decode-video", str(tmp_path / "lat.pt"), "--decoder", str(ckpt), "--out", str(out), "--chunk", "2",
-                 "--deflicker-strength", "0.9", "--deflicker-threshold", "0.05", "--crf", "0", "--quiet"]) == 0
+                 "--deflicker-strength", "0.9", "--deflicker-threshold", "0.05", "--quiet"]) == 0
     assert "deflicker strength 0.9 threshold 0.05" in capsys.readouterr().err
-    written = read_video(out).float() / 255
-    # H.264 (yuv420p, 8 bits) moves the frames by about 1/255: the video written is the deflickered decode
-    assert (written - streamed).abs().mean() < (written - plain).abs().mean()
+    # the same fp32 weights, latents and filter, but the command runs the convs channels_last: other kernels,
+    # a few fp32 ulps per layer on values in [0, 1]
+    torch.testing.assert_close(torch.cat(handed), streamed, atol=1e-5, rtol=0)
+    assert read_video(out).shape == (9, 3, 64, 64)
 
 
 def test_decode_video_refuses_bad_deflicker_settings_before_decoding(tmp_path, capsys):
