@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -127,11 +126,12 @@ def add_deflicker_arguments(parser: argparse.ArgumentParser, help: str = DEFLICK
     parser.add_argument("--deflicker-strength", type=float, default=None, metavar="S",
                         help=f"how hard to hold, in [0, 1) (default {DEFAULT_STRENGTH}; implies --deflicker)")
     parser.add_argument("--deflicker-threshold", type=float, default=None, metavar="TAU",
-                        help=f"frame-to-frame change (pixels in [0, 1], averaged over 5x5) above which nothing is "
-                             f"held (default {DEFAULT_THRESHOLD}; implies --deflicker)")
+                        help=f"the frame-to-frame change (pixels in [0, 1], averaged over 5x5) to let go at: a change "
+                             f"of TAU is held a third as hard as none, twice TAU hardly at all (default "
+                             f"{DEFAULT_THRESHOLD}; implies --deflicker)")
 
 
-def deflicker_from_args(args: Any) -> DeflickerSettings | None:
+def deflicker_from_args(args: argparse.Namespace) -> DeflickerSettings | None:
     """The settings :func:`add_deflicker_arguments`' flags ask for, or None when none was given."""
     strength, threshold = args.deflicker_strength, args.deflicker_threshold
     if not (args.deflicker or strength is not None or threshold is not None):
