@@ -185,6 +185,41 @@ def test_the_largest_stride_is_part_of_the_cache_key(tmp_path):
     assert len(set(keys.values())) == 3
 
 
+def test_a_retrained_teacher_with_the_old_size_and_mtime_gets_a_new_cache(tmp_path):
+    import os
+    import shutil
+
+    path = tiny_encoder_file(tmp_path / "weights" / "taesdxl_encoder.pth", seed=0)
+    old = path.stat()
+    data = ImageFolder(make_images(tmp_path / "data", 2), resolution=32)
+    first = build_cache(data, load_teacher(path), tmp_path / "cache", per_file=1, progress=False)
+    tiny_encoder_file(path, seed=1)  # re-trained: same layout, so the same file size
+    os.utime(path, ns=(old.st_atime_ns, old.st_mtime_ns))  # as cp -p and rsync -t leave it
+    assert path.stat().st_size == old.st_size and path.stat().st_mtime_ns == old.st_mtime_ns
+    second = build_cache(data, load_teacher(path), tmp_path / "cache", per_file=1, progress=False)
+    assert second.folder != first.folder
+    assert not torch.equal(second.latent(0), first.latent(0))
+    # the same bytes copied elsewhere (a new mtime) are the same teacher: the cache is reused
+    (tmp_path / "elsewhere").mkdir()
+    copy = shutil.copy(path, tmp_path / "elsewhere" / path.name)
+    assert build_cache(data, load_teacher(copy), tmp_path / "cache", per_file=1, progress=False).folder == second.folder
+
+
+def test_a_data_file_touched_within_the_same_second_changes_the_cache_key(tmp_path):
+    import os
+
+    from fastdec.train.cache import cache_key
+
+    data = ImageFolder(make_images(tmp_path / "data", 2), resolution=32)
+    teacher = _teacher(tmp_path)
+    image = data.files[0]
+    second = 1_700_000_000 * 10**9
+    os.utime(image, ns=(second, second + 1_000))
+    before = cache_key(data, teacher, 1, 0)
+    os.utime(image, ns=(second, second + 900_000_000))  # rewritten 0.9 s later, same size
+    assert cache_key(data, teacher, 1, 0) != before
+
+
 def test_frame_folder_clips(tmp_path):
     make_images(tmp_path / "videos" / "clip_a", 6, size=(40, 48))
     data = VideoFolder(tmp_path / "videos", resolution=32, frames=4)

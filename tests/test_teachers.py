@@ -124,3 +124,11 @@ def test_tae_teacher_takes_a_dtype_name_and_a_decoder_object(tmp_path, make_deco
     with pytest.raises(TeacherError, match="'sd3' but the encoder gives 'sdxl'"):
         load_teacher(encoder, decoder=make_decoder("tae-64", "sd3"))
     assert issubclass(TeacherError, FastdecError)
+
+
+def test_a_hub_teachers_fingerprint_names_the_commit_its_files_came_from():
+    from fastdec.teachers import _hub_revision
+
+    cached = "/home/u/.cache/huggingface/hub/models--org--vae/snapshots/0123abcd/vae/config.json"
+    assert _hub_revision(cached) == "0123abcd"  # an update on the Hub is a new commit, so a new latent cache
+    assert _hub_revision("/data/snapshots") == "unknown"

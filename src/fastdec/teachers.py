@@ -63,11 +63,18 @@ class Teacher:
 
 
 def _file_fingerprint(path: Path) -> str:
+    """A hash of the teacher's bytes (every file of a folder, with its name), a part of the latent cache's key.
+
+    The content rather than size and mtime: a re-trained encoder has the same size, and ``cp -p`` or ``rsync -t``
+    keep the old mtime, and either would silently reuse latents from the old weights. Hashing costs a fraction
+    of loading the weights (a 330 MB VAE folder hashes in well under a second)."""
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     h = hashlib.sha256()
     for p in files:
-        stat = p.stat()
-        h.update(f"{p.relative_to(path) if path.is_dir() else p.name}:{stat.st_size}:{int(stat.st_mtime)}".encode())
+        h.update(f"{p.relative_to(path) if path.is_dir() else p.name}\0".encode())
+        with p.open("rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
     return h.hexdigest()[:16]
 
 
@@ -320,6 +327,13 @@ def _is_hub_id(source: str | os.PathLike) -> bool:
         return False
 
 
+def _hub_revision(downloaded: str) -> str:
+    """The commit a Hub download came from (``.../snapshots/<commit>/...`` in the Hub cache): a repository
+    updated on the Hub is a new teacher for the latent cache, not the old one's latents."""
+    parts = Path(downloaded).parts
+    return parts[parts.index("snapshots") + 1] if "snapshots" in parts[:-1] else "unknown"
+
+
 def _load_hub_teacher(repo_id: str, space, device, dtype, sample) -> Teacher:
     import diffusers
     from huggingface_hub import hf_hub_download
@@ -339,7 +353,8 @@ def _load_hub_teacher(repo_id: str, space, device, dtype, sample) -> Teacher:
         kwargs = {"subfolder": subfolder} if subfolder else {}
         vae = cls.from_pretrained(repo_id, torch_dtype=dtype, **kwargs)
         detected = space_for_vae(class_name, dict(vae.config))
-        return DiffusersTeacher(vae.to(device), space or detected, f"{class_name}:hub:{repo_id}", sample)
+        return DiffusersTeacher(vae.to(device), space or detected,
+                                f"{class_name}:hub:{repo_id}@{_hub_revision(config_path)}", sample)
     raise TeacherError(
         f"could not load a VAE teacher from the Hub id '{repo_id}' ({'; '.join(errors) or 'no VAE config found'}). "
         "If this machine is offline, download the repository elsewhere and pass its local folder"

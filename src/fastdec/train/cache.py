@@ -11,9 +11,9 @@ exactly those crops from the files, so pixels and latents stay aligned without s
 More crops per file = more variety, paid once in encoding time and disk
 (fp16 latents: C*(R/f)^2*2 bytes per crop, 64 KB for FLUX.2 at 256 px).
 
-The key hashes the teacher's fingerprint, latent space, resolution, frames (and a video's largest frame
-stride), crops per file, seed and
-the data files (name, size, mtime): change any of them and a new cache is built; otherwise it is
+The key hashes the teacher's fingerprint (a hash of its weights' bytes), latent space, resolution, frames
+(and a video's largest frame stride), crops per file, seed and
+the data files (name, size, mtime in ns): change any of them and a new cache is built; otherwise it is
 reused. An interrupted build continues from the last completed shard. A cache whose index or shards
 are damaged is an error that names the folder and says to delete it.
 """

@@ -80,7 +80,7 @@ class _MediaFolder:
         return len(self.files)
 
     def describe(self) -> list[str]:
-        """One line per file (name, size, mtime): part of the cache key, so changed data means a new cache.
+        """One line per file (name, size, mtime in ns): part of the cache key, so changed data means a new cache.
 
         A photo stored rotated (EXIF orientation other than 1) adds its orientation: caches from before
         training read photos upright are rebuilt for folders that hold such photos, and only for those."""
@@ -88,7 +88,7 @@ class _MediaFolder:
         for index, path in enumerate(self.files):
             stat = path.stat()
             note = self._file_note(index)
-            lines.append(f"{path.relative_to(self.root)}:{stat.st_size}:{int(stat.st_mtime)}{note}")
+            lines.append(f"{path.relative_to(self.root)}:{stat.st_size}:{stat.st_mtime_ns}{note}")
         return lines
 
     def _file_note(self, index: int) -> str:
