@@ -219,8 +219,11 @@ def test_fast_vae_deflickers_each_decoded_clip(video):
     assert (steadied - plain).abs().max() > 1e-3  # it did something
     if not video:
         torch.testing.assert_close(as_images, plain[:2], atol=1e-6, rtol=0)  # no num_frames: images, unfiltered
+        calls = []
+        decoder.register_forward_hook(lambda *_: calls.append(1))
         with pytest.raises(PipelineError, match="num_frames=4"):
             fast.decode(raw, num_frames=4)
+        assert calls == []  # refused before any frame was decoded
     fast.disable_deflicker()
     with torch.no_grad():
         torch.testing.assert_close(fast.decode(raw, num_frames=3).sample, plain, atol=0, rtol=0)

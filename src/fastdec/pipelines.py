@@ -369,13 +369,16 @@ class FastVAE(ModelMixin, AutoencoderMixin, ConfigMixin):
             )
         if z.shape[1] != space.channels:
             raise PipelineError(space.channel_mismatch_message(z.shape[1]))
+        filtering = self.deflicker_settings is not None and (num_frames or 1) > 1
+        if filtering and not self.decoder.is_video:
+            _as_clips(z, num_frames)  # a frame count that cannot group the batch is refused before decoding it
         # convert in float32: bf16 (FLUX) loses visible precision in the shift/scale
         latents = space.vae_to_decoder(z.float())
         if self.decoder.is_video:
             rgb = self._decode_video(latents, num_frames)
         else:
             rgb = self._decode_images(latents)
-        if self.deflicker_settings is not None and (num_frames or 1) > 1:
+        if filtering:
             rgb = self._deflickered(rgb, num_frames)
         sample = rgb * 2 - 1
         if not return_dict:
