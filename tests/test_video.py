@@ -204,6 +204,22 @@ def test_decode_video_cli_errors(tmp_path, realshort, capsys):
     assert not out.exists()
 
 
+def test_decode_video_refuses_a_teacher_of_another_size_and_frames_past_the_end(tmp_path, realshort, capsys):
+    """TAESana's encoder gives 32 channels like FLUX.2's, but /32: a FLUX.2 decoder (x8) would write a video a
+    quarter the size with exit 0. And a --start past the last frame is refused before 'decoding -N frames'."""
+    sana = shared_path("weights", "taesana_encoder.pth")
+    out = tmp_path / "v.mp4"
+    base = ["decode-video", str(realshort), "--decoder", "flux2-video", "--out", str(out), "--quiet"]
+    assert main([*base, "--teacher", str(sana), "--num-frames", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "/32" in err and "x8" in err and "wrong size" in err and "Traceback" not in err
+    frames = video_info(realshort).num_frames
+    assert main([*base, "--teacher", str(shared_path("weights", "taef2_encoder.pth")), "--start", "100"]) == 2
+    err = capsys.readouterr().err
+    assert f"has {frames} frames; --start 100 is past the last one ({frames - 1})" in err and "decoding -" not in err
+    assert not out.exists()
+
+
 def test_decode_video_cli_reconstructs_through_teacher(tmp_path, realshort, taef2_encoder_path, taef2_decoder_path):
     """Reconstruct mode with the real TAEF2 pair: a causal decoder made from TAEF2's decoder keeps its quality."""
     from fastdec.checkpoints import load_decoder, save_decoder

@@ -172,15 +172,24 @@ class VideoSource:
     name: str = ""  # the input file or folder, for messages
 
 
+def frame_range(path: Path, total: int, what: str, start: int, num_frames: int | None) -> int:
+    """The end (exclusive) of the frames --start and --num-frames take from ``total``, or the error saying why not."""
+    if start >= total:
+        raise DecodeVideoError(f"'{path}' has {total} {what}; --start {start} is past the last one ({total - 1})")
+    end = total if num_frames is None else start + num_frames
+    if end > total:
+        raise DecodeVideoError(f"'{path}' has {total} {what}; cannot take {start}..{end - 1} (--start {start} "
+                               f"--num-frames {num_frames}): at most --num-frames {total - start}")
+    return end
+
+
 def latents_source(path: Path, decoder: LatentDecoder, *, raw: bool, start: int, num_frames: int | None,
                    chunk: int, fps: float | None) -> VideoSource:
     """Frames ``start`` .. of a latents file, checked whole before decoding."""
     z = check_clip(load_clip(path), decoder, path)
     if raw:
         z = decoder.latent_space.vae_to_decoder(z)
-    end = z.shape[1] if num_frames is None else start + num_frames
-    if start >= z.shape[1] or end > z.shape[1]:
-        raise DecodeVideoError(f"'{path}' has {z.shape[1]} latent frames; cannot take {start}..{end - 1}")
+    end = frame_range(path, z.shape[1], "latent frames", start, num_frames)
     z = z[:, start:end]
     return VideoSource(_chunks_of(z, chunk), z.shape[1], fps or 24.0, "latent frames", str(path))
 
@@ -201,10 +210,15 @@ def encoded_source(path: Path, decoder: LatentDecoder, *, teacher: str | None, l
             f"teacher '{teacher}' makes {space.channels}-channel latents ({space.name}) but the decoder takes "
             f"{decoder.latent_channels} ({want.name}): use a teacher and decoder of the same latent space"
         )
+    if int(encoder.spatial_factor) != decoder.upsample_factor:
+        raise DecodeVideoError(
+            f"teacher '{teacher}' makes latents /{encoder.spatial_factor} ({space.name}) but the decoder upsamples "
+            f"x{decoder.upsample_factor} ({want.name}): the video would come out the wrong size; use a teacher and "
+            "decoder of the same latent space")
     if space.name != want.name:
         warnings.warn(f"teacher latent space '{space.name}' differs from the decoder's '{want.name}': colours will "
                       "be wrong unless they are the same space", stacklevel=2)
-    total = (info.num_frames - start) if num_frames is None else num_frames
+    total = frame_range(path, info.num_frames, "frames", start, num_frames) - start
     return VideoSource(encoded_video(path, encoder, start, num_frames, chunk), total, fps or info.fps or 24.0, "frames",
                        str(path))
 
