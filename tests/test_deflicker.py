@@ -71,6 +71,9 @@ def test_it_keeps_the_frames_dtype():
     ({"strength": 1.0}, "--deflicker-strength"), ({"strength": -0.1}, "--deflicker-strength"),
     ({"strength": float("nan")}, "--deflicker-strength"), ({"threshold": 0.0}, "--deflicker-threshold"),
     ({"threshold": float("inf")}, "--deflicker-threshold"), ({"window": 4}, "window must be an odd"),
+    # fp32 rounds 1e-300 to 0, where an unchanged pixel would be 0/0 = NaN, blamed on the decoder
+    ({"threshold": 1e-300}, "at least 1e-06"), ({"threshold": True}, "--deflicker-threshold"),
+    ({"strength": False}, "--deflicker-strength"), ({"window": True}, "window must be an odd"),
 ])
 def test_bad_settings_are_refused_naming_the_flag(settings, flag):
     with pytest.raises(UsageError, match=flag):
@@ -78,11 +81,24 @@ def test_bad_settings_are_refused_naming_the_flag(settings, flag):
 
 
 def test_bad_frames_and_a_switched_video_are_refused():
-    with pytest.raises(UsageError, match=r"RGB float frames"):
+    from fastdec.errors import InputTypeError, NonFiniteOutputError
+
+    with pytest.raises(UsageError, match=r"RGB frames shaped"):
         deflicker(torch.zeros(4, 4, 8, 8))
-    with pytest.raises(UsageError, match=r"RGB float frames"):
+    with pytest.raises(InputTypeError, match=r"float frames in \[0, 1\], got torch.uint8"):
         deflicker(torch.zeros(4, 3, 8, 8, dtype=torch.uint8))
+    with pytest.raises(UsageError, match="zero size"):
+        deflicker(torch.zeros(4, 3, 0, 8))
+    spoiled = torch.rand(4, 3, 8, 8)
+    spoiled[1, 0, 2, 2] = float("nan")  # it would spread through the 5x5 box into every later frame
+    with pytest.raises(NonFiniteOutputError, match="NaN or inf"):
+        deflicker(spoiled)
+    for not_settings in ({"strength": 0.5}, 0.5):
+        with pytest.raises(InputTypeError, match="DeflickerSettings"):
+            Deflicker(not_settings)
     steady = Deflicker()
+    # an empty push (a stream pushed 0 latent frames returns (1, 0, 3, H, W)) stays empty and keeps no state
+    assert steady(torch.zeros(1, 0, 3, 8, 8)).shape == (1, 0, 3, 8, 8) and steady.previous is None
     steady(torch.zeros(2, 3, 8, 8))
     with pytest.raises(UsageError, match=r"call reset\(\) between videos"):
         steady(torch.zeros(2, 3, 16, 16))
@@ -200,7 +216,7 @@ def test_fast_vae_deflickers_each_decoded_clip(video):
     """enable_deflicker: every clip of a ``decode(..., num_frames=T)`` call filtered on its own, for a video
     decoder and for an image decoder decoding a pipeline's frames; frames without num_frames are left alone."""
     import pipeline_fixtures as pf
-    from fastdec.errors import PipelineError
+    from fastdec.errors import InputTypeError, PipelineError
     from fastdec.pipelines import FastVAE
 
     decoder = pf.MeanMixVideoDecoder.random("svd") if video else pf.tiny_decoder("svd")
@@ -224,6 +240,8 @@ def test_fast_vae_deflickers_each_decoded_clip(video):
         with pytest.raises(PipelineError, match="num_frames=4"):
             fast.decode(raw, num_frames=4)
         assert calls == []  # refused before any frame was decoded
+    with pytest.raises(InputTypeError, match="DeflickerSettings"):
+        fast.enable_deflicker({"strength": 0.5})  # not met later as an AttributeError inside decode
     fast.disable_deflicker()
     with torch.no_grad():
         torch.testing.assert_close(fast.decode(raw, num_frames=3).sample, plain, atol=0, rtol=0)

@@ -304,6 +304,9 @@ class FastVAE(ModelMixin, AutoencoderMixin, ConfigMixin):
         for generated video, whose latents jitter from frame to frame. It filters each ``decode(...,
         num_frames=T)`` call's clips on their own, so a pipeline decoding in chunks (Stable Video Diffusion's
         ``decode_chunk_size``) is filtered chunk by chunk: pass ``decode_chunk_size=num_frames`` for whole clips."""
+        if not (settings is None or isinstance(settings, DeflickerSettings)):
+            raise InputTypeError(f"enable_deflicker takes DeflickerSettings (or nothing for the defaults), got "
+                                 f"{settings!r}")
         self.deflicker_settings = settings or DeflickerSettings()
 
     def disable_deflicker(self) -> None:

@@ -26,13 +26,20 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..errors import UsageError
+from ..errors import InputTypeError, NonFiniteOutputError, UsageError
 
 __all__ = ["DEFAULT_STRENGTH", "DEFAULT_THRESHOLD", "Deflicker", "DeflickerSettings", "add_deflicker_arguments",
            "as_deflicker_settings", "deflicker", "deflicker_from_args"]
 
 DEFAULT_STRENGTH = 0.9
 DEFAULT_THRESHOLD = 0.02
+# Below this a threshold holds only pixels that did not change at all, and far below it fp32 rounds it to 0,
+# where an unchanged pixel's 0/0 would be NaN: refused rather than met as a "decoder produced NaN" later.
+MIN_THRESHOLD = 1e-6
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -46,12 +53,14 @@ class DeflickerSettings:
 
     def __post_init__(self) -> None:
         # 1 would never let go of the first frame where it matches; the flags named so a CLI user can act on it
-        if not (isinstance(self.strength, (int, float)) and 0 <= self.strength < 1):
+        if not (_is_number(self.strength) and 0 <= self.strength < 1):
             raise UsageError(f"deflicker strength (--deflicker-strength) must be in [0, 1), got {self.strength!r}")
-        if not (isinstance(self.threshold, (int, float)) and 0 < self.threshold < math.inf):
-            raise UsageError(f"deflicker threshold (--deflicker-threshold) must be a finite change > 0 in the "
-                             f"[0, 1] pixel range, got {self.threshold!r}")
-        if not (isinstance(self.window, int) and self.window >= 1 and self.window % 2 == 1):
+        if not (_is_number(self.threshold) and MIN_THRESHOLD <= self.threshold < math.inf):
+            raise UsageError(f"deflicker threshold (--deflicker-threshold) must be a finite change of at least "
+                             f"{MIN_THRESHOLD:g} in the [0, 1] pixel range (an 8-bit level is 0.004), got "
+                             f"{self.threshold!r}")
+        if not (isinstance(self.window, int) and not isinstance(self.window, bool) and self.window >= 1
+                and self.window % 2 == 1):
             raise UsageError(f"deflicker window must be an odd number of pixels, got {self.window!r}")
 
 
@@ -60,6 +69,8 @@ class Deflicker:
     (N, k, 3, H, W) in [0, 1], returned filtered in the same shape and dtype (computed in fp32)."""
 
     def __init__(self, settings: DeflickerSettings | None = None):
+        if not (settings is None or isinstance(settings, DeflickerSettings)):
+            raise InputTypeError(f"Deflicker takes DeflickerSettings (or None for the defaults), got {settings!r}")
         self.settings = settings or DeflickerSettings()
         self.previous: torch.Tensor | None = None  # (N, 3, H, W): the last output frame of each clip
 
@@ -69,7 +80,7 @@ class Deflicker:
 
     def __call__(self, frames: torch.Tensor) -> torch.Tensor:
         clips = self._as_clips(frames)
-        if self.settings.strength == 0:
+        if self.settings.strength == 0 or clips.shape[1] == 0:  # an empty push (a stream's) stays empty
             return frames
         out = []
         for t in range(clips.shape[1]):
@@ -87,10 +98,19 @@ class Deflicker:
         return current + hold * (previous - current)
 
     def _as_clips(self, frames: torch.Tensor) -> torch.Tensor:
-        if not (isinstance(frames, torch.Tensor) and frames.is_floating_point() and frames.ndim in (4, 5)
-                and frames.shape[-3] == 3):
-            shape = tuple(frames.shape) if isinstance(frames, torch.Tensor) else type(frames).__name__
-            raise UsageError(f"deflicker takes RGB float frames shaped (k, 3, H, W) or (N, k, 3, H, W), got {shape}")
+        if not isinstance(frames, torch.Tensor):
+            raise InputTypeError(f"deflicker takes frames as a torch.Tensor, got {type(frames).__name__}")
+        if not (frames.ndim in (4, 5) and frames.shape[-3] == 3):
+            raise UsageError(f"deflicker takes RGB frames shaped (k, 3, H, W) or (N, k, 3, H, W), got "
+                             f"{tuple(frames.shape)}")
+        if not frames.is_floating_point() or frames.is_complex():
+            raise InputTypeError(f"deflicker takes float frames in [0, 1], got {frames.dtype} (uint8 frames: "
+                                 "frames.float() / 255)")
+        if frames.shape[-1] == 0 or frames.shape[-2] == 0:
+            raise UsageError(f"deflicker got frames of zero size {tuple(frames.shape)}")
+        if not torch.isfinite(frames).all():  # one NaN would spread through the box into every later frame
+            raise NonFiniteOutputError(f"deflicker got frames holding NaN or inf {tuple(frames.shape)}: the decoder "
+                                       "that made them is broken (check its weights, or an fp16 overflow)")
         clips = frames if frames.ndim == 5 else frames[None]
         if self.previous is not None and (self.previous.shape[0], *self.previous.shape[-3:]) != (
                 clips.shape[0], *clips.shape[-3:]):
