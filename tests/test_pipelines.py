@@ -433,6 +433,27 @@ def test_decode_rejects_bad_latents(sd_fast, latents, error, message):
         sd_fast.decode(latents)
 
 
+@pytest.mark.parametrize("kind", ["image", "video"])
+def test_decode_refuses_bad_frame_counts_and_integer_latents_before_decoding(kind):
+    """The same answer from an image and a video decoder: a num_frames that is no count of frames per clip,
+    or that cannot group the batch, and integer latents, are refused before any frame is decoded."""
+    decoder = pf.MeanMixVideoDecoder.random("svd") if kind == "video" else pf.tiny_decoder("svd")
+    fast = FastVAE.from_decoder(decoder, vae=pf.svd_vae())
+    calls = []
+    decoder.register_forward_hook(lambda *_: calls.append(1))
+    raw = torch.randn(4, 4, 4, 4)
+    for bad in (0, -1, -4, 2.0, "4", True):
+        with pytest.raises(ValueError, match=f"num_frames must be a whole number >= 1.*got {bad!r}"):
+            fast.decode(raw, num_frames=bad)
+    with pytest.raises(ValueError, match="4 latent frames with num_frames=3"):
+        fast.decode(raw, num_frames=3)
+    with pytest.raises(TypeError, match="float tensor, got torch.int64"):
+        fast.decode(torch.randint(0, 4, (4, 4, 4, 4)), num_frames=2)
+    assert calls == []
+    with torch.no_grad():
+        assert fast.decode(raw, num_frames=2).sample.shape == (4, 3, 32, 32)
+
+
 def test_flux2_needs_bn_statistics_and_sana_reports_32x():
     with pytest.raises(ValueError, match="batch-norm statistics"):
         FastVAE.from_decoder(pf.tiny_decoder("flux2"))

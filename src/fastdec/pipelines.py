@@ -372,9 +372,14 @@ class FastVAE(ModelMixin, AutoencoderMixin, ConfigMixin):
             )
         if z.shape[1] != space.channels:
             raise PipelineError(space.channel_mismatch_message(z.shape[1]))
+        if not z.is_floating_point():
+            raise InputTypeError(f"latents must be a float tensor, got {z.dtype}")
+        if num_frames is not None:
+            if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
+                raise PipelineError(f"num_frames must be a whole number >= 1 (the frames of each clip), got "
+                                    f"{num_frames!r}")
+            _as_clips(z, num_frames)  # a frame count that cannot group the batch is refused before decoding
         filtering = self.deflicker_settings is not None and (num_frames or 1) > 1
-        if filtering and not self.decoder.is_video:
-            _as_clips(z, num_frames)  # a frame count that cannot group the batch is refused before decoding it
         # convert in float32: bf16 (FLUX) loses visible precision in the shift/scale
         latents = space.vae_to_decoder(z.float())
         if self.decoder.is_video:
