@@ -502,6 +502,9 @@ def test_preview_errors_are_clear():
     decoder = pf.tiny_decoder("sd15")
     with pytest.raises(ValueError, match="on_preview=fn or out_dir"):
         PreviewCallback(decoder)
+    for every in (0, -1, "5", 2.5, float("nan"), float("inf"), True):  # nan and inf would never preview
+        with pytest.raises(ValueError, match="every must be a whole number of steps >= 1"):
+            PreviewCallback(decoder, every=every, on_preview=lambda s, ims: None)
     preview = PreviewCallback(decoder, on_preview=lambda s, ims: None)
     with pytest.raises(ValueError, match=r"callback_on_step_end_tensor_inputs=\['latents'\]"):
         preview(None, 0, 0, {"prompt_embeds": torch.zeros(1)})
@@ -521,6 +524,15 @@ def test_preview_unpacks_tokens_like_flux_without_its_helper():
     torch.testing.assert_close(preview.decoder_latents(NoHelpers(), tokens), latents, atol=0, rtol=0)
     with pytest.raises(ValueError, match="height= and width="):
         PreviewCallback(decoder, on_preview=lambda s, ims: None).decoder_latents(NoHelpers(), tokens)
+
+
+def test_swap_refuses_a_vae_that_is_no_diffusers_vae():
+    from types import SimpleNamespace
+
+    pipe = SimpleNamespace(vae=torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="vae is a Linear with no config: fastdec swaps and reads diffusers VAEs"):
+        swap_decoder(pipe, pf.tiny_decoder("sd15"))
+    assert isinstance(pipe.vae, torch.nn.Linear)  # left as it was
 
 
 def test_swap_after_cpu_offload_is_refused():

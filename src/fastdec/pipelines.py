@@ -69,8 +69,11 @@ def detect_latent_space(vae: nn.Module) -> LatentSpace:
     """
     if isinstance(vae, FastVAE):
         return vae.latent_space
-    config = vae.config
+    config = getattr(vae, "config", None)
     class_name = type(vae).__name__
+    if config is None:
+        raise PipelineError(f"the pipeline's vae is a {class_name} with no config: fastdec swaps and reads diffusers "
+                            "VAEs (AutoencoderKL, AutoencoderKLTemporalDecoder, AutoencoderKLFlux2, ...)")
     if class_name in _SPACE_BY_VAE_CLASS:
         return get_latent_space(_SPACE_BY_VAE_CLASS[class_name]).with_vae_config(config)
     channels = _config_get(config, "latent_channels")
@@ -541,8 +544,8 @@ class PreviewCallback:
         height: int | None = None,
         width: int | None = None,
     ):
-        if every < 1:
-            raise PipelineError(f"every must be >= 1, got {every}")
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise PipelineError(f"every must be a whole number of steps >= 1, got {every!r}")
         if on_preview is None and out_dir is None:
             raise PipelineError("PreviewCallback needs somewhere to put previews: pass on_preview=fn or out_dir=...")
         self.decoder = resolve_decoder(decoder)
