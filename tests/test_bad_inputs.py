@@ -601,7 +601,10 @@ BAD_OPTIONS = [  # (command, preset, flags, words)
     ("decode-video", "tae-causal-64", ["--start", "-1"], ["--start"]),
     ("decode-video", "tae-causal-64", ["--num-frames", "0"], ["--num-frames"]),
     ("decode-video", "tae-causal-64", ["--fps", "nan"], ["--fps"]),
-    ("decode-video", "tae-causal-64", ["--fps", "inf"], ["--fps"]),
+    ("decode-video", "tae-causal-64", ["--fps", "inf"], ["--fps", "finite"]),
+    ("decode-video", "tae-causal-64", ["--fps", "1e-9"], ["--fps 1e-09 is outside", "0.02 to 50 fps"]),
+    # the command writes .gif: past 50 fps players would show it at 10
+    ("decode-video", "tae-causal-64", ["--fps", "60"], ["--fps 60", "write an .mp4"]),
     ("decode-video", "tae-causal-64", ["--crf", "99"], ["--crf", "51"]),
     ("decode-video", "tae-causal-64", ["--threads", "0"], ["--threads"]),
     ("decode-video", "tae-causal-64", ["--device", "mps:3"], ["mps:3", "not available"]),

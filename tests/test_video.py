@@ -93,6 +93,29 @@ def test_gif_and_odd_sizes(tmp_path):
     assert (info.num_frames, info.height, info.width) == (5, 34, 48)
 
 
+def test_frame_rates_a_file_cannot_play_are_refused_before_writing(tmp_path, capsys):
+    """1e-9 fps became a 24 fps .mp4 and 1e9 fps a 10 fps .gif, with exit 0: out of range is an error now,
+    also when the rate is the input's (a 60 fps clip to .gif)."""
+    frames = torch.rand(2, 3, 16, 16)
+    for fps, suffix, words in ((1e-9, ".mp4", "0.01 to 1000 fps"), (1e9, ".mp4", "0.01 to 1000 fps"),
+                               (60, ".gif", "write an .mp4"), (float("nan"), ".mp4", "finite"), ("24", ".gif", "'24'")):
+        with pytest.raises(VideoError, match=words):
+            write_video(frames, tmp_path / f"a{suffix}", fps=fps)
+    assert not list(tmp_path.iterdir())  # refused before a temporary file was made
+    clip = write_video(frames, tmp_path / "clip60.mp4", fps=60)
+    decoder = tmp_path / "dec.safetensors"
+    from factories import tiny_decoder
+    from fastdec import save_decoder
+
+    save_decoder(tiny_decoder("tae-64", "flux2"), decoder)
+    out = tmp_path / "clip.gif"
+    argv = ["decode-video", str(clip), "--decoder", str(decoder), "--teacher",
+            str(shared_path("weights", "taef2_encoder.pth")), "--out", str(out), "--quiet"]
+    assert main(argv) == 2
+    assert "the input's frame rate (choose another with --fps) 60 is outside" in capsys.readouterr().err
+    assert main([*argv, "--fps", "30"]) == 0 and read_video(out).shape == (2, 3, 16, 16)
+
+
 def test_corrupt_and_truncated_files_raise_video_error(realshort, tmp_path):
     garbage = tmp_path / "garbage.mp4"
     garbage.write_bytes(b"not a video" * 100)

@@ -24,7 +24,7 @@ from ..io.latents import LATENT_SUFFIXES, check_latent, read_tensors
 from ..models import LatentDecoder
 from ..models.temporal import CausalTAEDecoder, TemporalTAEDecoder
 from ..runtime.deflickering import Deflicker, DeflickerSettings, as_deflicker_settings
-from ..io.video import WRITE_SUFFIXES as VIDEO_OUTPUTS, VideoWriter, iter_video, video_info
+from ..io.video import WRITE_SUFFIXES as VIDEO_OUTPUTS, VideoWriter, check_fps, iter_video, video_info
 from .common import build_decoder, check_device, describe_spec
 
 
@@ -257,8 +257,8 @@ def check_video_options(source: Path, out: Path, *, start: int, num_frames: int 
             raise UsageError(f"{flag} must be >= {least}, got {value}")
     if crf > 51:
         raise UsageError(f"--crf must be <= 51 (H.264's scale: 0 lossless, 51 worst), got {crf}")
-    if fps is not None and not (0 < fps < float("inf")):
-        raise UsageError(f"--fps must be > 0, got {fps}")
+    if fps is not None:
+        check_fps(fps, out.suffix.lower(), "--fps")
 
 
 def decode_video(
@@ -304,6 +304,8 @@ def decode_video(
     else:
         frames = encoded_source(source, model, teacher=teacher, latent_space=latent_space, device=device,
                                 start=start, num_frames=num_frames, chunk=chunk, fps=fps)
+    if fps is None:  # a 60 fps input cannot become a .gif at its own rate
+        check_fps(frames.fps, out.suffix.lower(), "the input's frame rate (choose another with --fps)")
     steady = "" if deflicker is None else (f", deflicker strength {deflicker.strength:g} threshold "
                                            f"{deflicker.threshold:g}")
     print(f"decoding {frames.total} {frames.what} with {describe_spec(decoder)} ({decoding_mode(model, parallel)}"

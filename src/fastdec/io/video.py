@@ -8,6 +8,7 @@ frame never leaves a half-written video behind. Errors name the file.
 """
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 import warnings
@@ -25,6 +26,9 @@ from .images import IMAGE_SUFFIXES
 
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".mkv", ".avi", ".gif")
 WRITE_SUFFIXES = (".mp4", ".gif")
+# A GIF stores each frame's delay in hundredths of a second, and browsers play a delay under 0.02 s at 10 fps:
+# past 50 fps a .gif would play slower, not faster. An .mp4's rate is a fraction with a denominator up to 1e5.
+FPS_RANGE = {".mp4": (0.01, 1000.0), ".gif": (0.02, 50.0)}
 
 
 @dataclass(frozen=True)
@@ -234,6 +238,19 @@ def _to_uint8(frames: torch.Tensor) -> np.ndarray:
 
 
 
+def check_fps(fps: float, suffix: str, name: str = "fps") -> float:
+    """``fps`` as a float when a ``suffix`` (.mp4 / .gif) file can play at that rate, else the error naming
+    ``name`` (a flag, for a command) and the range."""
+    if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not math.isfinite(fps) or fps <= 0:
+        raise VideoError(f"{name} must be a finite number of frames per second > 0, got {fps!r}")
+    low, high = FPS_RANGE.get(suffix, FPS_RANGE[".mp4"])
+    if not low <= fps <= high:
+        why = (" (a GIF's frame delays are hundredths of a second, and players show delays under 0.02 s at 10 fps: "
+               "write an .mp4 for faster video)" if suffix == ".gif" else "")
+        raise VideoError(f"{name} {fps:g} is outside what a {suffix} plays, {low:g} to {high:g} fps{why}")
+    return float(fps)
+
+
 class VideoWriter:
     """Write frames incrementally to .mp4 (H.264, yuv420p) or .gif; the file appears only on ``close``.
 
@@ -247,9 +264,7 @@ class VideoWriter:
         self.suffix = self.path.suffix.lower()
         if self.suffix not in WRITE_SUFFIXES:
             raise VideoError(f"cannot write '{self.path}': choose an .mp4 or .gif output")
-        if not fps or fps <= 0:
-            raise VideoError(f"fps must be > 0, got {fps}")
-        self.fps, self.crf = float(fps), int(crf)
+        self.fps, self.crf = check_fps(fps, self.suffix), int(crf)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=f"{TEMP_MARKER}{self.suffix}")
         os.close(fd)
