@@ -559,3 +559,25 @@ def test_video_paired_differences_per_clip_and_per_reference(tmp_path, taef2_enc
         assert "| decoder | PSNR ↑ | SSIM ↑ | FLICKER ↓ |" in text
     flicker = decoders["b"]["vs_baseline"]["original"]["flicker"]
     assert f"{flicker['mean']:+.5f} [{flicker['ci_low']:+.5f}, {flicker['ci_high']:+.5f}]" in md
+
+
+def test_video_eval_refusals_say_why_and_leave_no_report_folder(tmp_path, capsys):
+    """--frames 1 (no frame pair), an --exclude that leaves nothing, and clips that all fail to read are errors
+    that say which; and a run refused after --out was made removes it again (it was empty)."""
+    from _train_helpers import make_images, tiny_encoder_file
+    from factories import tiny_decoder as make_tiny
+
+    make_images(tmp_path / "videos" / "clip", 3, size=(32, 32))
+    decoder = save_decoder(make_tiny("tae-causal-64", "sdxl"), tmp_path / "causal.safetensors")
+    out = tmp_path / "deep" / "report"
+    base = ["eval", "video", "--data", str(tmp_path / "videos"), "--decoder", str(decoder), "--out", str(out),
+            "--teacher", str(tiny_encoder_file(tmp_path / "taesdxl_encoder.pth"))]
+    for flags, words in ((["--frames", "1"], "compare successive frames, so a clip needs at least 2"),
+                         (["--exclude", "clip"], "--exclude leaves out all 1 clips"),
+                         (["--frames", "5"], "none of the 1 clips in")):
+        assert main([*base, *flags]) == 2
+        err = capsys.readouterr().err
+        assert words in err and "Traceback" not in err
+        assert not (tmp_path / "deep").exists()
+    assert "could be read: clip: " in err and "3" in err  # the reason, not only the earlier warning line
+    assert main([*base, "--frames", "3"]) == 0 and (out / "report.json").is_file()

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from ..devices import check_device
 from ..errors import (DataError, EvalError, LatentFileError, MetricUnavailable, NonFiniteOutputError, UsageError,
                       VideoError)
-from ..io.files import drop_excluded, prepare_output_dir
+from ..io.files import drop_excluded, output_folder
 from ..io.images import IMAGE_SUFFIXES, list_images, load_image
 from ..io.latents import LATENT_SUFFIXES, check_latent, read_latents
 from ..io.video import VIDEO_SUFFIXES, read_video
@@ -169,9 +169,12 @@ def list_videos(data: str | Path, limit: int | None = None, exclude: Sequence[st
         (p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES) or (p.is_dir() and _has_frames(p))))
     if not items and _has_frames(folder):
         items = [folder]
-    items = drop_excluded(items, folder, exclude)
     if not items:
         raise DataError(f"no videos ({', '.join(VIDEO_SUFFIXES)}) or frame folders in '{folder}'")
+    found = len(items)
+    items = drop_excluded(items, folder, exclude)
+    if not items:
+        raise DataError(f"--exclude leaves out all {found} clips in '{folder}': nothing to evaluate")
     return items[:limit] if limit else items
 
 
@@ -482,7 +485,9 @@ def run_evaluation(task: Evaluation, out: Path | None = None) -> dict[str, Any]:
         task.observe(sample, decoded)
         task.count += 1
     if not task.count:
-        raise DataError(f"none of the {len(task.items)} {task.unit} in '{task.data}' could be read")
+        reasons = "; ".join(f"{name}: {why}" for name, why in list(task.skipped.items())[:3])
+        more = f" (and {len(task.skipped) - 3} more)" if len(task.skipped) > 3 else ""
+        raise DataError(f"none of the {len(task.items)} {task.unit} in '{task.data}' could be read: {reasons}{more}")
     report = build_report(task)
     if out is not None:
         write_report(out, report, task.tables(), task.write_figures(out))
@@ -624,23 +629,23 @@ def evaluate_images(
     base = pick_baseline(decoders, baseline)
     check_device(device)
     items = image_inputs(data, limit)
-    out_dir = prepare_output_dir(out) if out is not None else None
-    notes = Notes()
-    teach = load_eval_teacher(teacher, teacher_decoder, latent_space, device) if teacher else None
-    space = teach.latent_space if teach else (get_latent_space(latent_space) if latent_space else None)
-    decs = load_decoders(decoders, teach, space, teach.spatial_factor if teach else None, device)
-    _note_missing_reference(teach, notes)
-    lpips = _lpips_or_note(lpips_weights, lpips_net, device, notes)
-    fid = (FrechetTracker(M.TorchScriptExtractor(fid_weights, kind="inception", device=device), decs)
-           if fid_weights else None)
-    task = ImageEvaluation(
-        data=data, items=items, teacher=teach, decoders=decs, space=space, device=device, notes=notes,
-        factor=teach.spatial_factor if teach else decs[0].fn.upsample_factor,
-        options={"teacher": teacher, "teacher_decoder": teacher_decoder,
-                 "latents": str(latents) if latents else None, "resolution": resolution},
-        latents=latents, resolution=resolution, lpips=lpips, fid=fid, grid=grid, baseline=base,
-        latent_noise=latent_noise)
-    return run_evaluation(task, out_dir)
+    with output_folder(out) as out_dir:  # a run refused before its report leaves no empty folder
+        notes = Notes()
+        teach = load_eval_teacher(teacher, teacher_decoder, latent_space, device) if teacher else None
+        space = teach.latent_space if teach else (get_latent_space(latent_space) if latent_space else None)
+        decs = load_decoders(decoders, teach, space, teach.spatial_factor if teach else None, device)
+        _note_missing_reference(teach, notes)
+        lpips = _lpips_or_note(lpips_weights, lpips_net, device, notes)
+        fid = (FrechetTracker(M.TorchScriptExtractor(fid_weights, kind="inception", device=device), decs)
+               if fid_weights else None)
+        task = ImageEvaluation(
+            data=data, items=items, teacher=teach, decoders=decs, space=space, device=device, notes=notes,
+            factor=teach.spatial_factor if teach else decs[0].fn.upsample_factor,
+            options={"teacher": teacher, "teacher_decoder": teacher_decoder,
+                     "latents": str(latents) if latents else None, "resolution": resolution},
+            latents=latents, resolution=resolution, lpips=lpips, fid=fid, grid=grid, baseline=base,
+            latent_noise=latent_noise)
+        return run_evaluation(task, out_dir)
 
 
 # ----------------------------------------------------------------------------- video
@@ -773,6 +778,9 @@ def _check_video_options(teacher, frames, resolution, limit, clip_frames, batch_
     for flag, value in (("--frames", frames), ("--resolution", resolution), ("--limit", limit),
                         ("--clip-frames", clip_frames), ("--batch-size", batch_size)):
         check_count(flag, value)
+    if frames is not None and frames < 2:
+        raise UsageError(f"--frames {frames}: the temporal metrics (flicker, temporal energy, excess motion) compare "
+                         "successive frames, so a clip needs at least 2")
 
 
 @torch.no_grad()
@@ -814,20 +822,20 @@ def evaluate_video(
     base = pick_baseline(decoders, baseline, deflickered=steady is not None)
     check_device(device)
     items = list_videos(data, limit, exclude)
-    out_dir = prepare_output_dir(out) if out is not None else None
-    notes = Notes()
-    teach = load_eval_teacher(teacher, teacher_decoder, latent_space, device)
-    decs = load_decoders(decoders, teach, teach.latent_space, teach.spatial_factor, device)
-    if steady is not None:
-        decs += deflickered_decoders(decs, steady)
-    _note_missing_reference(teach, notes)
-    fvd = FrechetTracker(M.load_feature_extractor(fvd_extractor, device=device), decs) if fvd_extractor else None
-    window = clip_frames or (fvd.extractor.num_frames if fvd is not None else None) or 16
-    task = VideoEvaluation(
-        data=data, items=items, teacher=teach, decoders=decs, space=teach.latent_space, factor=teach.spatial_factor,
-        device=device, notes=notes, batch_size=batch_size,
-        options={"teacher": teacher, "teacher_decoder": teacher_decoder, "tof_enabled": tof,
-                 "deflicker": None if steady is None else asdict(steady)},
-        frames=frames, resolution=resolution, fvd=fvd, fvd_extractor=fvd_extractor, window=window, baseline=base,
-        tof=tof, latent_noise=latent_noise)
-    return run_evaluation(task, out_dir)
+    with output_folder(out) as out_dir:  # a run refused before its report leaves no empty folder
+        notes = Notes()
+        teach = load_eval_teacher(teacher, teacher_decoder, latent_space, device)
+        decs = load_decoders(decoders, teach, teach.latent_space, teach.spatial_factor, device)
+        if steady is not None:
+            decs += deflickered_decoders(decs, steady)
+        _note_missing_reference(teach, notes)
+        fvd = FrechetTracker(M.load_feature_extractor(fvd_extractor, device=device), decs) if fvd_extractor else None
+        window = clip_frames or (fvd.extractor.num_frames if fvd is not None else None) or 16
+        task = VideoEvaluation(
+            data=data, items=items, teacher=teach, decoders=decs, space=teach.latent_space, factor=teach.spatial_factor,
+            device=device, notes=notes, batch_size=batch_size,
+            options={"teacher": teacher, "teacher_decoder": teacher_decoder, "tof_enabled": tof,
+                     "deflicker": None if steady is None else asdict(steady)},
+            frames=frames, resolution=resolution, fvd=fvd, fvd_extractor=fvd_extractor, window=window, baseline=base,
+            tof=tof, latent_noise=latent_noise)
+        return run_evaluation(task, out_dir)

@@ -13,8 +13,9 @@ import math
 import os
 import tempfile
 import unicodedata
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from ..errors import DataError, UnsafePathError, UsageError
 
@@ -155,6 +156,28 @@ def prepare_output_dir(folder: str | os.PathLike, what: str = "--out") -> Path:
     if problem:
         raise UsageError(f"{what} folder '{folder}': {problem}; choose another folder or fix its permissions")
     return folder
+
+
+@contextmanager
+def output_folder(folder: str | os.PathLike | None, what: str = "--out") -> Iterator[Path | None]:
+    """:func:`prepare_output_dir` for the work inside the ``with``: if that work fails, the folders this call
+    created are removed again while they are still empty, so a refused run leaves no empty report folder.
+    ``None`` (no output) yields ``None``."""
+    if folder is None:
+        yield None
+        return
+    folder = Path(folder).expanduser()
+    created = [p for p in (folder, *folder.parents) if not p.exists()]  # deepest first
+    path = prepare_output_dir(folder, what)
+    try:
+        yield path
+    except BaseException:
+        for made in created:
+            try:
+                made.rmdir()  # only an empty folder goes
+            except OSError:
+                break
+        raise
 
 
 def check_output_file(path: str | os.PathLike, what: str = "output file") -> Path:
