@@ -398,7 +398,7 @@ def test_causal_turbo_starts_equal_to_tae_turbo_and_streams_what_it_decodes():
     assert (whole[0] - image(z[0])).abs().max() > 1e-3  # the memory is live: the stream check can fail
 
 
-def test_bench_video_push_frames_gives_one_streaming_row_per_push_size(tmp_path):
+def test_bench_video_push_frames_gives_one_streaming_row_per_push_size(tmp_path, capsys):
     """--push-frames 1 3: a streaming row per push size (the parallel row once), each pushing that many frames."""
     import json
 
@@ -406,13 +406,15 @@ def test_bench_video_push_frames_gives_one_streaming_row_per_push_size(tmp_path)
     from fastdec.cli import main
 
     out = tmp_path / "video.json"
-    code = main(["bench", "--video", "--sizes", "32", "--video-frames", "5", "--baselines", "none", "--no-memory",
-                 "--decoders", "tae-causal-64", "--push-frames", "1", "3", "--repeats", "1", "--warmup", "0",
-                 "--threads", "1", "--json", str(out)])
+    code = main(["bench", "--video", "--sizes", "32", "--video-frames", "5", "2", "--baselines", "none",
+                 "--no-memory", "--decoders", "tae-causal-64", "--push-frames", "1", "3", "--repeats", "1",
+                 "--warmup", "0", "--threads", "1", "--json", str(out)])
     assert code == 0
     report = json.loads(out.read_text())
-    assert sorted((r["mode"], r["push_frames"]) for r in report["rows"]) == [
-        ("parallel", None), ("streaming", 1), ("streaming", 3)]
+    # a 2-frame clip goes in one push of 2, and its row says 2, not 3
+    assert sorted((r["frames"], r["mode"], r["push_frames"]) for r in report["rows"]) == [
+        (2, "parallel", None), (2, "streaming", 1), (2, "streaming", 2),
+        (5, "parallel", None), (5, "streaming", 1), (5, "streaming", 3)]
     assert report["settings"]["push_frames"] == [1, 3]
 
     class Recorder:
@@ -429,3 +431,6 @@ def test_bench_video_push_frames_gives_one_streaming_row_per_push_size(tmp_path)
     _mode_call(recorder, "streaming", push=3)(torch.zeros(1, 8, 4, 2, 2))
     assert recorder.pushed == [3, 3, 2]  # the last push holds what is left
     assert main(["bench", "--video", "--push-frames", "0"]) == 2
+    for flag in ("--video-frames", "--svd-frames", "--svd-chunk"):
+        assert main(["bench", "--video", flag, "-4"]) == 2
+        assert f"{flag} must be >= 1 (a number of latent frames), got -4" in capsys.readouterr().err

@@ -181,10 +181,13 @@ def validate_video_config(cfg: VideoBenchConfig) -> VideoBenchConfig:
     for size in cfg.sizes:
         if size <= 0 or size % 8:
             raise BenchError(f"size {size} must be a positive multiple of 8")
-    counts = [*cfg.frames, *(cfg.svd_frames or [])]
-    if not cfg.sizes or not cfg.frames or any(f < 1 for f in counts) or cfg.svd_chunk < 1:
-        raise BenchError("--sizes and --video-frames need values, and --video-frames, --svd-frames and --svd-chunk "
-                         "must be >= 1")
+    if not cfg.sizes or not cfg.frames:
+        raise BenchError("--sizes and --video-frames need values")
+    for flag, values in (("--video-frames", cfg.frames), ("--svd-frames", cfg.svd_frames or []),
+                         ("--svd-chunk", [cfg.svd_chunk])):
+        bad = [f for f in values if f < 1]
+        if bad:
+            raise BenchError(f"{flag} must be >= 1 (a number of latent frames), got {bad[0]}")
     if cfg.repeats < 1 or cfg.svd_repeats < 1 or cfg.warmup < 0 or (cfg.threads is not None and cfg.threads < 0):
         raise BenchError("--repeats and --svd-repeats must be >= 1, --warmup >= 0 and --threads >= 0")
     if not cfg.push_frames or any(k < 1 for k in cfg.push_frames):
@@ -243,6 +246,8 @@ def _call_for(run: _VideoRun, kwargs: dict[str, Any]) -> VideoCall:
 def _bench_video_row(run: _VideoRun, job: tuple[int, int, str, VideoRow]) -> dict[str, Any]:
     cfg = run.cfg
     size, frames, dtype, row = job
+    # a clip shorter than the push goes in one push of its length: the row says what was timed
+    row = dataclasses.replace(row, push=min(row.push, frames)) if row.push else row
     runtime = "compile" if row.backend == "compile" else "channels_last" if row.channels_last else "eager"
     per_push = f", {row.push}/push" if row.push else ""
     run.console.print(f"[{len(run.rows) + 1}/{run.total}] {row.name} {row.mode}{per_push} ({dtype}, {runtime}): "
