@@ -261,3 +261,28 @@ def test_decode_video_cli_reconstructs_through_teacher(tmp_path, realshort, taef
     recon, original = read_video(out), read_video(realshort, 0, 2)
     assert recon.shape == original.shape == (2, 3, 240, 320)
     assert psnr(recon, original) > 27  # TAEF2 alone: ~31 dB on images; plus one H.264 pass
+
+
+def test_ctrl_c_during_decode_video_is_exit_130_without_a_traceback_or_a_partial_file(tmp_path, monkeypatch,
+                                                                                      capsys):
+    from factories import tiny_decoder
+
+    from fastdec import save_decoder
+    from fastdec.io import video as video_io
+
+    decoder = save_decoder(tiny_decoder("tae-causal-64", "sdxl"), tmp_path / "causal.safetensors")
+    torch.save(torch.randn(6, 4, 4, 4), tmp_path / "clip.pt")
+    write = video_io.VideoWriter.write
+
+    def interrupted_after_one_chunk(self, frames):
+        if self.frames_written:
+            raise KeyboardInterrupt
+        write(self, frames)
+
+    monkeypatch.setattr(video_io.VideoWriter, "write", interrupted_after_one_chunk)
+    out = tmp_path / "out.mp4"
+    assert main(["decode-video", str(tmp_path / "clip.pt"), "--decoder", str(decoder), "--out", str(out),
+                 "--chunk", "2", "--quiet"]) == 130
+    err = capsys.readouterr().err
+    assert "fastdec decode-video: interrupted" in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["causal.safetensors", "clip.pt"]  # no partial video

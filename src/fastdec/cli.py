@@ -63,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     except FastdecError as e:
         print(f"{_command_names(parser).get(args.func, 'fastdec')}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C is the user's choice, not a crash: no traceback; 128 + SIGINT, as shells do
+        print(f"{_command_names(parser).get(args.func, 'fastdec')}: interrupted", file=sys.stderr)
+        return 130
     return int(result or 0)
 
 
