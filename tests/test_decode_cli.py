@@ -4,8 +4,8 @@ commands share: one registration each, presets only with --random-weights, --out
 from __future__ import annotations
 
 import argparse
-import re
 import importlib
+import re
 import subprocess
 import sys
 
@@ -220,9 +220,9 @@ def test_out_that_is_a_file_is_refused_before_any_work(tmp_path, capsys, command
     ("nan", [], "frame 1' contains NaN"),
     ("frames0", [], "0 frames"),
     ("integer", [], "torch.int64 values"),
-    ("ok", ["--chunk", "0"], "--chunk must be >= 1"),
-    ("ok", ["--start", "-1"], "--start must be >= 0"),
-    ("ok", ["--fps", "0"], "--fps must be > 0"),
+    ("ok", ["--chunk", "0"], "--chunk must be a whole number >= 1"),
+    ("ok", ["--start", "-1"], "--start must be a whole number >= 0"),
+    ("ok", ["--fps", "0"], "--fps must be a finite number of frames per second > 0"),
 ])
 def test_decode_video_checks_the_clip_and_options_before_writing(tmp_path, checkpoint, capsys, case, flags, message):
     _, path = checkpoint
@@ -237,6 +237,21 @@ def test_decode_video_checks_the_clip_and_options_before_writing(tmp_path, check
     err = capsys.readouterr().err
     assert err.startswith("fastdec decode-video: error:") and message in err and "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.pt", "dec.safetensors"]  # no video, no temp file
+
+
+def test_decode_video_in_python_refuses_counts_that_are_no_whole_numbers(tmp_path, checkpoint):
+    from fastdec.decode.video import decode_video
+    from fastdec.errors import FastdecError
+
+    _, path = checkpoint
+    torch.save(torch.randn(3, 4, 8, 8), tmp_path / "clip.pt")
+    for option, value, words in (("chunk", 2.5, "--chunk must be a whole number >= 1, got 2.5"),
+                                 ("start", None, "--start needs a value"),
+                                 ("num_frames", True, "--num-frames must be a whole number >= 1, got True"),
+                                 ("fps", "24", "--fps must be a finite number of frames per second > 0, got '24'")):
+        with pytest.raises(FastdecError, match=re.escape(words)):
+            decode_video(tmp_path / "clip.pt", tmp_path / "out.mp4", path, progress=False, **{option: value})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.pt", "dec.safetensors"]
 
 
 def test_old_module_paths_register_each_command_once():

@@ -253,8 +253,10 @@ def check_video_options(source: Path, out: Path, *, start: int, num_frames: int 
     check_output_file(out, "--out")
     for flag, value, least in (("--chunk", chunk, 1), ("--start", start, 0), ("--num-frames", num_frames, 1),
                                ("--crf", crf, 0), ("--threads", threads, 1)):
-        if value is not None and value < least:
-            raise UsageError(f"{flag} must be >= {least}, got {value}")
+        if value is None and flag not in ("--num-frames", "--threads"):
+            raise UsageError(f"{flag} needs a value")
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
+            raise UsageError(f"{flag} must be a whole number >= {least}, got {value!r}")
     if crf > 51:
         raise UsageError(f"--crf must be <= 51 (H.264's scale: 0 lossless, 51 worst), got {crf}")
     if fps is not None:
