@@ -103,7 +103,7 @@ class Deflicker:
         if not (frames.ndim in (4, 5) and frames.shape[-3] == 3):
             raise UsageError(f"deflicker takes RGB frames shaped (k, 3, H, W) or (N, k, 3, H, W), got "
                              f"{tuple(frames.shape)}")
-        if not frames.is_floating_point() or frames.is_complex():
+        if not frames.is_floating_point():  # complex is not floating point either
             raise InputTypeError(f"deflicker takes float frames in [0, 1], got {frames.dtype} (uint8 frames: "
                                  "frames.float() / 255)")
         if frames.shape[-1] == 0 or frames.shape[-2] == 0:
