@@ -82,7 +82,7 @@ def _add_video(kinds) -> None:
                                          "temporal energy (decoded / original frame-to-frame change), excess motion, "
                                          "optionally TecoGAN's tOF and FVD. Means with 95%% t-intervals.")
     _common_arguments(video)
-    video.add_argument("--frames", type=int, default=32, help="first N frames of each video (default 32)")
+    video.add_argument("--frames", type=int, default=32, help="first N frames of each video, at least 2 (default 32)")
     video.add_argument("--resolution", type=int,
                        help="resize so the short side is R px (antialiased), then centre crop R x R "
                             "(default: full frames cropped to multiples of the factor)")
