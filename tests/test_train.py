@@ -99,6 +99,21 @@ def test_truncated_latest_checkpoint_falls_back_to_the_previous_one(tiny_setup, 
     assert not (tmp_path / "unused").exists()
 
 
+def test_resume_with_another_decoder_is_refused_before_any_encoding(tiny_setup, tmp_path, capsys):
+    """A run resumed with another --decoder met load_state_dict's traceback, after a new latent cache was
+    encoded (a teacher of another space did the same): now an error naming the options it was trained with."""
+    out = tmp_path / "run"
+    _run(**tiny_setup, steps=4, stop_at=2, ckpt_every=2, out=str(out))
+    wider = tiny_decoder_file(tmp_path / "w" / "wider.safetensors", width=24)
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in (tiny_setup | {"cache_dir": str(tmp_path / "new-cache"),
+                                                                       "decoder": str(wider)}).items()]
+    assert cli_main(["train", *flags, "--steps", "4", "--out", str(out), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "holds another decoder's weights" in err and "there but" in err and "Traceback" not in err
+    assert f"trained with --decoder {tiny_setup['decoder']}" in err and "Resume with the options" in err
+    assert not (tmp_path / "new-cache").exists()  # refused before the encoding pass
+
+
 class _WritesMarker:
     """Unpickling this object calls ``open(marker, "w")``: what a planted checkpoint would do, harmlessly."""
 

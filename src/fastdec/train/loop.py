@@ -139,6 +139,8 @@ def build_run(config: TrainConfig) -> Run:
     set_seed(config.seed)
     decoder = build_models(run)
     resume = load_resume_state(run.out) if config.resume else None
+    if resume is not None:
+        check_resumable(*resume, decoder, config)  # before the latent cache is encoded
     build_data(run)
     build_optimization(run, decoder)
     # the draws training makes (--latent-noise) start from the seed, whether the latent cache was just built
@@ -257,6 +259,25 @@ def build_optimization(run: Run, decoder: LatentDecoder) -> None:
         run.discriminator, run.disc_optimizer = accelerator.prepare(discriminator, disc_optimizer)
     run.model, run.optimizer = accelerator.prepare(model, optimizer)
     run.ema.to(run.device)
+
+
+def check_resumable(path: Path, state: dict[str, Any], decoder: LatentDecoder, config: TrainConfig) -> None:
+    """The checkpoint's weights fit the decoder this command builds (the same --decoder, and a --teacher of
+    the same latent space), or an error saying which options it was trained with."""
+    saved, mine = state["model"], decoder.state_dict()
+    wrong = [k for k in mine if k in saved and tuple(saved[k].shape) != tuple(mine[k].shape)]
+    missing, extra = [k for k in mine if k not in saved], [k for k in saved if k not in mine]
+    if not (wrong or missing or extra):
+        return
+    if wrong:
+        first = f"{wrong[0]} is {tuple(saved[wrong[0]].shape)} there but {tuple(mine[wrong[0]].shape)} here"
+    else:
+        first = f"{(missing or extra)[0]} is in {'this decoder but not there' if missing else 'it but not here'}"
+    was = state.get("config") or {}
+    raise TrainError(
+        f"--resume: {path} holds another decoder's weights ({first}). It was trained with --decoder "
+        f"{was.get('decoder')} --teacher {was.get('teacher')}; this command builds --decoder {config.decoder} for "
+        f"--teacher {config.teacher}. Resume with the options it was trained with, or train into a new --out")
 
 
 def restore(run: Run, path: Path, state: dict[str, Any]) -> None:
