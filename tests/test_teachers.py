@@ -132,3 +132,14 @@ def test_a_hub_teachers_fingerprint_names_the_commit_its_files_came_from():
     cached = "/home/u/.cache/huggingface/hub/models--org--vae/snapshots/0123abcd/vae/config.json"
     assert _hub_revision(cached) == "0123abcd"  # an update on the Hub is a new commit, so a new latent cache
     assert _hub_revision("/data/snapshots") == "unknown"
+
+
+def test_a_latent_space_of_another_shape_than_the_encoder_is_refused(taef2_encoder_path):
+    """--latent-space sdxl with TAEF2's encoder built a cache named sdxl holding 32-channel latents, and failed
+    only at step 0: refused when the teacher loads, saying what the file encodes."""
+    from fastdec.errors import LatentSpaceError
+
+    for space, shape in (("sdxl", "4 channels, /8"), ("sana", "32 channels, /32")):
+        with pytest.raises(LatentSpaceError, match=f"encodes 32-channel latents at /8, not '{space}' \\({shape}\\)"):
+            load_teacher(taef2_encoder_path, latent_space=space)
+    assert load_teacher(taef2_encoder_path, latent_space="flux2").latent_space.name == "flux2"

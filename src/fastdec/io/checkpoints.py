@@ -388,6 +388,10 @@ def read_encoder(source: str | os.PathLike, latent_space: LatentSpace | str | No
     config = _taesd_encoder_config(state, path)
     factor = 2 ** (len(config.stage_blocks) + (2 if config.stem_width else 0))
     space = get_latent_space(latent_space) if latent_space else _guess_space(config.latent_channels, factor, path.name)
+    if (space.channels, space.spatial_factor) != (config.latent_channels, factor):
+        raise LatentSpaceError(  # not a CheckpointError: the file is fine, the space asked for is not its own
+            f"'{path}' encodes {config.latent_channels}-channel latents at /{factor}, not '{space.name}' "
+            f"({space.channels} channels, /{space.spatial_factor}): drop --latent-space, or name a space of that shape")
     encoder = TAEEncoder(config, space)
     _load_strict(encoder, {"layers." + k: v for k, v in state.items()}, path, f"TAE encoder ({config})")
     return encoder.eval()
