@@ -254,6 +254,32 @@ def test_decode_video_in_python_refuses_counts_that_are_no_whole_numbers(tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.pt", "dec.safetensors"]
 
 
+def test_a_max_memory_too_small_for_one_latent_writes_no_image_and_leaves_no_folder(tmp_path, checkpoint, capsys):
+    """--max-memory that fits latent 'a' untiled but no tile of 'b': 'a' was written before 'b' was refused;
+    every image's tile is chosen first now. A refused decode also leaves no empty --out behind."""
+    from fastdec.decode import activation_bytes_per_pixel
+
+    decoder, path = checkpoint
+    save_file({"a": torch.randn(4, 8, 8), "b": torch.randn(4, 40, 40)}, str(tmp_path / "mixed.safetensors"))
+    pixels = (8 * decoder.upsample_factor) ** 2
+    fits_a = activation_bytes_per_pixel(decoder) * pixels + 3 * 4 * pixels * 2  # its activations and output
+    out = tmp_path / "new" / "out"
+    argv = ["decode", str(tmp_path / "mixed.safetensors"), "--decoder", str(path), "--out", str(out), "--quiet"]
+    assert main([*argv, "--max-memory", str(fits_a)]) == 2
+    err = capsys.readouterr().err
+    assert "is too small for this 320x320 image" in err and "Traceback" not in err
+    assert not (tmp_path / "new").exists()  # no image, and no folder made for them
+    assert main([*argv, "--max-memory", "1KB"]) == 2
+    assert "--max-memory 1KB is too small" in capsys.readouterr().err  # not '0MB'
+    assert main([*argv[:3], str(tmp_path / "untrained-name"), *argv[4:]]) == 2
+    assert not (tmp_path / "new").exists()
+    assert main(argv) == 0 and _pngs(out) == ["mixed_a.png", "mixed_b.png"]
+    (tmp_path / "no-latents").mkdir()
+    assert main(["decode-batch", "--latents", str(tmp_path / "no-latents"), "--decoder", str(path), "--out",
+                 str(tmp_path / "batch" / "out"), "--no-progress"]) == 2
+    assert "no-latents" in capsys.readouterr().err and not (tmp_path / "batch").exists()
+
+
 def test_old_module_paths_register_each_command_once():
     """`fastdec.cli` lists the old modules until it switches to fastdec.decode.cli: both give each command once."""
     for modules in (["fastdec.decode", "fastdec.decode_video", "fastdec.bulk"], ["fastdec.decode.cli"]):

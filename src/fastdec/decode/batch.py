@@ -49,7 +49,7 @@ from ..errors import (
     UnsafePathError,
     UsageError,
 )
-from ..io.files import TEMP_MARKER, check_output_file, output_path, prepare_output_dir, write_json, write_text
+from ..io.files import TEMP_MARKER, check_output_file, output_folder, output_path, write_json, write_text
 from ..io.images import IMAGE_FORMATS, save_image, to_uint8
 from ..io.latents import LatentReader, LatentRef, check_key, check_latent, find_latent_files, index_latent_file
 from ..resolve import locate, resolve_decoder
@@ -506,9 +506,11 @@ class _BatchRun:
             torch.set_num_threads(self.opts.threads)
         self.procs = _Processes()
         self.stats = RankStats(self.procs.rank)
-        prepare_output_dir(self.out)  # every rank: the same error everywhere, none hangs at a barrier
-        self.load_decoder()
-        self.list_work()
+        # every rank: the same error everywhere, none hangs at a barrier; refused here (a bad decoder, no
+        # latents), the run leaves no empty --out behind
+        with output_folder(self.out):
+            self.load_decoder()
+            self.list_work()
         self.prepare_folder()
         todo = self.plan()
         self.decode_all(todo)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import DecodeError, NonFiniteOutputError, UsageError
-from ..io.files import output_path, prepare_output_dir
+from ..io.files import output_folder, output_path
 from ..io.images import save_image
 from ..io.latents import check_latent, read_latents
 from .common import build_decoder, check_device, describe_spec, require_image_decoder
@@ -86,20 +86,25 @@ def choose_tile(decoder: nn.Module, h: int, w: int, budget: int) -> int | None:
     tile = int((max(available, 0) / per_pixel) ** 0.5) // factor
     if tile < 2 * overlap + 8:
         raise DecodeError(
-            f"--max-memory {budget / 2**20:.0f}MB is too small for this {h * factor}x{w * factor} image: it needs at "
-            f"least {(output_bytes + per_pixel * ((2 * overlap + 8) * factor) ** 2) / 2**20:.0f}MB (output image plus "
+            f"--max-memory {_megabytes(budget)} is too small for this {h * factor}x{w * factor} image: it needs at "
+            f"least {_megabytes(output_bytes + per_pixel * ((2 * overlap + 8) * factor) ** 2)} (output image plus "
             f"one {2 * overlap + 8}-latent-pixel tile)"
         )
     return tile
 
 
+def _megabytes(size: float) -> str:
+    return f"{size / 2**20:.0f}MB" if size >= 2**20 else f"{size / 2**10:.0f}KB" if size >= 2**10 else f"{size:.0f}B"
+
+
 @dataclass(frozen=True)
 class PlannedImage:
-    """One latent of the file and the PNG it becomes."""
+    """One latent of the file, the PNG it becomes and the tile it is decoded in (None: whole)."""
 
     name: str
     latent: torch.Tensor  # (C, h, w), decoder space
     path: Path
+    tile: int | None = None
 
 
 def check_all_latents(named: Sequence[tuple[str, torch.Tensor]], decoder: Any, source: Path) -> None:
@@ -122,26 +127,31 @@ def plan_images(named: Sequence[tuple[str, torch.Tensor]], decoder: Any, out: Pa
     return plan
 
 
-def decode_one(decoder: Any, z: torch.Tensor, tile: int | None, budget: int | None) -> tuple[torch.Tensor, int | None]:
-    """(3, H, W) image of one (C, h, w) latent, and the tile size used (None: untiled)."""
+def plan_tiles(decoder: Any, plan: Sequence[PlannedImage], tile: int | None,
+               budget: int | None) -> list[PlannedImage]:
+    """Each image's tile (``tile``, or what ``budget`` bytes allow), all chosen before the first image is written:
+    a --max-memory too small for the third image must not leave the first two written."""
+    return [replace(item, tile=tile or (choose_tile(decoder, *item.latent.shape[-2:], budget) if budget else None))
+            for item in plan]
+
+
+def decode_one(decoder: Any, z: torch.Tensor, tile: int | None) -> torch.Tensor:
+    """(3, H, W) image of one (C, h, w) latent, decoded in tiles of ``tile`` latent pixels (None: whole)."""
     from ..runtime.tiling import decode_tiled
 
-    h, w = z.shape[-2:]
-    tile = tile or (choose_tile(decoder, h, w, budget) if budget else None)
     with torch.no_grad():
         image = decode_tiled(decoder, z[None], tile=tile) if tile else decoder(z[None])
-    return image[0], tile
+    return image[0]
 
 
-def write_images(decoder: Any, plan: Sequence[PlannedImage], spec: Any, *, tile: int | None = None,
-                 budget: int | None = None, progress: bool = True) -> list[Path]:
+def write_images(decoder: Any, plan: Sequence[PlannedImage], spec: Any, *, progress: bool = True) -> list[Path]:
     """Decode and save every planned image in order; returns the paths written."""
     from tqdm import tqdm
 
     written: list[Path] = []
     for item in tqdm(plan, desc="decoding", unit="latent", disable=not progress):
         try:  # the decoder itself, or the conversion to pixels, refuses NaN
-            image, used = decode_one(decoder, item.latent, tile, budget)
+            image, used = decode_one(decoder, item.latent, item.tile), item.tile
             save_image(image, item.path)
         except NonFiniteOutputError as e:
             done = f"{len(written)} of {len(plan)} images were written before it" + (
@@ -182,12 +192,12 @@ def decode_file(
     if tile is not None and tile < 1:
         raise UsageError(f"--tile must be at least 1 latent pixel, got {tile}")
     check_device(device)
-    folder = prepare_output_dir(out)
-    source = Path(latents)
-    named = read_latents(source)
-    model = build_decoder(decoder, latent_space=latent_space, device=device, dtype=dtype,
-                          random_weights=random_weights, channels_last=channels_last)
-    require_image_decoder(model, decoder, "decode")
-    check_all_latents(named, model, source)
-    plan = plan_images(named, model, folder, source, vae_space)
-    return write_images(model, plan, decoder, tile=tile, budget=budget, progress=progress)
+    with output_folder(out) as folder:  # a refused run leaves no empty --out behind
+        source = Path(latents)
+        named = read_latents(source)
+        model = build_decoder(decoder, latent_space=latent_space, device=device, dtype=dtype,
+                              random_weights=random_weights, channels_last=channels_last)
+        require_image_decoder(model, decoder, "decode")
+        check_all_latents(named, model, source)
+        plan = plan_tiles(model, plan_images(named, model, folder, source, vae_space), tile, budget)
+        return write_images(model, plan, decoder, progress=progress)
