@@ -173,13 +173,21 @@ def test_nan_output_is_an_error_when_streaming_and_in_chunks(make_decoder):
             next(poison(make_decoder("tae-temporal-192", "svd")).decode_chunks(z))
 
 
-def test_output_check_leaves_training_path_and_saturated_pixels_alone(make_decoder):
+def test_output_check_leaves_the_training_path_alone_and_refuses_inf(make_decoder):
     # decode_layers is what training differentiates: no check, no clamp there
     decoder = poison(make_decoder("tae-64", "sdxl"))
     assert torch.isnan(decoder.decode_layers(torch.randn(1, 4, 2, 2))).any()
-    # an inf that the clamp turns into a saturated pixel is a picture, not an error
     healthy = make_decoder("tae-64", "sdxl")
-    assert torch.equal(healthy.finish(torch.tensor([float("inf"), -float("inf"), 0.25])), torch.tensor([1.0, 0.0, 0.25]))
+    # values past 1 clamp to a saturated pixel; an inf is an overflow, which clamped would be a white picture
+    assert torch.equal(healthy.finish(torch.tensor([7.0, -3.0, 0.25])), torch.tensor([1.0, 0.0, 0.25]))
+    for overflow in (float("inf"), -float("inf")):
+        with pytest.raises(NonFiniteOutputError, match="NaN or inf"):
+            healthy.finish(torch.tensor([overflow, 0.25]))
+    with torch.no_grad():  # weights of 1e38: every output overflows to inf (it was returned as all 1.0)
+        for p in healthy.parameters():
+            p.fill_(1e38)
+        with pytest.raises(NonFiniteOutputError, match="NaN or inf"):
+            healthy(torch.randn(1, 4, 4, 4))
 
 
 # -- config sizes ----------------------------------------------------------------------------------------

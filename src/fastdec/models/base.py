@@ -166,20 +166,20 @@ class LatentDecoder(nn.Module):
         return z.new_zeros(*z.shape[:-3], 3, f * z.shape[-2], f * z.shape[-1])
 
     def finish(self, raw: torch.Tensor) -> torch.Tensor:
-        """Unclamped layer output -> RGB in [0, 1]; NaN (from bad weights or an overflow) is an error.
+        """Unclamped layer output -> RGB in [0, 1]; NaN or inf (bad weights, an overflow) is an error.
 
-        Checked after the clamp: an inf that clamps to 0 or 1 is a saturated pixel, a NaN is no pixel."""
-        out = raw.clamp(0, 1)
-        if not _is_tracing() and not torch.isfinite(out).all():
+        Checked before the clamp: a pixel value past fp16's 65504 is no saturated pixel but an overflow, and
+        clamped it would be a white picture with no error."""
+        if not _is_tracing() and not torch.isfinite(raw).all():
             raise NonFiniteOutputError(self._non_finite_message())
-        return out
+        return raw.clamp(0, 1)
 
     def _non_finite_message(self) -> str:
         dtype = str(self.dtype).removeprefix("torch.")
         overflow = "" if self.dtype in (torch.float32, torch.float64) else f", or the input overflowed in {dtype} (try fp32)"
         return (
             f"decoder '{self.architecture or type(self).__name__}' for '{self.latent_space.name}' latents produced "
-            f"NaN: its weights are bad (NaN/inf in the checkpoint, or a diverged training){overflow}; "
+            f"NaN or inf: its weights are bad (NaN/inf in the checkpoint, or a diverged training){overflow}; "
             f"refusing to return it as a picture"
         )
 
