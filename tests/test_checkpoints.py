@@ -291,3 +291,20 @@ def test_uniform_checkpoints_written_before_per_stage_widths_load_unchanged(tmp_
     z = torch.randn(1, 32, 3, 4)
     with torch.no_grad():
         assert torch.equal(old(z), decoder(z))
+
+
+@pytest.mark.parametrize("content, kind", [
+    (b"architecture: tae-64\nwidths: [64, 64]\n", "it is a text file"),
+    (b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4, "it is an image"),
+    (bytes([0x80, 0x02, 0x64]) + bytes(range(200)), "it is truncated, corrupt or in another format"),
+])
+def test_a_file_that_is_no_weights_says_what_it_is_not_torchs_unsafe_advice(tmp_path, content, kind):
+    """torch's weights-only failure text advises weights_only=False (which would run the file's code); a
+    YAML or an image given as a decoder is named as what it is instead."""
+    path = tmp_path / "decoder.pth"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError) as caught:
+        load_decoder(path)
+    message = str(caught.value)
+    assert kind in message and "is not a checkpoint fastdec can read" in message
+    assert "weights_only" not in message and "file an issue" not in message

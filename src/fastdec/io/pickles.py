@@ -33,8 +33,8 @@ def refusal_message(path: str | Path, error: Exception, what: str) -> str:
 
 def load_weights_only(path: str | Path, error: type[FastdecError], what: str, mmap: bool = False) -> Any:
     """``torch.load(path, weights_only=True)`` on the CPU (memory-mapped when ``mmap`` and the format allows);
-    a file that holds code is an ``error`` naming it. Other failures (a corrupt file) propagate to the caller,
-    which names the file its own way."""
+    a file that holds code, or that is no torch pickle at all, is an ``error`` naming it; a missing or
+    unreadable file (OSError) propagates to the caller, which names it its own way."""
     try:
         try:
             return torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
@@ -43,7 +43,29 @@ def load_weights_only(path: str | Path, error: type[FastdecError], what: str, mm
                 raise
             # legacy (non-zip) files cannot be memory-mapped
             return torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
+    except (OSError, FastdecError):
+        raise  # a missing or unreadable file: the caller names it its own way
+    except Exception as e:  # unpickling a file that is no torch pickle fails in many ways (IndexError, ...)
         if asks_for_code(e):
             raise error(refusal_message(path, e, what)) from e
-        raise
+        # torch's own text here advises weights_only=False, which would run whatever the file holds
+        raise error(f"'{path}' is not a {what} fastdec can read: {_what_it_is(Path(path))}. fastdec reads "
+                    ".safetensors files, and .pt / .pth / .bin files of tensors saved with torch.save") from e
+
+
+def _what_it_is(path: Path) -> str:
+    """A guess at what a file that is no torch pickle holds, for the message."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(512)
+    except OSError:
+        return "it cannot be read"
+    if head.startswith((b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"RIFF")):
+        return "it is an image"
+    if head and b"\0" not in head:
+        try:
+            head.decode("utf-8")
+            return "it is a text file (a config, a list?), not weights"
+        except UnicodeDecodeError:
+            pass
+    return "it is truncated, corrupt or in another format"
