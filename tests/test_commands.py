@@ -2,6 +2,7 @@
 (``fastdec <command>: error: <message>`` on stderr, exit status 2, nothing on stdout)."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -143,3 +144,17 @@ MISSING_INPUT = {
 def test_a_missing_input_file_is_the_same_error_in_every_command(command, inputs, capsys):
     missing = inputs["out"].parent / "missing" / "input.safetensors"
     _fails_with(MISSING_INPUT[command](inputs, missing), capsys, command, str(missing))
+
+
+@pytest.mark.parametrize("device, words", [("tpu", "unknown device 'tpu': use cpu, cuda, cuda:N or mps"),
+                                           ("cpu:abc", "unknown device 'cpu:abc'"),
+                                           ("cuda:3", "device cuda:3 is not available")])
+def test_resolve_decoder_names_a_device_it_cannot_use(device, words):
+    """The CLI checked --device; the Python API met torch's RuntimeError or 'Torch not compiled with CUDA'."""
+    from fastdec import resolve_decoder
+    from fastdec.errors import UsageError
+
+    if device == "cuda:3" and torch.cuda.device_count() > 3:  # pragma: no cover
+        pytest.skip("this machine has a fourth CUDA device")
+    with pytest.raises(UsageError, match=re.escape(words)):
+        resolve_decoder("flux2-turbo", device=device)

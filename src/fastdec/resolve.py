@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 import torch
 
+from .devices import check_device
 from .dtypes import parse_dtype
 from .errors import CheckpointError, DecoderSpecError
 from .latent_spaces import LatentSpace, get_latent_space
@@ -128,6 +129,9 @@ def resolve_decoder(
     """
     from .io.checkpoints import read_decoder
 
+    if device is not None:
+        check_device(device, "device")  # before any weights are read: 'tpu' or an absent cuda:3 named as such
+    torch_dtype = parse_dtype(dtype)
     located = locate(spec)
     if located.kind == "object":
         decoder = located.target
@@ -146,7 +150,6 @@ def resolve_decoder(
         decoder = create_decoder(located.target, latent_space or "sdxl")
     else:
         decoder = read_decoder(download(located.target), latent_space=latent_space)
-    torch_dtype = parse_dtype(dtype)
     if device is not None or torch_dtype is not None:
         decoder = decoder.to(device=device, dtype=torch_dtype)
     return decoder
