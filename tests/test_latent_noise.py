@@ -70,7 +70,7 @@ def test_training_noise_draws_a_std_per_sample_up_to_the_limit():
     # per element independent: a clip's frames carry uncorrelated noise
     frames = add_latent_noise(torch.zeros(1, *SHAPE), 0.2)[0].flatten(1)
     assert np.abs(np.corrcoef(frames.numpy())[~np.eye(SHAPE[0], dtype=bool)]).max() < 0.03
-    with pytest.raises(UsageError, match="--latent-noise must be 0 or more"):
+    with pytest.raises(UsageError, match="--latent-noise must be a finite number, 0 or more"):
         make_config({"data": "d", "out": "o", "teacher": "t", "latent_noise": -0.5})
 
 

@@ -240,6 +240,20 @@ def test_config_file_values_are_checked_and_typed(tmp_path):
     # crops cannot be larger than the resized files they are cut from
     with pytest.raises(DataError, match="--short-side 64 is smaller than the --resolution 128"):
         make_config({"data": "d", "out": "o", "teacher": "t", "resolution": 128, "short_side": 64})
+    # a key given twice, or in both spellings, would silently keep one of the two values
+    for text, words in (("steps: 2\nsteps: 3000\n", "the key 'steps' is given twice"),
+                        ("batch-size: 2\nbatch_size: 4\n", "gives batch_size twice, as 'batch-size' and 'batch_size'")):
+        config_file.write_text(text)
+        with pytest.raises(TrainError, match=words):
+            make_config({}, str(config_file))
+    # an option that means nothing without another, and infinities, are refused by name
+    required = {"data": "d", "out": "o", "teacher": "t"}
+    with pytest.raises(UsageError, match="--init-partial copies what fits from the --init checkpoint"):
+        make_config({**required, "init_partial": True})
+    with pytest.raises(UsageError, match="--latent-noise must be a finite number, 0 or more, got inf"):
+        make_config({**required, "latent_noise": float("inf")})
+    with pytest.raises(UsageError, match="--lr must be a finite number greater than 0, got inf"):
+        make_config({**required, "lr": float("inf")})
 
 
 def _free_port() -> int:

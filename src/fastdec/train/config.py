@@ -178,11 +178,36 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         raise TrainError(f"cannot read config file '{path}': {e.strerror or e}") from e
     values = _parse_config_text(text, path)
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    spelled: dict[str, str] = {}
+    for key in map(str, values):
+        name = key.replace("-", "_")
+        if name in spelled:  # batch-size and batch_size both: one would silently win
+            raise TrainError(f"config file '{path}' gives {name} twice, as '{spelled[name]}' and '{key}': keep one")
+        spelled[name] = key
     values = {str(k).replace("-", "_"): v for k, v in values.items()}
     unknown = set(values) - set(fields)
     if unknown:
         raise TrainError(f"config file '{path}' has unknown keys {sorted(unknown)}; known: {sorted(fields)}")
     return {name: _coerce(fields[name], value, f"config file '{path}'") for name, value in values.items()}
+
+
+def _unique_key_loader():
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        """safe_load that refuses a key given twice (``steps: 2`` ... ``steps: 3000``), where YAML keeps the last."""
+
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"the key '{key}' is given twice",
+                                                            key_node.start_mark)
+                seen.add(key)
+            return super().construct_mapping(node, deep)
+
+    return UniqueKeyLoader
 
 
 def _parse_config_text(text: str, path: Path) -> dict[str, Any]:
@@ -197,7 +222,7 @@ def _parse_config_text(text: str, path: Path) -> dict[str, Any]:
         import yaml
 
         try:
-            values = yaml.safe_load(text) or {}
+            values = yaml.load(text, Loader=_unique_key_loader()) or {}
         except yaml.YAMLError as e:
             raise TrainError(f"config file '{path}' is not valid YAML: {e}") from e
     if not isinstance(values, dict):
@@ -220,11 +245,11 @@ def validate_config(config: TrainConfig) -> TrainConfig:
     for name in POSITIVE:
         value = getattr(config, name)
         if value is not None and not math.inf > _number(value) > 0:  # inf: no step size or count either
-            raise UsageError(f"{flag(name)} must be greater than 0, got {value!r}")
+            raise UsageError(f"{flag(name)} must be a finite number greater than 0, got {value!r}")
     for name in NON_NEGATIVE:
         value = getattr(config, name)
         if not math.inf > _number(value) >= 0:
-            raise UsageError(f"{flag(name)} must be 0 or more, got {value!r}")
+            raise UsageError(f"{flag(name)} must be a finite number, 0 or more, got {value!r}")
     for name, (low, high, text) in FRACTIONS.items():
         value = getattr(config, name)
         inside = low <= _number(value) < high if name == "ema" else low <= _number(value) <= high
@@ -237,6 +262,8 @@ def validate_config(config: TrainConfig) -> TrainConfig:
     if config.temporal_lr is not None and not config.frames:
         raise UsageError("--temporal-lr trains a video decoder's temporal layers: it needs --frames (and a video "
                          "decoder)")
+    if config.init_partial and not config.init:
+        raise UsageError("--init-partial copies what fits from the --init checkpoint: pass --init CHECKPOINT too")
     if config.max_frame_stride != 1 and not config.frames:
         raise UsageError("--max-frame-stride samples video clips: it needs --frames (and a video decoder)")
     return config
