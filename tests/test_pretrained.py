@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 
 import fastdec
-from fastdec.errors import DecoderSpecError
+from fastdec.errors import DecoderSpecError, FastdecError
 from fastdec.pretrained import PRETRAINED, list_pretrained, model_card
 
 NAMES = ["flux2-hifi", "flux2-large", "flux2-turbo"]
@@ -109,6 +109,11 @@ def test_model_cards_markdown_is_shipped_and_names_each():
 def test_unknown_name_and_card_errors():
     with pytest.raises(DecoderSpecError, match=r"no pretrained decoder named 'flux2-nope'; shipped: flux2-hifi"):
         model_card("flux2-nope")
+    with pytest.raises(DecoderSpecError, match=r"no pretrained decoder named '\['flux2-hifi'\]'"):
+        model_card(["flux2-hifi"])  # not an unhashable-type TypeError
+    assert list_pretrained("sdxl") == []  # a known space with none shipped
+    with pytest.raises(FastdecError, match="unknown latent space 'foo'"):
+        list_pretrained("foo")  # a typo is no empty list (`fastdec pretrained --latent-space foo` exited 0)
 
 
 def test_turbo_is_at_most_half_of_taef2s_flops_and_large_at_most_three_times():

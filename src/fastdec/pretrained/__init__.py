@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DecoderSpecError
+from ..latent_spaces import get_latent_space
 
 
 @dataclass(frozen=True)
@@ -57,14 +58,16 @@ def register_pretrained(name: str, file: str, latent_space: str, description: st
 
 def model_card(name: str) -> dict[str, Any]:
     """The model card of one of fastdec's trained decoders (see ``MODEL_CARDS.md`` for all of them)."""
-    entry = PRETRAINED.get(name)
+    entry = PRETRAINED.get(name) if isinstance(name, str) else None
     if entry is None:
         raise DecoderSpecError(f"no pretrained decoder named '{name}'; shipped: {', '.join(list_pretrained()) or 'none'}")
     return entry.card()
 
 
 def list_pretrained(latent_space: str | None = None) -> list[str]:
-    """Names of fastdec's trained decoders (for one latent space, or all)."""
+    """Names of fastdec's trained decoders (for one latent space, or all); an unknown space is an error."""
+    if latent_space is not None:
+        latent_space = get_latent_space(latent_space).name
     return sorted(n for n, e in PRETRAINED.items() if latent_space is None or e.latent_space == latent_space)
 
 
