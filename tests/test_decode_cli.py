@@ -322,3 +322,11 @@ def test_large_decode_stays_within_memory_budget(tmp_path):
     assert Image.open(tmp_path / "out" / "big.png").size == (1024, 1024)
     # the budget bounds the growth over a tiny decode (the interpreter, torch and the weights are in both)
     assert peak - baseline < 800, (peak, baseline)
+
+
+def test_decode_given_a_folder_points_to_decode_batch(tmp_path, checkpoint, capsys):
+    _, path = checkpoint
+    (tmp_path / "latents").mkdir()
+    assert main(["decode", str(tmp_path / "latents"), "--decoder", str(path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "is a folder, not a latents file" in err and "fastdec decode-batch --latents FOLDER" in err

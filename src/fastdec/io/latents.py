@@ -101,12 +101,19 @@ def _first_line(e: Exception) -> str:
     return text.splitlines()[0] if text else ""
 
 
+def _not_a_file(path: Path) -> str:
+    if path.is_dir():
+        return (f"'{path}' is a folder, not a latents file: pass one file ({', '.join(LATENT_SUFFIXES)}), or decode "
+                "a whole folder with fastdec decode-batch --latents FOLDER")
+    return f"no latents file at '{path}': check the path"
+
+
 def index_latent_file(path: str | os.PathLike) -> list[LatentRef]:
     """The latents a file holds (names and shapes), reading headers only where the format allows."""
     path = Path(path)
     source = str(path)
     if not path.is_file():
-        raise LatentFileError(f"no latents file at '{path}': check the path")
+        raise LatentFileError(_not_a_file(path))
     entries: list[tuple[str, tuple[int, ...], Sequence[str] | None]] = []
     suffix = path.suffix.lower()
     try:
@@ -150,7 +157,7 @@ def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     (1, T, C, h, w) tensor, which :func:`index_latent_file` does not list as latents)."""
     path = Path(path)
     if not path.is_file():
-        raise LatentFileError(f"no latents file at '{path}': check the path")
+        raise LatentFileError(_not_a_file(path))
     suffix = path.suffix.lower()
     if suffix not in LATENT_SUFFIXES:
         raise LatentFileError(f"{path}: unknown latent file type (use {', '.join(LATENT_SUFFIXES)})")
