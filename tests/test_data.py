@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import warnings
 
 import numpy as np
@@ -277,6 +278,15 @@ def test_exclude_leaves_held_out_files_and_frame_folders_out(tmp_path):
     # a typo must not silently train on the held-out set
     with pytest.raises(DataError, match=r"--exclude names img_9\.png, which is not in .*photos"):
         ImageFolder(tmp_path / "photos", 32, exclude=["img_9.png"])
+    # a file named by its whole path (it was refused, the path shown without its leading '/')
+    absolute = ImageFolder(tmp_path / "photos", 32, exclude=[str(tmp_path / "photos" / "img_001.png")])
+    assert [p.name for p in absolute.files] == ["img_000.png", "img_002.png", "img_003.png"]
+    outside = str(tmp_path / "elsewhere.png")
+    with pytest.raises(DataError, match=f"--exclude names {re.escape(outside)}, which is not in"):
+        ImageFolder(tmp_path / "photos", 32, exclude=[outside])
+    # leaving out everything says so (it said the folder has no image files)
+    with pytest.raises(DataError, match="--exclude leaves out all 4 files or folders in .*photos.*nothing is left"):
+        ImageFolder(tmp_path / "photos", 32, exclude=[f"img_00{i}.png" for i in range(4)])
 
 
 def test_eval_video_exclude_scores_only_the_held_out_clips(tmp_path):

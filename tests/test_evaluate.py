@@ -573,7 +573,7 @@ def test_video_eval_refusals_say_why_and_leave_no_report_folder(tmp_path, capsys
     base = ["eval", "video", "--data", str(tmp_path / "videos"), "--decoder", str(decoder), "--out", str(out),
             "--teacher", str(tiny_encoder_file(tmp_path / "taesdxl_encoder.pth"))]
     for flags, words in ((["--frames", "1"], "compare successive frames, so a clip needs at least 2"),
-                         (["--exclude", "clip"], "--exclude leaves out all 1 clips"),
+                         (["--exclude", "clip"], "--exclude leaves out all 1 files or folders"),
                          (["--frames", "5"], "none of the 1 clips in")):
         assert main([*base, *flags]) == 2
         err = capsys.readouterr().err

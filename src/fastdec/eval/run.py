@@ -171,10 +171,7 @@ def list_videos(data: str | Path, limit: int | None = None, exclude: Sequence[st
         items = [folder]
     if not items:
         raise DataError(f"no videos ({', '.join(VIDEO_SUFFIXES)}) or frame folders in '{folder}'")
-    found = len(items)
     items = drop_excluded(items, folder, exclude)
-    if not items:
-        raise DataError(f"--exclude leaves out all {found} clips in '{folder}': nothing to evaluate")
     return items[:limit] if limit else items
 
 

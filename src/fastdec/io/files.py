@@ -201,7 +201,7 @@ def drop_excluded(candidates: list[Path], root: Path, exclude: Iterable[str]) ->
     """``candidates`` without the files or frame folders named in ``exclude`` (a name, or a path relative to
     ``root``): how held-out clips stay out of a training folder that also holds them. A name that matches
     nothing is an error, so a typo cannot silently train on the held-out set."""
-    exclude = {e.strip().strip("/") for e in exclude if e.strip()}
+    exclude = {_relative_name(e.strip(), root) for e in exclude if e.strip()}
     if not exclude:
         return candidates
 
@@ -212,4 +212,19 @@ def drop_excluded(candidates: list[Path], root: Path, exclude: Iterable[str]) ->
     if unmatched:
         raise DataError(f"--exclude names {', '.join(unmatched)}, which is not in '{root}': give file or folder "
                         "names (or paths relative to --data) of what to leave out")
-    return [c for c in candidates if not names(c) & exclude]
+    kept = [c for c in candidates if not names(c) & exclude]
+    if candidates and not kept:
+        raise DataError(f"--exclude leaves out all {len(candidates)} files or folders in '{root}': nothing is left")
+    return kept
+
+
+def _relative_name(entry: str, root: Path) -> str:
+    """An --exclude entry as drop_excluded compares it: a path under ``root`` given whole (absolute) becomes
+    relative to it; a trailing slash of a folder's name goes."""
+    path = Path(entry)
+    if path.is_absolute():
+        try:
+            return path.resolve().relative_to(root.resolve()).as_posix()
+        except ValueError:
+            return entry  # outside --data: reported, as given, as not in it
+    return entry.strip("/")
