@@ -283,3 +283,11 @@ def test_training_grows_the_student_from_init(tmp_path, capsys):
                       out=str(tmp_path / "shrunk")))
     assert "student partly transferred (not equal to it) from --init" in capsys.readouterr().out
     assert fastdec.load_decoder(tmp_path / "shrunk" / "decoder.safetensors").config.stage_widths == (8,) * 4
+    # another kind altogether (a video decoder's weights into an image decoder): named as kinds, with the fix,
+    # not as two config dicts
+    from factories import tiny_decoder
+
+    video = fastdec.save_decoder(tiny_decoder("tae-causal-64", "sdxl"), tmp_path / "w" / "video.safetensors")
+    with pytest.raises(TrainError, match=r"is a video decoder \(tae-causal\) and --decoder .* an image decoder \(tae\)"
+                                         r".*from a checkpoint of its own kind, or from random weights"):
+        train(TrainConfig(**common, decoder=str(source), init=str(video), steps=1, out=str(tmp_path / "kinds")))

@@ -49,8 +49,14 @@ def _initialise(decoder: LatentDecoder, config: TrainConfig) -> LatentDecoder:
         return _grow(source, decoder, config)
     if decoder.is_video and not source.is_video and hasattr(type(decoder), "from_image_decoder"):
         return type(decoder).from_image_decoder(source)
-    raise TrainError(f"--init '{config.init}' ({source.architecture} {source.config_dict()}) does not fit "
-                     f"--decoder {config.decoder} ({decoder.architecture} {decoder.config_dict()})")
+    raise TrainError(f"--init '{config.init}' is {_kind(source)} and --decoder {config.decoder} {_kind(decoder)}: "
+                     "--init starts an equal decoder, a wider or deeper TAE image decoder (grown; a narrower one with "
+                     "--init-partial), or a video decoder from its image decoder, not this. Start "
+                     f"--decoder {config.decoder} from a checkpoint of its own kind, or from random weights (no --init)")
+
+
+def _kind(decoder: LatentDecoder) -> str:
+    return f"a video decoder ({decoder.architecture})" if decoder.is_video else f"an image decoder ({decoder.architecture})"
 
 
 def _grow(source: TAEDecoder, decoder: TAEDecoder, config: TrainConfig) -> TAEDecoder:
