@@ -165,6 +165,8 @@ def test_other_refusals():
         grow(source_decoder(), "effvit-paper")
     with pytest.raises(InputTypeError, match="needs a TAE image decoder"):
         grow(fastdec.create_decoder("tae-causal-64", "sdxl"), "tae-64")
+    with pytest.raises(FastdecError, match=r"unknown fields \['bogus'\]; TAEConfig's are"):  # not TypeError
+        grow(source_decoder(), dict(width=8, bogus=1))
 
 
 def test_pixel_shuffle_growth_copies_the_shared_layers_and_warns():

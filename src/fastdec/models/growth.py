@@ -23,6 +23,7 @@ another latent space) is refused with a :class:`NotASupersetError` naming what s
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -197,6 +198,10 @@ def _target_decoder(source: TAEDecoder, target: Any) -> TAEDecoder:
                                  f"'{PRESETS[target].architecture}' decoder")
         target = create_decoder(target, source.latent_space)
     elif isinstance(target, dict):
+        fields = {f.name for f in dataclasses.fields(TAEConfig)}
+        unknown = sorted(set(target) - fields)
+        if unknown:
+            raise UsageError(f"grow's target config has unknown fields {unknown}; TAEConfig's are {sorted(fields)}")
         target = TAEDecoder(TAEConfig(**{"latent_channels": source.latent_channels, **target}), source.latent_space)
     elif isinstance(target, TAEConfig) and type(target) is TAEConfig:
         target = TAEDecoder(target, source.latent_space)
