@@ -77,12 +77,28 @@ def test_any_channel_count_and_small_inputs(make_decoder):
         decode_tiled(decoder, torch.randn(1, 4, 80, 80), tile=64)
 
 
-@pytest.mark.parametrize("tile, overlap, message", [(10, 5, "larger than 2 x overlap"), (0, 0, "tile must be"),
-                                                    (-4, 0, "tile must be"), (64, -1, "overlap must be")])
+@pytest.mark.parametrize("tile, overlap, message", [
+    (10, 5, "larger than 2 x overlap"), (0, 0, "tile must be"), (-4, 0, "tile must be"), (64, -1, "overlap must be"),
+    # not met as '<' between str and int, range() of a float, or inf accepted
+    (float("nan"), 0, "tile must be a whole number"), ("64", 0, "tile must be a whole number"),
+    (True, 0, "tile must be a whole number"), (8.5, 0, "tile must be a whole number"),
+    (float("inf"), 0, "tile must be a whole number"), (64, float("nan"), "overlap must be a whole number"),
+])
 def test_bad_tile_settings_are_usage_errors(make_decoder, tile, overlap, message):
     decoder = make_decoder("tae-64", "sdxl")
     with pytest.raises(UsageError, match=message):
         decode_tiled(decoder, torch.randn(1, 4, 16, 16), tile=tile, overlap=overlap)
+
+
+def test_bad_latents_are_named_before_the_tile(make_decoder):
+    """With a tile too small for the overlap, NaN, integer or wrong-channel latents were reported as the tile."""
+    decoder = make_decoder("tae-64", "sdxl")
+    nan = torch.randn(1, 4, 16, 16)
+    nan[0, 0, 3, 3] = float("nan")
+    for z, words in ((nan, "NaN"), (torch.ones(1, 4, 16, 16, dtype=torch.int64), "int64"),
+                     (torch.randn(1, 16, 16, 16), "channels")):
+        with pytest.raises(ValueError, match=words):
+            decode_tiled(decoder, z, tile=8, overlap=19)
 
 
 def test_video_decoders_are_refused(make_decoder):

@@ -246,6 +246,12 @@ def decode_tiled(decoder: Any, z: torch.Tensor, tile: int = 64, overlap: int | N
     if z.ndim != 4:
         # let the decoder's own check produce its usual, specific message
         return decoder(z)
+    for name, value in (("tile", tile), ("overlap", overlap)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise InputTypeError(f"{name} must be a whole number of latent pixels, got {value!r}")
+    check = getattr(_torch_decoder(decoder), "check_latents", None)
+    if check is not None:
+        check(z)  # bad latents (channels, dtype, NaN) are named as such, not as a tile that does not fit
     overlap = _overlap_for(decoder, tile, overlap)
     core = _check_tile(tile, overlap)
     h, w = z.shape[-2:]
