@@ -270,3 +270,11 @@ def test_compiled_streaming_really_compiles_and_equals_parallel():
         stream = optimize(decoder).stream()
         streamed = torch.cat([stream.push(z[:, t : t + 2]) for t in range(0, 6, 2)], dim=1)
     assert (streamed - reference).abs().max() < 1e-4
+
+
+def test_optimize_refuses_switches_that_are_no_booleans(make_decoder):
+    from fastdec.errors import InputTypeError
+
+    for kwargs in ({"compile": "yes"}, {"channels_last": "no"}, {"compile": 0}):
+        with pytest.raises(InputTypeError, match="must be True or False"):
+            optimize(make_decoder("tae-64", "sdxl"), **kwargs)

@@ -203,6 +203,9 @@ def optimize(
 
     if isinstance(decoder, OnnxDecoder):
         raise UsageError("an OnnxDecoder already runs in onnxruntime: optimize the torch decoder it was exported from")
+    for name, value in (("channels_last", channels_last), ("compile", compile)):
+        if not isinstance(value, bool):  # the string "no" would be true
+            raise InputTypeError(f"optimize's {name} must be True or False, got {value!r}")
     decoder.eval().requires_grad_(False)
     torch_dtype = parse_dtype(dtype)
     if torch_dtype is not None:
