@@ -112,6 +112,10 @@ def test_resume_with_another_decoder_is_refused_before_any_encoding(tiny_setup, 
     assert "holds another decoder's weights" in err and "there but" in err and "Traceback" not in err
     assert f"trained with --decoder {tiny_setup['decoder']}" in err and "Resume with the options" in err
     assert not (tmp_path / "new-cache").exists()  # refused before the encoding pass
+    # a --steps below the checkpoint's step trained nothing and exited 0
+    with pytest.raises(TrainError, match=r"step_00000002\.pt is at step 2, past --steps 1 \(the run was for 4\)"):
+        _run(**tiny_setup | {"cache_dir": str(tmp_path / "new-cache")}, steps=1, out=str(out), resume=True)
+    assert not (tmp_path / "new-cache").exists()
 
 
 class _WritesMarker:

@@ -36,8 +36,8 @@ def _add_onnx_command(formats: Any) -> None:
                         "name needs --random-weights")
     p.add_argument("--random-weights", action="store_true",
                    help="build a preset with random weights: for benchmarks and tests")
-    p.add_argument("--latent-space", default=None, help="latent space (sdxl, flux2, ...): needed for presets and "
-                                                            "for checkpoints that do not record it")
+    p.add_argument("--latent-space", default=None, help="latent space (sdxl, flux2, ...) a preset is built for "
+                                                            "(default sdxl), and of checkpoints that do not record it")
     p.add_argument("--out", required=True, help="output .onnx path (written atomically, only after the check)")
     p.add_argument("--opset", type=int, default=None, help=f"ONNX opset (default {DEFAULT_OPSET})")
     p.add_argument("--exporter", choices=EXPORTERS, default="torchscript",

@@ -263,7 +263,11 @@ def build_optimization(run: Run, decoder: LatentDecoder) -> None:
 
 def check_resumable(path: Path, state: dict[str, Any], decoder: LatentDecoder, config: TrainConfig) -> None:
     """The checkpoint's weights fit the decoder this command builds (the same --decoder, and a --teacher of
-    the same latent space), or an error saying which options it was trained with."""
+    the same latent space) and its step is not past --steps, or an error saying which options it was trained with."""
+    was = state.get("config") or {}
+    if state["step"] > config.steps:  # it would re-export the checkpoint and exit 0, training nothing
+        raise TrainError(f"--resume: {path} is at step {state['step']}, past --steps {config.steps} (the run was "
+                         f"for {was.get('steps')}): pass --steps {state['step']} or more")
     saved, mine = state["model"], decoder.state_dict()
     wrong = [k for k in mine if k in saved and tuple(saved[k].shape) != tuple(mine[k].shape)]
     missing, extra = [k for k in mine if k not in saved], [k for k in saved if k not in mine]
@@ -273,7 +277,6 @@ def check_resumable(path: Path, state: dict[str, Any], decoder: LatentDecoder, c
         first = f"{wrong[0]} is {tuple(saved[wrong[0]].shape)} there but {tuple(mine[wrong[0]].shape)} here"
     else:
         first = f"{(missing or extra)[0]} is in {'this decoder but not there' if missing else 'it but not here'}"
-    was = state.get("config") or {}
     raise TrainError(
         f"--resume: {path} holds another decoder's weights ({first}). It was trained with --decoder "
         f"{was.get('decoder')} --teacher {was.get('teacher')}; this command builds --decoder {config.decoder} for "
