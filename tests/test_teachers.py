@@ -58,6 +58,22 @@ def test_autoencoderkl_pipeline_folder_teacher_matches_diffusers(tmp_path):
     torch.testing.assert_close(teacher.decode(z), reference_rgb.clamp(0, 1), rtol=1e-4, atol=1e-4)
 
 
+def test_a_vae_teacher_refuses_a_latent_space_of_another_shape(tmp_path):
+    """Channels were checked for a pipeline folder only, and the factor nowhere: a VAE labelled with a space of
+    another factor encodes at its own factor, so frames came out the wrong size."""
+    from diffusers import AutoencoderKL
+
+    from fastdec.latent_spaces import LatentSpace
+
+    torch.manual_seed(0)
+    folder = _save_pipeline_vae(AutoencoderKL(**TINY_KL, latent_channels=4, scaling_factor=0.13025), tmp_path / "p")
+    with pytest.raises(TeacherError, match=r"for 4-channel latents at /8, not 'sd3' \(16 channels, /8\)"):
+        load_teacher(folder, latent_space="sd3")
+    with pytest.raises(TeacherError, match=r"for 4-channel latents at /8, not 'x16' \(4 channels, /16\)"):
+        load_teacher(folder, latent_space=LatentSpace("x16", 4, spatial_factor=16))
+    assert load_teacher(folder, latent_space="sd15").latent_space.name == "sd15"  # same shape: the one asked for
+
+
 def test_vae_classes_map_to_their_latent_spaces(tmp_path):
     from diffusers import AutoencoderDC, AutoencoderKLFlux2, AutoencoderKLTemporalDecoder
 

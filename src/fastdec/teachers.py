@@ -266,23 +266,30 @@ def load_teacher(
             if decoder is not None:
                 raise TeacherError("a diffusers VAE teacher brings its own decoder: drop the separate teacher decoder")
             vae, class_name, config = _load_vae_folder(folder, dtype)
-            detected = space_for_vae(class_name, config)
-            if space is not None and space.channels != detected.channels:
-                raise TeacherError(f"'{folder}' is a {class_name} for {detected.channels}-channel latents, "
-                                   f"not '{space.name}' ({space.channels} channels)")
-            return DiffusersTeacher(vae.to(device), space or detected, f"{class_name}:{_file_fingerprint(folder)}",
-                                    sample)
+            chosen = _vae_space(space, space_for_vae(class_name, config), f"'{folder}' is a {class_name}")
+            return DiffusersTeacher(vae.to(device), chosen, f"{class_name}:{_file_fingerprint(folder)}", sample)
     is_vae_file = path.is_file() and path.suffix in (".safetensors", ".ckpt") and not _is_taesd_file(path)
     if is_vae_file:
         vae, class_name, config = _load_vae_single_file(path, space, dtype)
-        detected = space_for_vae(class_name, config)
-        return DiffusersTeacher(vae.to(device), space or detected, f"{class_name}:{_file_fingerprint(path)}", sample)
+        chosen = _vae_space(space, space_for_vae(class_name, config), f"'{path}' is a {class_name}")
+        return DiffusersTeacher(vae.to(device), chosen, f"{class_name}:{_file_fingerprint(path)}", sample)
     if path.exists():
         return _load_tae_teacher(path, decoder, space, device, dtype)
     if _is_hub_id(source):
         return _load_hub_teacher(str(source), space, device, dtype, sample)
     raise TeacherError(f"teacher '{source}' is neither {_NOT_A_TEACHER}: no such file or folder (relative paths "
                        f"start from {Path.cwd()}), and not a Hub id (owner/name)")
+
+
+def _vae_space(asked: LatentSpace | None, detected: LatentSpace, what: str) -> LatentSpace:
+    """The space a diffusers VAE teacher is used in: the one asked for, when its latents have the VAE's shape
+    (channels and factor: a /32 DC-AE taken as /8 FLUX.2 would encode videos a quarter the size), else its own."""
+    if asked is None:
+        return detected
+    if (asked.channels, asked.spatial_factor) != (detected.channels, detected.spatial_factor):
+        raise TeacherError(f"{what} for {detected.channels}-channel latents at /{detected.spatial_factor}, not "
+                           f"'{asked.name}' ({asked.channels} channels, /{asked.spatial_factor})")
+    return asked
 
 
 def _load_tae_teacher(path: Path, decoder, space: LatentSpace | None, device, dtype) -> TAETeacher:
@@ -352,8 +359,8 @@ def _load_hub_teacher(repo_id: str, space, device, dtype, sample) -> Teacher:
         cls = getattr(diffusers, class_name)
         kwargs = {"subfolder": subfolder} if subfolder else {}
         vae = cls.from_pretrained(repo_id, torch_dtype=dtype, **kwargs)
-        detected = space_for_vae(class_name, dict(vae.config))
-        return DiffusersTeacher(vae.to(device), space or detected,
+        chosen = _vae_space(space, space_for_vae(class_name, dict(vae.config)), f"'{repo_id}' is a {class_name}")
+        return DiffusersTeacher(vae.to(device), chosen,
                                 f"{class_name}:hub:{repo_id}@{_hub_revision(config_path)}", sample)
     raise TeacherError(
         f"could not load a VAE teacher from the Hub id '{repo_id}' ({'; '.join(errors) or 'no VAE config found'}). "

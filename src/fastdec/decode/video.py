@@ -18,7 +18,7 @@ from typing import Any, Iterator
 
 import torch
 
-from ..errors import DecodeVideoError, LatentFileError, NonFiniteOutputError, UsageError
+from ..errors import DecodeVideoError, LatentFileError, LatentSpaceError, NonFiniteOutputError, UsageError
 from ..io.files import check_output_file
 from ..io.latents import LATENT_SUFFIXES, check_latent, read_tensors
 from ..models import LatentDecoder
@@ -203,7 +203,10 @@ def encoded_source(path: Path, decoder: LatentDecoder, *, teacher: str | None, l
             f"encode it first (reconstruct mode), or pass a latents file ({', '.join(LATENT_SUFFIXES)})"
         )
     info = video_info(path)
-    encoder = load_video_encoder(teacher, latent_space or decoder.latent_space, device)
+    try:  # the decoder's space picks the statistics where the file cannot tell (TAESD vs TAESDXL)
+        encoder = load_video_encoder(teacher, latent_space or decoder.latent_space, device)
+    except LatentSpaceError as e:
+        raise DecodeVideoError(f"teacher and decoder are of different latent spaces: {e}") from e
     space, want = encoder.latent_space, decoder.latent_space
     if space.channels != decoder.latent_channels:
         raise DecodeVideoError(

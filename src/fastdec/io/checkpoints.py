@@ -391,7 +391,8 @@ def read_encoder(source: str | os.PathLike, latent_space: LatentSpace | str | No
     if (space.channels, space.spatial_factor) != (config.latent_channels, factor):
         raise LatentSpaceError(  # not a CheckpointError: the file is fine, the space asked for is not its own
             f"'{path}' encodes {config.latent_channels}-channel latents at /{factor}, not '{space.name}' "
-            f"({space.channels} channels, /{space.spatial_factor}): drop --latent-space, or name a space of that shape")
+            f"({space.channels} channels, /{space.spatial_factor}), the latent space asked for (--latent-space, or the "
+            "decoder's): use an encoder of that space, or name the encoder's own")
     encoder = TAEEncoder(config, space)
     _load_strict(encoder, {"layers." + k: v for k, v in state.items()}, path, f"TAE encoder ({config})")
     return encoder.eval()
