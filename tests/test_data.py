@@ -366,3 +366,29 @@ def test_photos_stored_rotated_are_cropped_upright(tmp_path, suffix):
     # a picture whose upright shape no longer fits the planned crops is refused, never stretched to fit
     with pytest.raises(DataError, match=r"decodes upright at 40x24 px, not the shape .* planned for \(24x40"):
         data.load(crop)
+
+
+def test_16_bit_and_float_images_are_read_right_or_refused(tmp_path):
+    """PIL's convert('RGB') clips 16-bit grey to white and float samples to black, which eval scored and
+    training trained on: 16-bit is scaled to 8 bits now, and float or 32-bit integer samples are refused."""
+    from PIL import Image
+
+    from fastdec.io.images import load_image
+
+    ramp = (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)  # 0 .. 65520
+    folder = tmp_path / "deep"
+    folder.mkdir()
+    Image.fromarray(ramp).save(folder / "grey16.png")
+    image = load_image(folder / "grey16.png")
+    expected = torch.from_numpy((ramp / 257).round() / 255).float()
+    # 8-bit rounding of the 16-bit value: within half an 8-bit level of it, in every channel
+    assert image.shape == (1, 3, 64, 64) and (image - expected).abs().max() <= 0.5 / 255 + 1e-6
+    crop = ImageFolder(folder, 32).random_crops(1, seed=0)[0]
+    pixels = ImageFolder(folder, 32).load(crop)
+    top, left = crop.top, crop.left
+    window = image[0, :, top:top + 32, left:left + 32]
+    assert torch.equal(pixels, window.flip(-1) if crop.flip else window)  # training reads what eval reads
+    for mode, array in (("F", ramp.astype(np.float32) / 65535), ("I", ramp.astype(np.int32))):
+        Image.fromarray(array).save(tmp_path / f"{mode}.tif")
+        with pytest.raises(DataError, match=f"PIL mode {mode}.*save it as an 8- or 16-bit image"):
+            load_image(tmp_path / f"{mode}.tif")

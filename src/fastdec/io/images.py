@@ -30,14 +30,34 @@ def list_images(folder: str | os.PathLike, recursive: bool = False) -> list[Path
 
 def load_image(path: str | os.PathLike) -> torch.Tensor:
     """RGB in [0, 1], (1, 3, H, W), EXIF orientation applied. Raises ``DataError`` naming an unreadable file."""
-    from PIL import Image, ImageOps
+    from PIL import Image
 
     try:
         with Image.open(path) as im:
-            rgb = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+            rgb = np.asarray(as_rgb(im, path))
+    except DataError:
+        raise
     except Exception as e:  # PIL raises many types for a bad file; all mean "unreadable image"
         raise DataError(f"cannot read image '{path}': {type(e).__name__}: {e}") from e
     return torch.from_numpy(rgb.copy()).permute(2, 0, 1)[None].float() / 255
+
+
+def as_rgb(im: Any, path: str | os.PathLike, upright: bool = True) -> Any:
+    """An opened PIL image as 8-bit RGB (EXIF orientation applied when ``upright``), the one conversion every
+    reader uses. PIL's ``convert("RGB")`` clips 16-bit grey to white and float samples to black: 16-bit is scaled
+    down instead, and 32-bit integer or float samples (whose range no file states) are a ``DataError``."""
+    from PIL import Image, ImageOps
+
+    if upright:
+        im = ImageOps.exif_transpose(im)
+    if im.mode.startswith("I;16"):
+        grey = (np.asarray(im).astype(np.float32) / 257).round().astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    if im.mode in ("I", "F"):
+        kind = "32-bit integer" if im.mode == "I" else "floating-point"
+        raise DataError(f"image '{path}' holds {kind} samples (PIL mode {im.mode}), whose range fastdec cannot "
+                        "know: save it as an 8- or 16-bit image")
+    return im.convert("RGB")
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:

@@ -20,9 +20,9 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from ..errors import InputTypeError, UsageError, VideoError
+from ..errors import DataError, InputTypeError, UsageError, VideoError
 from .files import _UMASK, TEMP_MARKER
-from .images import IMAGE_SUFFIXES
+from .images import IMAGE_SUFFIXES, as_rgb
 
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".mkv", ".avi", ".gif")
 WRITE_SUFFIXES = (".mp4", ".gif")
@@ -53,7 +53,9 @@ def _read_image(path: Path) -> np.ndarray:
 
     try:
         with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
+            return np.asarray(as_rgb(im, path, upright=False))
+    except DataError as e:
+        raise VideoError(str(e)) from e
     except (UnidentifiedImageError, OSError) as e:
         raise VideoError(f"cannot read frame '{path}': {e}") from e
 

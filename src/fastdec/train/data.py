@@ -21,7 +21,7 @@ import torch
 
 from ..errors import DataError
 from ..io.files import drop_excluded
-from ..io.images import IMAGE_SUFFIXES, list_images
+from ..io.images import IMAGE_SUFFIXES, as_rgb, list_images
 from ..io.video import VIDEO_SUFFIXES
 
 
@@ -164,12 +164,14 @@ class ImageFolder(_MediaFolder):
 
     def load(self, crop: Crop) -> torch.Tensor:
         """The pixels of ``crop``, (3, R, R) float in [0, 1]. Raises ``DataError`` for an undecodable file."""
-        from PIL import Image, ImageOps
+        from PIL import Image
 
         path = self.files[crop.file]
         try:
             with Image.open(path) as im:
-                im = ImageOps.exif_transpose(im).convert("RGB")  # upright, as fastdec eval reads it
+                im = as_rgb(im, path)  # upright, as fastdec eval reads it
+        except DataError:
+            raise
         except Exception as e:  # PIL raises many types for a bad file
             raise DataError(f"cannot decode image '{path}': {type(e).__name__}: {e}") from e
         size = self.sizes[crop.file]
