@@ -368,3 +368,22 @@ def test_work_list_names_duplicates_and_bad_keys(tmp_path):
         write_latent_shard(tmp_path / "c.safetensors", {"batch": torch.zeros(2, 4, 8, 8)})
     with pytest.raises(LatentFileError, match="no latent files"):
         find_latent_files(str(tmp_path / "nothing*.npy"))
+
+
+def test_images_in_a_folder_without_a_manifest_are_not_taken_as_done(workspace, tmp_path, capsys):
+    """A photo named like an output, or the images of a run whose manifest was deleted, counted as already
+    done and were recorded as this decoder's (exit 0); without a manifest nothing there is decode-batch's."""
+    latents = tmp_path / "latents"
+    g = torch.Generator().manual_seed(5)
+    write_latent_shard(latents / "s.safetensors", {f"k{i}": torch.randn(4, 8, 8, generator=g) for i in range(3)})
+    out = tmp_path / "out"
+    base = ["decode-batch", "--latents", str(latents), "--out", str(out), "--no-progress"]
+    assert main([*base, "--decoder", str(workspace["a"])]) == 0
+    (out / MANIFEST_NAME).unlink()
+    capsys.readouterr()
+    assert main([*base, "--decoder", str(workspace["b"])]) == 2
+    err = capsys.readouterr().err
+    assert "holds k0.png, a name this run writes, but no fastdec_manifest.json" in err and "--overwrite" in err
+    assert not (out / MANIFEST_NAME).exists()  # refused before a manifest claimed the images
+    assert main([*base, "--decoder", str(workspace["b"]), "--overwrite"]) == 0
+    assert "3 already done" not in capsys.readouterr().err

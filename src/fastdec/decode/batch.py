@@ -545,10 +545,23 @@ class _BatchRun:
         """Refuse another decoder's folder; on rank 0, clean up after a crash and (re)start the manifest."""
         self.procs.barrier()
         check_manifest(self.out, self.identity, self.opts.overwrite)  # every rank raises the same error
+        self._refuse_unrecorded_images()
         self.procs.barrier()
         if self.procs.is_main:
             self._reset_folder()
         self.procs.barrier()
+
+    def _refuse_unrecorded_images(self) -> None:
+        """A folder with no manifest was never written by decode-batch (a run writes its manifest before its
+        first image): an image there under a name this run writes is someone else's, not one already done."""
+        if self.opts.overwrite or existing_manifests(self.out):
+            return
+        for item in self.items:
+            taken = writer_path(self.out, item.key, self.opts.image_format)
+            if taken.exists():
+                raise ManifestMismatchError(
+                    f"'{self.out}' holds {taken.name}, a name this run writes, but no {MANIFEST_NAME}: decode-batch "
+                    "did not write it, so it is not taken as done. Use another --out, or --overwrite to replace it")
 
     def _reset_folder(self) -> None:
         removed = clean_temp_files(self.out)
