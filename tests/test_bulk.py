@@ -387,3 +387,24 @@ def test_images_in_a_folder_without_a_manifest_are_not_taken_as_done(workspace, 
     assert not (out / MANIFEST_NAME).exists()  # refused before a manifest claimed the images
     assert main([*base, "--decoder", str(workspace["b"]), "--overwrite"]) == 0
     assert "3 already done" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("env, words", [
+    ({"RANK": "5", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29533"},
+     "RANK=5 with WORLD_SIZE=2: a rank is 0 to WORLD_SIZE - 1"),  # it waited forever at the rendezvous
+    ({"RANK": "abc", "WORLD_SIZE": "2"}, "RANK='abc' is not a whole number"),
+    ({"WORLD_SIZE": "0"}, "WORLD_SIZE=0: a run needs at least 1 process"),  # ran as one process, exit 0
+    ({"RANK": "1"}, "RANK=1 with WORLD_SIZE=1"),
+    ({"RANK": "1", "WORLD_SIZE": "2"}, "WORLD_SIZE=2 without MASTER_ADDR, MASTER_PORT"),  # accelerate's traceback
+])
+def test_bad_launch_variables_are_named_before_any_process_group(workspace, tmp_path, monkeypatch, capsys, env, words):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    out = tmp_path / "out"
+    assert main(["decode-batch", "--latents", str(workspace["latents_dir"]), "--decoder", str(workspace["a"]),
+                 "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert words in err and "torchrun or accelerate launch" in err and "Traceback" not in err
+    assert not out.exists()

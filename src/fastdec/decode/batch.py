@@ -41,6 +41,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
+from ..devices import check_launch_environment
 from ..dtypes import dtype_name, parse_dtype
 from ..errors import (
     LatentFileError,
@@ -470,6 +471,7 @@ class _Processes:
     def __init__(self) -> None:
         from accelerate import PartialState
 
+        check_launch_environment()
         # cpu=True makes torchrun-launched processes on a GPU-less machine join one gloo group instead of
         # each running alone (accelerate's own `--cpu` flag launches a single process unless given an MPI hostfile)
         use_cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")

@@ -29,6 +29,7 @@ from typing import Any, Iterator
 import torch
 import torch.nn as nn
 
+from ..devices import check_launch_environment
 from ..errors import TrainError
 from ..io.checkpoints import save_decoder
 from ..io.files import prepare_output_dir, write_json
@@ -166,6 +167,7 @@ def make_accelerator(precision: Precision, config: TrainConfig):
     follow one another in one process (accelerate fixes its own precision once per process)."""
     from accelerate import Accelerator
 
+    check_launch_environment()
     return Accelerator(mixed_precision="fp16" if precision.mixed_precision == "fp16" else "no", cpu=config.cpu)
 
 
