@@ -174,7 +174,8 @@ def test_teacher_errors(tiny_images, tmp_path, taef2_encoder_path, taef2_decoder
     with pytest.raises(EvalError, match="not a multiple of the latent factor 8"):
         evaluate_images(tiny_images, ["teacher"], teacher=str(taef2_encoder_path),
                         teacher_decoder=str(taef2_decoder_path), resolution=60)
-    with pytest.raises(EvalError, match="cannot crop 64x64 from a 61x83"):
+    # an image smaller than --resolution is skipped (like an unreadable one); all of them: the error says why
+    with pytest.raises(DataError, match="none of the 3 images .*: astronaut.png: cannot crop 64x64 from a 61x83"):
         evaluate_images(tiny_images, ["teacher"], teacher=str(taef2_encoder_path),
                         teacher_decoder=str(taef2_decoder_path), resolution=64)
     sd = save_decoder(make_decoder("tae-64", "sd15"), tmp_path / "sd.safetensors")
@@ -581,3 +582,27 @@ def test_video_eval_refusals_say_why_and_leave_no_report_folder(tmp_path, capsys
         assert not (tmp_path / "deep").exists()
     assert "could be read: clip: " in err and "3" in err  # the reason, not only the earlier warning line
     assert main([*base, "--frames", "3"]) == 0 and (out / "report.json").is_file()
+
+
+def test_images_too_small_and_latents_of_another_size_are_skipped_and_named(tiny_images, latents, tiny_decoder,
+                                                                           tmp_path, capsys):
+    """A 7x7 image stopped the whole run; a latent of another image's size was centre-cropped to and scored
+    (PSNR 12, exit 0), or a larger one blamed on --resolution: each is skipped now, with its reason."""
+    import shutil
+
+    from PIL import Image
+
+    data, lat = tmp_path / "data", tmp_path / "lat"
+    shutil.copytree(tiny_images, data)
+    shutil.copytree(latents, lat)
+    Image.new("RGB", (7, 7)).save(data / "tiny.png")
+    torch.save(torch.randn(4, 5, 7), lat / "tiny.pt")
+    first = sorted(p for p in lat.iterdir() if p.stem == "astronaut")[0]
+    wrong = first.with_name("astronaut.pt")
+    first.unlink()
+    torch.save(torch.randn(4, 5, 7), wrong)  # 40x56 px, not the image's size
+    report = evaluate_images(data, [str(tiny_decoder)], latents=lat)
+    err = capsys.readouterr().err
+    assert "skipping 'astronaut.png': its latents 'astronaut.pt' are 5x7, but a" in err
+    assert report["decoders"]["tiny"]["metrics"]["original"]["psnr"]["n"] == 2  # chelsea, coffee
+    assert sorted(report["skipped"]["files"]) == ["astronaut.png", "tiny.png"]

@@ -498,6 +498,8 @@ class ImageEvaluation(Evaluation):
     def __init__(self, *, latents: str | Path | None, resolution: int | None, lpips: M.LPIPS | None,
                  fid: FrechetTracker | None, grid: int, **common: Any):
         super().__init__(**common)
+        if resolution and resolution % self.factor:  # the whole run's setting: refused, not skipped image by image
+            raise EvalError(f"--resolution {resolution} is not a multiple of the latent factor {self.factor}")
         self.latents = Path(latents) if latents is not None else None
         self.resolution, self.lpips, self.fid, self.grid = resolution, lpips, fid, grid
         self.channels = self.space.channels if self.space is not None else self.decoders[0].fn.latent_channels
@@ -510,10 +512,19 @@ class ImageEvaluation(Evaluation):
         except DataError as e:  # one unreadable file does not end the evaluation
             return self.skip(path, e)
         if self.latents is None:
-            original = crop_to_factor(image, self.factor, self.resolution).to(self.device)
+            try:
+                original = crop_to_factor(image, self.factor, self.resolution).to(self.device)
+            except EvalError as e:  # an image smaller than one latent pixel, or than --resolution
+                return self.skip(path, e)
             return Sample(path.name, original, self.encode(original, path.name))
-        z = self.jitter(read_latent(find_latent(self.latents, path), self.channels).to(self.device), path.name)
-        original = center_crop(image, z.shape[-2] * self.factor, z.shape[-1] * self.factor).to(self.device)
+        source = find_latent(self.latents, path)
+        z = self.jitter(read_latent(source, self.channels).to(self.device), path.name)
+        (h, w), f = image.shape[-2:], self.factor
+        if tuple(z.shape[-2:]) != (h // f, w // f):  # made from another image, or another size of it
+            return self.skip(path, LatentFileError(
+                f"its latents '{source.name}' are {z.shape[-2]}x{z.shape[-1]}, but a {h}x{w} px image encodes to "
+                f"{h // f}x{w // f} at /{f}"))
+        original = center_crop(image, h - h % f, w - w % f).to(self.device)
         return Sample(path.name, original, z)
 
     def score(self, sample, dec, reference, decoded, ref):
