@@ -90,3 +90,18 @@ def test_a_missing_plugin_is_a_usage_error(tmp_path, capsys):
     assert main(["--plugin", str(tmp_path / "nope.py"), "decode", "x.pt", "--decoder", "x", "--out", "o"]) == 2
     err = capsys.readouterr().err
     assert "plugin file" in err and "nope.py" in err
+
+
+@pytest.mark.parametrize("source, words", [
+    ("raise RuntimeError('boom at import')\n", "at {path}:1: RuntimeError: boom at import"),
+    ("import fastdec_no_such_dependency\n", "ModuleNotFoundError"),
+    ("def broken(:\n", "at {path}:1: SyntaxError"),
+])
+def test_a_plugin_that_fails_on_import_is_named_with_its_line(tmp_path, capsys, source, words):
+    plugin = tmp_path / "plug.py"
+    plugin.write_text(source)
+    assert main(["--plugin", str(plugin), "pretrained"]) == 2
+    err = capsys.readouterr().err
+    assert words.format(path=plugin) in err and "Traceback" not in err and "Fix the plugin" in err
+    assert main(["--plugin", "", "pretrained"]) == 2
+    assert "got an empty one" in capsys.readouterr().err

@@ -19,6 +19,8 @@ PLUGINS_ENV = "FASTDEC_PLUGINS"
 
 def load_plugin(spec: str) -> ModuleType:
     """Import a module by name (``my_pkg.decoders``) or a Python file by path (``my_decoder.py``)."""
+    if not spec.strip():
+        raise UsageError("--plugin needs a .py file or an importable module name, got an empty one")
     path = Path(spec).expanduser()
     if spec.endswith(".py") or path.is_file():
         if not path.is_file():
@@ -31,8 +33,10 @@ def load_plugin(spec: str) -> ModuleType:
         sys.modules[name] = module
         try:
             module_spec.loader.exec_module(module)
-        except BaseException:
+        except BaseException as e:
             del sys.modules[name]
+            if isinstance(e, Exception):
+                raise _failed(spec, e) from e
             raise
         return module
     try:
@@ -40,6 +44,21 @@ def load_plugin(spec: str) -> ModuleType:
     except ModuleNotFoundError as e:
         raise UsageError(f"plugin module '{spec}' cannot be imported ({e}): pass a .py file or put the module "
                          "on PYTHONPATH") from e
+    except Exception as e:
+        raise _failed(spec, e) from e
+
+
+def _failed(spec: str, error: Exception) -> UsageError:
+    """The plugin's own error, located in its code (the line that raised), as one message without a traceback."""
+    import traceback
+
+    if isinstance(error, SyntaxError):
+        where = f"{error.filename}:{error.lineno}"
+    else:
+        frames = traceback.extract_tb(error.__traceback__)
+        where = f"{frames[-1].filename}:{frames[-1].lineno}" if frames else spec
+    return UsageError(f"plugin '{spec}' failed while it was imported, at {where}: {type(error).__name__}: {error}. "
+                      "Fix the plugin, or leave it out (--plugin, FASTDEC_PLUGINS)")
 
 
 def load_plugins(specs: list[str] | None = None) -> list[ModuleType]:
