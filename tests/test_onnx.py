@@ -10,6 +10,7 @@ pytest.importorskip("onnxruntime")
 
 from factories import tiny_decoder  # noqa: E402
 
+from fastdec import load_decoder  # noqa: E402
 from fastdec.cli import main  # noqa: E402
 from fastdec.errors import CheckpointError, NonFiniteOutputError, OnnxExportError, UsageError  # noqa: E402
 from fastdec.io.checkpoints import save_decoder  # noqa: E402
@@ -95,6 +96,18 @@ def test_an_onnx_decoder_is_not_exported_or_optimized_again(exported, tmp_path):
 def test_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(CheckpointError, match="fastdec export onnx"):
         OnnxDecoder(tmp_path / "nope.onnx")
+
+
+def test_a_damaged_onnx_file_and_an_onnx_given_as_a_checkpoint_are_named(exported, tmp_path):
+    """onnxruntime's InvalidProtobuf / InvalidArgument came out raw; an .onnx given as --decoder was called
+    truncated or corrupt."""
+    _, path = exported
+    for name, content in (("empty.onnx", b""), ("cut.onnx", path.read_bytes()[:500]), ("junk.onnx", b"\x07" * 300)):
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(CheckpointError, match=f"{name}' is no ONNX model onnxruntime can load.*export it again"):
+            OnnxDecoder(tmp_path / name)
+    with pytest.raises(CheckpointError, match="is an ONNX model: --decoder and load_decoder take the checkpoint"):
+        load_decoder(path)
 
 
 def test_unknown_exporter_is_refused_before_any_work(tmp_path, make_decoder):

@@ -331,6 +331,9 @@ def read_decoder(source: str | os.PathLike, latent_space: LatentSpace | str | No
 
     Names and Hub ids are :func:`fastdec.resolve_decoder`'s job; this reads only what is on disk."""
     path = _existing(source, "checkpoint")
+    if path.suffix.lower() == ".onnx":
+        raise CheckpointError(f"'{path}' is an ONNX model: --decoder and load_decoder take the checkpoint it was "
+                              "exported from; run the .onnx with fastdec.OnnxDecoder(path) in Python")
     tiny_config: dict = {}
     if path.is_dir():
         tiny_config = _tiny_config(path)

@@ -251,7 +251,14 @@ def _session(path: Path, providers: Sequence[str] | None, intra_op_threads: int 
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     # idle workers sleep instead of spinning: spinning threads starve torch and other processes on shared CPUs
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), options, providers=list(providers or _default_providers()))
+    try:
+        return ort.InferenceSession(str(path), options, providers=list(providers or _default_providers()))
+    except Exception as e:  # onnxruntime's own error types (InvalidProtobuf, InvalidArgument, ...)
+        if "provider" in str(e).lower():
+            raise
+        raise CheckpointError(f"'{path}' is no ONNX model onnxruntime can load ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:200]}): it is truncated or corrupt; export it again with "
+                              "`fastdec export onnx`") from e
 
 
 class OnnxDecoder(LatentDecoder):
