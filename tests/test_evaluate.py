@@ -155,6 +155,9 @@ def test_input_errors_name_the_fix(tiny_images, tiny_decoder, tmp_path, capsys):
         evaluate_images(tmp_path / "empty", [str(tiny_decoder)], latents=tmp_path)
     with pytest.raises(EvalError, match="no decoder to evaluate"):
         evaluate_images(tiny_images, [], latents=tmp_path)
+    with pytest.raises(EvalError, match="--lpips-weights '.*nofile.pth' is not a file"):  # was an omitted-metric note
+        evaluate_images(tiny_images, [str(tiny_decoder)], teacher=str(tmp_path / "unused.pth"),
+                        lpips_weights=str(tmp_path / "nofile.pth"))
     assert main(["eval", "images", "--data", str(tiny_images), "--decoder", str(tiny_decoder)]) == 2
     captured = capsys.readouterr()
     assert "fastdec eval images: error:" in captured.err and "pass --teacher" in captured.err

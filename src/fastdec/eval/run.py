@@ -633,6 +633,9 @@ def evaluate_images(
     ``vs_baseline``: paired per-image differences against it.
     """
     _check_image_options(teacher, latents, resolution, limit, grid)
+    if lpips_weights and not Path(lpips_weights).expanduser().is_file():  # a typo: an error, not an omitted metric
+        raise EvalError(f"--lpips-weights '{lpips_weights}' is not a file: pass a local torchvision {lpips_net} "
+                        "state dict")
     check_latent_noise(latent_noise)
     base = pick_baseline(decoders, baseline)
     check_device(device)
