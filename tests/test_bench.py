@@ -18,6 +18,7 @@ from fastdec.bench import (
     prepare_row, render_table, run_bench, time_callable, write_json,
 )
 from fastdec.cli import main
+from fastdec.errors import BenchError
 from fastdec.io.checkpoints import save_decoder
 
 ROW_FIELDS = {"name", "kind", "backend", "size", "median_s", "speedup", "peak_mem_mb", "params", "gflops"}
@@ -300,6 +301,10 @@ def test_missing_onnx_runtime_skips_its_rows(monkeypatch):
     assert payload["rows"][0]["speedup"] is None  # no baseline in the run: no speed-up, not a made-up one
     (skip,) = payload["skipped"]
     assert skip["backend"] == "onnx" and "onnxruntime" in skip["reason"]
+    # only that backend asked for: nothing can be timed, an error (it was exit 0 with an empty table)
+    with pytest.raises(BenchError, match="nothing can be timed.*--backends onnx: the onnx backend needs onnxruntime"):
+        run_bench(BenchConfig(sizes=[64], decoders=["tae-64"], baselines=["none"], backends=["onnx"], repeats=1,
+                              warmup=0, memory=False))
 
 
 def test_plot_needs_speedups(tmp_path):

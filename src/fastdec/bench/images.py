@@ -455,6 +455,9 @@ def run_bench(cfg: BenchConfig, console: Any = None) -> dict[str, Any]:
     if not rows:
         raise BenchError("nothing to benchmark: no decoders and no baselines selected")
     unavailable = {b: _backend_unavailable(b) for b in cfg.backends}
+    if all(unavailable.get(spec.backend) for spec in rows):  # else: exit 0 with an empty table
+        reasons = "; ".join(f"--backends {b}: {why}" for b, why in unavailable.items() if why)
+        raise BenchError(f"nothing can be timed: every row's backend is unavailable ({reasons})")
     started, load_at_start = time.perf_counter(), load_average()
     with tempfile.TemporaryDirectory(prefix="fastdec-bench-") as workdir, _progress(console) as progress:
         run = _Run(cfg, {d.name: d for d in decoders}, Path(workdir), progress,
