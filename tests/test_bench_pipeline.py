@@ -86,6 +86,8 @@ def test_pipeline_bench_refuses_real_configs_on_cpu(capsys):
     (["--decoders", "no-such-decoder"], "'no-such-decoder' is not a decoder file"),
     (["--steps", "0"], "--steps and --repeats must be >= 1"),
     (["--sizes", "60"], "size 60 must be a positive multiple of 8"),
+    # it failed after the whole run, blaming the decoder for latents that differed
+    (["--dtype", "fp16", "--device", "cpu"], "--pipeline --dtype fp16 needs a GPU (--device cuda)"),
 ])
 def test_pipeline_bench_bad_requests(argv, message, capsys):
     assert main(["bench", "--pipeline", *argv]) == 2

@@ -207,6 +207,12 @@ def validate_pipeline_config(cfg: PipelineBenchConfig) -> PipelineBenchConfig:
         raise BenchError("--steps and --repeats must be >= 1, --warmup >= 0 and --threads >= 0")
     if len(cfg.dtypes) != 1:
         raise BenchError(f"--pipeline runs one dtype at a time, got --dtype {' '.join(cfg.dtypes)}: pick one")
+    if dtype_name(cfg.dtypes[0]) == "fp16" and cfg.device == "cpu":
+        # diffusers does not support fp16 pipelines on CPU (it warns that they "cannot run"); here the sampled
+        # latents then differ between the VAE's run and the swapped one, and the like-for-like check blamed
+        # the decoder
+        raise BenchError("--pipeline --dtype fp16 needs a GPU (--device cuda): diffusers runs no fp16 pipeline "
+                         "on CPU; use bf16 or fp32 there")
     return dataclasses.replace(cfg, config=config, sizes=list(sizes), steps=steps, dtypes=[dtype_name(cfg.dtypes[0])])
 
 
