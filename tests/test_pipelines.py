@@ -540,3 +540,12 @@ def test_swap_after_cpu_offload_is_refused():
     pipe.vae._hf_hook = object()  # what enable_model_cpu_offload() attaches (needs an accelerator to do for real)
     with pytest.raises(RuntimeError, match="before\\s+pipe.enable_model_cpu_offload"):
         swap_decoder(pipe, pf.tiny_decoder("sd15"), keep_encoder=False)
+
+
+def test_from_decoder_names_a_vae_that_is_none_or_of_another_space():
+    decoder = pf.tiny_decoder("sd15")
+    with pytest.raises(TypeError, match="vae must be the pipeline's diffusers VAE.*got str"):
+        FastVAE.from_decoder(decoder, vae="x")
+    flux2 = fastdec.create_decoder("tae-64", "flux2")
+    with pytest.raises(ValueError, match=r"for 'flux2' latents \(32 channels\) but the VAE makes 'svd' ones \(4\)"):
+        FastVAE.from_decoder(flux2, vae=pf.svd_vae())

@@ -244,6 +244,13 @@ class FastVAE(ModelMixin, AutoencoderMixin, ConfigMixin):
         encoder = None
         bn_source = None
         if vae is not None:
+            if not isinstance(vae, nn.Module) or getattr(vae, "config", None) is None:
+                raise InputTypeError(f"vae must be the pipeline's diffusers VAE (pipe.vae), got {type(vae).__name__}")
+            vae_space = detect_latent_space(vae)
+            if vae_space.channels != space.channels:
+                raise PipelineError(f"the decoder is for '{space.name}' latents ({space.channels} channels) but the "
+                                    f"VAE makes '{vae_space.name}' ones ({vae_space.channels}): use a decoder of the "
+                                    "VAE's latent space")
             vae_config = vae.config
             for key in ("scaling_factor", "shift_factor", "latents_mean", "latents_std", "sample_size",
                         "batch_norm_eps", "batch_norm_momentum", "patch_size", "in_channels"):
