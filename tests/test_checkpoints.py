@@ -308,3 +308,14 @@ def test_a_file_that_is_no_weights_says_what_it_is_not_torchs_unsafe_advice(tmp_
     message = str(caught.value)
     assert kind in message and "is not a checkpoint fastdec can read" in message
     assert "weights_only" not in message and "file an issue" not in message
+
+
+def test_extra_metadata_cannot_overwrite_the_description_or_hold_non_strings(tmp_path):
+    decoder = create_decoder("tae-64", "sdxl")
+    with pytest.raises(fastdec.FastdecError, match=r"may not set \['latent_space'\]"):
+        save_decoder(decoder, tmp_path / "a.safetensors", extra_metadata={"latent_space": "junk"})
+    with pytest.raises(TypeError, match=r"must be strings .* not for \['a'\]"):
+        save_decoder(decoder, tmp_path / "b.safetensors", extra_metadata={"a": 1})
+    assert not list(tmp_path.iterdir())
+    path = save_decoder(decoder, tmp_path / "c.safetensors", extra_metadata={"trained_steps": "3"})
+    assert load_decoder(path).latent_space.name == "sdxl"

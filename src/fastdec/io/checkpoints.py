@@ -46,8 +46,15 @@ def save_decoder(decoder: LatentDecoder, path: str | os.PathLike, extra_metadata
         "architecture": decoder.architecture,
         "config": json.dumps(decoder.config_dict(), sort_keys=True),
         "latent_space": decoder.latent_space.to_json(),
-        **(extra_metadata or {}),
     }
+    extra = dict(extra_metadata or {})
+    taken = sorted(set(extra) & set(metadata))  # they describe the weights: overwritten, the file would not load
+    if taken:
+        raise UsageError(f"extra_metadata may not set {taken}: fastdec writes those from the decoder itself")
+    wrong = sorted(k for k, v in extra.items() if not (isinstance(k, str) and isinstance(v, str)))
+    if wrong:
+        raise InputTypeError(f"extra_metadata keys and values must be strings (safetensors metadata), not for {wrong}")
+    metadata.update(extra)
     return atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata), suffix=".safetensors")
 
 
