@@ -630,6 +630,7 @@ BAD_OPTIONS = [  # (command, preset, flags, words)
     ("train", "tae-64", ["--mixed-precision", "fp8"], ["--mixed-precision"]),
     ("export-onnx", "tae-64", ["--opset", "0"], ["--opset", ">= 7"]),
     ("export-onnx", "effvit-attn", ["--opset", "-3"], ["--opset"]),
+    ("export-onnx", "tae-64", ["--out", "model.txt"], ["--out must end in .onnx"]),
     ("bench", "tae-64", ["--sizes", "0"], ["size 0"]),
     ("bench", "tae-64", ["--sizes", "36"], ["size 36", "multiple of 8"]),
     ("bench", "tae-64", ["--repeats", "0"], ["--repeats"]),

@@ -330,3 +330,11 @@ def test_decode_given_a_folder_points_to_decode_batch(tmp_path, checkpoint, caps
     assert main(["decode", str(tmp_path / "latents"), "--decoder", str(path), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "is a folder, not a latents file" in err and "fastdec decode-batch --latents FOLDER" in err
+
+
+def test_a_complex_latent_is_called_complex_not_integer():
+    from fastdec.errors import LatentFileError
+    from fastdec.io.latents import check_latent
+
+    with pytest.raises(LatentFileError, match="has complex dtype torch.complex64"):
+        check_latent(torch.zeros(4, 2, 2, dtype=torch.complex64), "z")

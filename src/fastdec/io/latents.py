@@ -241,7 +241,8 @@ def check_latent(z: torch.Tensor, name: str, channels: int | None = None, hint: 
     if not isinstance(z, torch.Tensor):
         raise LatentFileError(f"latent '{name}' is a {type(z).__name__}, not a tensor")
     if not z.is_floating_point():
-        raise LatentFileError(f"latent '{name}' has integer dtype {z.dtype}: latents are float tensors "
+        kind = "complex" if z.is_complex() else "integer"
+        raise LatentFileError(f"latent '{name}' has {kind} dtype {z.dtype}: latents are float tensors "
                               "(was the file written from quantised or index data?)")
     if z.ndim != 3:
         raise LatentFileError(f"latent '{name}' has shape {tuple(z.shape)}: expected (C, h, w)")

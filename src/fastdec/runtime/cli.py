@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any
 
 from ..errors import NonFiniteOutputError, UsageError
@@ -15,6 +16,9 @@ MIN_OPSET = 7
 
 
 def _cmd_export_onnx(args: argparse.Namespace) -> int:
+    # a model.txt would hold an ONNX graph under a wrong name (a folder is the writer's error to name)
+    if not Path(args.out).is_dir() and not str(args.out).lower().endswith(".onnx"):
+        raise UsageError(f"--out must end in .onnx, got '{args.out}'")
     if args.opset is not None and args.opset < MIN_OPSET:
         raise UsageError(f"--opset must be >= {MIN_OPSET}, got {args.opset} (default {DEFAULT_OPSET})")
     decoder = resolve_decoder(args.decoder, latent_space=args.latent_space, random_weights=args.random_weights)
