@@ -503,7 +503,7 @@ def test_preview_errors_are_clear():
     with pytest.raises(ValueError, match="on_preview=fn or out_dir"):
         PreviewCallback(decoder)
     for every in (0, -1, "5", 2.5, float("nan"), float("inf"), True):  # nan and inf would never preview
-        with pytest.raises(ValueError, match="every must be a whole number of steps >= 1"):
+        with pytest.raises(ValueError, match=r"every \(steps between previews\) must be a whole number >= 1"):
             PreviewCallback(decoder, every=every, on_preview=lambda s, ims: None)
     preview = PreviewCallback(decoder, on_preview=lambda s, ims: None)
     with pytest.raises(ValueError, match=r"callback_on_step_end_tensor_inputs=\['latents'\]"):

@@ -111,3 +111,10 @@ class UnknownNameError(FastdecError, KeyError):
 
 class InputTypeError(UsageError, TypeError):
     """A value of the wrong type: latents that are not a float tensor, an object that is not a fastdec decoder."""
+
+
+def check_count(flag: str, value: int | None, minimum: int = 1) -> None:
+    """``value`` is None (not given) or a whole number >= ``minimum`` (a bool is none); the error names ``flag``.
+    The one count check of every command's options and of the Python API's counts."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
+        raise UsageError(f"{flag} must be a whole number >= {minimum}, got {value!r}")

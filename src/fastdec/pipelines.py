@@ -29,7 +29,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.autoencoders.vae import DecoderOutput
 from diffusers.utils.accelerate_utils import apply_forward_hook
 
-from .errors import InputTypeError, PipelineError, PipelineStateError
+from .errors import InputTypeError, PipelineError, PipelineStateError, check_count
 from .io.files import atomic_write
 from .io.images import to_uint8
 from .resolve import resolve_decoder
@@ -385,9 +385,7 @@ class FastVAE(ModelMixin, AutoencoderMixin, ConfigMixin):
         if not z.is_floating_point():
             raise InputTypeError(f"latents must be a float tensor, got {z.dtype}")
         if num_frames is not None:
-            if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
-                raise PipelineError(f"num_frames must be a whole number >= 1 (the frames of each clip), got "
-                                    f"{num_frames!r}")
+            check_count("num_frames", num_frames)
             _as_clips(z, num_frames)  # a frame count that cannot group the batch is refused before decoding
         filtering = self.deflicker_settings is not None and (num_frames or 1) > 1
         # convert in float32: bf16 (FLUX) loses visible precision in the shift/scale
@@ -551,8 +549,7 @@ class PreviewCallback:
         height: int | None = None,
         width: int | None = None,
     ):
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise PipelineError(f"every must be a whole number of steps >= 1, got {every!r}")
+        check_count("every (steps between previews)", every)
         if on_preview is None and out_dir is None:
             raise PipelineError("PreviewCallback needs somewhere to put previews: pass on_preview=fn or out_dir=...")
         self.decoder = resolve_decoder(decoder)

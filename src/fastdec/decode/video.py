@@ -18,7 +18,8 @@ from typing import Any, Iterator
 
 import torch
 
-from ..errors import DecodeVideoError, LatentFileError, LatentSpaceError, NonFiniteOutputError, UsageError
+from ..errors import (DecodeVideoError, LatentFileError, LatentSpaceError, NonFiniteOutputError, UsageError,
+                      check_count)
 from ..io.files import check_output_file
 from ..io.latents import LATENT_SUFFIXES, check_latent, read_tensors
 from ..models import LatentDecoder
@@ -258,8 +259,7 @@ def check_video_options(source: Path, out: Path, *, start: int, num_frames: int 
                                ("--crf", crf, 0), ("--threads", threads, 1)):
         if value is None and flag not in ("--num-frames", "--threads"):
             raise UsageError(f"{flag} needs a value")
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
-            raise UsageError(f"{flag} must be a whole number >= {least}, got {value!r}")
+        check_count(flag, value, least)
     if crf > 51:
         raise UsageError(f"--crf must be <= 51 (H.264's scale: 0 lossless, 51 worst), got {crf}")
     if fps is not None:

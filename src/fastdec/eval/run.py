@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from ..devices import check_device
 from ..errors import (DataError, EvalError, LatentFileError, MetricUnavailable, NonFiniteOutputError, UsageError,
-                      VideoError)
+                      VideoError, check_count)
 from ..io.files import drop_excluded, output_folder
 from ..io.images import IMAGE_SUFFIXES, list_images, load_image
 from ..io.latents import LATENT_SUFFIXES, check_latent, read_latents
@@ -240,12 +240,6 @@ def load_clip(path: Path, frames: int | None, resolution: int | None, factor: in
 
 
 # ----------------------------------------------------------------------------- checks
-def check_count(flag: str, value: int | None, minimum: int = 1) -> None:
-    """``value`` is None (not given) or a whole number >= ``minimum``; the error names the flag."""
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
-        raise UsageError(f"{flag} must be a whole number >= {minimum}, got {value!r}")
-
-
 def check_latent_noise(std: float) -> None:
     if isinstance(std, bool) or not isinstance(std, (int, float)) or not math.inf > std >= 0:
         raise UsageError(f"--latent-noise must be a finite std >= 0 (0 = clean latents), got {std!r}")
