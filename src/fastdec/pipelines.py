@@ -244,9 +244,9 @@ class FastVAE(ModelMixin, AutoencoderMixin, ConfigMixin):
         encoder = None
         bn_source = None
         if vae is not None:
-            if not isinstance(vae, nn.Module) or getattr(vae, "config", None) is None:
+            if not isinstance(vae, nn.Module):
                 raise InputTypeError(f"vae must be the pipeline's diffusers VAE (pipe.vae), got {type(vae).__name__}")
-            vae_space = detect_latent_space(vae)
+            vae_space = detect_latent_space(vae)  # a module with no config: its error
             if vae_space.channels != space.channels:
                 raise PipelineError(f"the decoder is for '{space.name}' latents ({space.channels} channels) but the "
                                     f"VAE makes '{vae_space.name}' ones ({vae_space.channels}): use a decoder of the "

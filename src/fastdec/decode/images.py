@@ -86,14 +86,14 @@ def choose_tile(decoder: nn.Module, h: int, w: int, budget: int) -> int | None:
     tile = int((max(available, 0) / per_pixel) ** 0.5) // factor
     if tile < 2 * overlap + 8:
         raise DecodeError(
-            f"--max-memory {_megabytes(budget)} is too small for this {h * factor}x{w * factor} image: it needs at "
-            f"least {_megabytes(output_bytes + per_pixel * ((2 * overlap + 8) * factor) ** 2)} (output image plus "
+            f"--max-memory {_byte_size(budget)} is too small for this {h * factor}x{w * factor} image: it needs at "
+            f"least {_byte_size(output_bytes + per_pixel * ((2 * overlap + 8) * factor) ** 2)} (output image plus "
             f"one {2 * overlap + 8}-latent-pixel tile)"
         )
     return tile
 
 
-def _megabytes(size: float) -> str:
+def _byte_size(size: float) -> str:
     return f"{size / 2**20:.0f}MB" if size >= 2**20 else f"{size / 2**10:.0f}KB" if size >= 2**10 else f"{size:.0f}B"
 
 
@@ -151,7 +151,7 @@ def write_images(decoder: Any, plan: Sequence[PlannedImage], spec: Any, *, progr
     written: list[Path] = []
     for item in tqdm(plan, desc="decoding", unit="latent", disable=not progress):
         try:  # the decoder itself, or the conversion to pixels, refuses NaN
-            image, used = decode_one(decoder, item.latent, item.tile), item.tile
+            image = decode_one(decoder, item.latent, item.tile)
             save_image(image, item.path)
         except NonFiniteOutputError as e:
             done = f"{len(written)} of {len(plan)} images were written before it" + (
@@ -162,7 +162,7 @@ def write_images(decoder: Any, plan: Sequence[PlannedImage], spec: Any, *, progr
             ) from e
         written.append(item.path)
         if progress:
-            how = f"tiled, {used}x{used} latent px tiles" if used else "untiled"
+            how = f"tiled, {item.tile}x{item.tile} latent px tiles" if item.tile else "untiled"
             tqdm.write(f"wrote {item.path} ({image.shape[-1]}x{image.shape[-2]}, {how})")
     return written
 
