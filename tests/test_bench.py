@@ -270,14 +270,15 @@ def test_console_script_in_a_subprocess(tmp_path):
     (["--pipeline", "--dtype", "fp32", "bf16"], "one dtype at a time"),
 ])
 def test_bad_requests_give_clear_errors(argv, message, capsys):
-    assert main(["bench", "--repeats", "1", "--no-memory", *argv]) == 2
+    no_memory = [] if "--pipeline" in argv else ["--no-memory"]  # the pipeline bench measures no memory
+    assert main(["bench", "--repeats", "1", *no_memory, *argv]) == 2
     captured = capsys.readouterr()
     assert message in captured.err and "Traceback" not in captured.err
     assert captured.err.startswith("fastdec bench: error: ")
 
 
-@pytest.mark.parametrize("mode", [[], ["--video"], ["--pipeline"]])
-@pytest.mark.parametrize("flag", ["--json", "--plot"])
+@pytest.mark.parametrize("mode, flag", [([], "--json"), ([], "--plot"), (["--video"], "--json"),
+                                        (["--pipeline"], "--json")])
 def test_unwritable_output_fails_before_the_benchmark_runs(mode, flag, tmp_path, monkeypatch, capsys):
     import fastdec.bench.images
     import fastdec.bench.pipeline
@@ -291,6 +292,49 @@ def test_unwritable_output_fails_before_the_benchmark_runs(mode, flag, tmp_path,
         monkeypatch.setattr(module, name, must_not_run)
     assert main(["bench", *mode, flag, str(tmp_path)]) == 2  # a folder where the file should go
     assert f"{flag} '{tmp_path}' is a folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    # each was silently ignored: --pipeline timed eager rows whatever --backends said, --video drew no plot
+    (["--pipeline", "--backends", "compile"],
+     "--pipeline does not read --backends (only the image bench and --video)"),
+    (["--pipeline", "--batch", "4", "--no-memory"], "--pipeline does not read --batch (only the image bench), --no-memory (only the image bench and --video)"),
+    (["--video", "--plot", "p.png"], "--video does not read --plot (only the image bench)"),
+    (["--push-frames", "8"], "the image bench (no --video or --pipeline) does not read --push-frames (only --video)"),
+    (["--steps", "5"], "does not read --steps (only --pipeline)"),
+    (["--video", "--no-upcast"], "--video does not read --no-upcast"),
+    # 'none sdxl' benchmarked sdxl
+    (["--baselines", "none", "sdxl"], "--baselines none means no baselines, but sdxl was given too"),
+    (["--video", "--baselines", "svd", "none"], "--baselines none means no baselines, but svd was given too"),
+    # a plot of speed-ups with no speed-up reference failed after the whole run
+    (["--baselines", "none", "--plot", "p.png"], "--plot draws each row's speed-up over a baseline (sdxl, svd)"),
+    (["--baselines", "tiny", "--plot", "p.png"], "--baselines tiny has none"),
+])
+def test_options_a_mode_does_not_read_are_refused_before_it_runs(argv, message, monkeypatch, capsys):
+    import fastdec.bench.images
+    import fastdec.bench.pipeline
+    import fastdec.bench.video
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the benchmark ran although an option was refused")
+
+    for module, name in ((fastdec.bench.images, "run_bench"), (fastdec.bench.video, "run_video_bench"),
+                         (fastdec.bench.pipeline, "run_pipeline_bench")):
+        monkeypatch.setattr(module, name, must_not_run)
+    assert main(["bench", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_an_option_left_at_its_default_counts_as_not_given(monkeypatch, capsys):
+    import fastdec.bench.pipeline
+
+    ran = []
+    monkeypatch.setattr(fastdec.bench.pipeline, "run_pipeline_bench",
+                        lambda cfg, console: ran.append(cfg) or {"wall_s": 0.0})
+    monkeypatch.setattr(fastdec.bench.pipeline, "print_pipeline_report", lambda *args: None)
+    # the image and video benches' own defaults spelled out are not requests the pipeline bench ignores
+    assert main(["bench", "--pipeline", "--batch", "1", "--push-frames", "1"]) == 0, capsys.readouterr().err
+    assert len(ran) == 1
 
 
 def test_missing_onnx_runtime_skips_its_rows(monkeypatch):

@@ -10,7 +10,7 @@ import argparse
 from ..dtypes import add_dtype_argument
 from ..errors import UsageError
 from ..io.files import check_output_file
-from .baselines import BASELINES
+from .baselines import BASELINES, DEFAULT_BASELINES
 from .images import BACKENDS, DEFAULT_DECODERS, DEFAULT_SIZES, BenchConfig, bench_images
 from .pipeline import PipelineBenchConfig, bench_pipeline
 from .video import DEFAULT_FRAMES, VideoBenchConfig, bench_video
@@ -49,10 +49,53 @@ def pipeline_config_from_args(args: argparse.Namespace) -> PipelineBenchConfig:
     )
 
 
+# The options each mode reads (every other mode reads the rest). One given to a mode that does not read it was
+# silently ignored (--pipeline --backends compile timed eager), so the run answered another question than asked.
+_MODE_OPTIONS = {
+    "image": {"batch", "frames", "no_upcast", "plot", "plot_x"},
+    "video": {"video_frames", "svd_chunk", "svd_repeats", "push_frames", "deflicker", "svd_frames"},
+    "pipeline": {"steps", "pipeline_config"},
+    "image+video": {"channels_last", "baselines", "backends", "latent_space", "no_memory"},
+}
+
+
+def _mode(args: argparse.Namespace) -> str:
+    return "video" if args.video else "pipeline" if args.pipeline else "image"
+
+
+def check_options_for_mode(args: argparse.Namespace, defaults: dict[str, object]) -> None:
+    """Refuse every option the chosen mode (image, ``--video``, ``--pipeline``) does not read, naming the modes
+    that do; ``defaults`` are the parser's, so only options the user gave count."""
+    mode = _mode(args)
+    unread = []
+    for modes, dests in _MODE_OPTIONS.items():
+        readers = modes.split("+")
+        given = sorted(d for d in dests if mode not in readers and getattr(args, d, None) != defaults.get(d))
+        names = " and ".join("the image bench" if m == "image" else f"--{m}" for m in readers)
+        unread += [f"--{d.replace('_', '-')} (only {names})" for d in given]
+    if unread:
+        what = "the image bench (no --video or --pipeline)" if mode == "image" else f"--{mode}"
+        raise UsageError(f"{what} does not read {', '.join(unread)}: drop it, or run the mode that reads it")
+
+
+def check_baselines(baselines: list[str] | None, plot: str | None) -> None:
+    """'none' alone or not at all (``none sdxl`` ran sdxl), and a --plot has a speed-up reference to plot."""
+    if baselines and "none" in baselines and len(set(baselines)) > 1:
+        others = " ".join(b for b in dict.fromkeys(baselines) if b != "none")
+        raise UsageError(f"--baselines none means no baselines, but {others} was given too: pass one or the other")
+    chosen = list(DEFAULT_BASELINES) if baselines is None else baselines
+    references = [key for key, baseline in BASELINES.items() if baseline.kind == "baseline"]
+    if plot and not any(b in references for b in chosen):
+        raise UsageError(f"--plot draws each row's speed-up over a baseline ({', '.join(references)}), and --baselines "
+                         f"{' '.join(chosen)} has none: add one, or drop --plot")
+
+
 def bench_command(args: argparse.Namespace) -> int:
     """``fastdec bench``: the image benchmark, or ``--video`` / ``--pipeline``."""
     if args.video and args.pipeline:
         raise UsageError("choose one of --video and --pipeline")
+    check_options_for_mode(args, getattr(args, "bench_defaults", {}))
+    check_baselines(args.baselines, args.plot)
     # an output that cannot be written fails now, not after the whole benchmark ran
     for path, flag in ((args.json, "--json"), (args.plot, "--plot")):
         if path:
@@ -146,3 +189,5 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     add_video_arguments(parser.add_argument_group("fastdec bench --video"))
     add_pipeline_arguments(parser.add_argument_group("fastdec bench --pipeline"))
     parser.set_defaults(func=bench_command)
+    dests = set().union(*_MODE_OPTIONS.values())
+    parser.set_defaults(bench_defaults={dest: parser.get_default(dest) for dest in dests})
