@@ -338,6 +338,11 @@ def test_lossy_formats_write_openable_images(workspace, tmp_path):
                      "--out", str(out), "--format", image_format, "--quality", "90", "--no-progress"]) == 0
         with Image.open(out / f"q{suffix}") as image:
             assert image.format == image_format.upper() and image.size == (64, 64)
+        # --quality reaches the encoder (a png took it and ignored it): quality 5 is a smaller file
+        low = tmp_path / f"{image_format}-low"
+        assert main(["decode-batch", "--latents", str(tmp_path / "s.safetensors"), "--decoder", str(workspace["a"]),
+                     "--out", str(low), "--format", image_format, "--quality", "5", "--no-progress"]) == 0
+        assert (low / f"q{suffix}").stat().st_size < (out / f"q{suffix}").stat().st_size
 
 
 @pytest.mark.parametrize("n,world", [(0, 3), (7, 3), (200, 2), (5, 8), (101, 4)])

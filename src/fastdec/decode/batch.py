@@ -277,7 +277,7 @@ class ImageWriter:
     At most ``max_pending`` images wait in memory: ``submit`` blocks when writers fall behind.
     """
 
-    def __init__(self, out: Path, image_format: str, quality: int, workers: int, max_pending: int):
+    def __init__(self, out: Path, image_format: str, quality: int | None, workers: int, max_pending: int):
         self.out, self.image_format, self.quality = out, image_format, quality
         self._pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="fastdec-writer")
         self._slots = threading.BoundedSemaphore(max(1, max_pending))
@@ -426,12 +426,15 @@ def summarize(all_stats: list[RankStats], index_failures: list[Failure], total: 
 
 
 # ----------------------------------------------------------------------------- the run
+DEFAULT_QUALITY = 95  # webp/jpeg
+
+
 @dataclass
 class BatchOptions:
     """How ``decode_batch`` decodes and writes (the ``decode-batch`` flags)."""
 
     image_format: str = "png"
-    quality: int = 95
+    quality: int | None = None  # webp/jpeg only (None: 95); png is lossless, so a quality for it is refused
     batch: int = 16
     latent_space: str | None = None
     vae_space: bool = False
@@ -449,19 +452,23 @@ class BatchOptions:
         """These options with the dtype in canonical form; a usage error for values that cannot work."""
         if self.image_format not in IMAGE_FORMATS:
             raise UsageError(f"--format {self.image_format!r} is not one of {', '.join(sorted(IMAGE_FORMATS))}")
+        if self.image_format == "png" and self.quality is not None:  # it was silently ignored
+            raise UsageError(f"--quality {self.quality} with --format png: png is lossless and has no quality; drop "
+                             "--quality, or pick --format webp or jpeg")
+        quality = DEFAULT_QUALITY if self.quality is None and self.image_format != "png" else self.quality
+        if quality is not None and not 1 <= quality <= 100:
+            raise UsageError(f"--quality must be in 1-100, got {quality}")
         for flag, value, least in (("--batch", self.batch, 1), ("--writers", self.writers, 1),
-                                   ("--threads", self.threads, 0), ("--quality", self.quality, 1)):
+                                   ("--threads", self.threads, 0)):
             if value < least:
                 raise UsageError(f"{flag} must be >= {least}, got {value}")
-        if self.quality > 100:
-            raise UsageError(f"--quality must be <= 100, got {self.quality}")
         if self.stats_json:  # written at the end: an unwritable place fails now, not after the whole run
             check_output_file(self.stats_json, "--stats-json")
-        return BatchOptions(**{**asdict(self), "dtype": dtype_name(self.dtype)})
+        return BatchOptions(**{**asdict(self), "dtype": dtype_name(self.dtype), "quality": quality})
 
     def settings(self) -> dict[str, Any]:
         """The options that change the images (part of the decoder identity)."""
-        return {"format": self.image_format, "quality": self.quality if self.image_format != "png" else None,
+        return {"format": self.image_format, "quality": self.quality,
                 "vae_space": bool(self.vae_space), "dtype": self.dtype}
 
 

@@ -129,7 +129,7 @@ def add_decode_batch_command(subparsers: Any) -> None:
     _add_random_weights(p)
     p.add_argument("--out", required=True, help="output folder (resumes if it holds a run with the same decoder)")
     p.add_argument("--format", choices=sorted(IMAGE_FORMATS), default="png")
-    p.add_argument("--quality", type=int, default=95, help="webp/jpeg quality (default 95)")
+    p.add_argument("--quality", type=int, default=None, help="webp/jpeg quality, 1-100 (default 95); png is lossless")
     p.add_argument("--batch", type=int, default=16, help="latents decoded together (default 16)")
     p.add_argument("--latent-space", default=None, help="latent space when the checkpoint cannot tell (sd15 vs sdxl)")
     p.add_argument("--vae-space", action="store_true",
