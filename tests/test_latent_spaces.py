@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from fastdec import LatentSpace, get_latent_space, list_latent_spaces
+from fastdec.errors import LatentSpaceError
 
 
 def test_presets_have_documented_constants():
@@ -39,6 +40,18 @@ def test_latents_mean_std_from_vae_config():
     std = torch.tensor(cfg["latents_std"]).view(1, 4, 1, 1)
     assert torch.allclose(space.decoder_to_vae(z), z * std / 0.5 + mean, atol=1e-6)
     assert torch.allclose(space.vae_to_decoder(space.decoder_to_vae(z)), z, atol=1e-5)
+
+
+@pytest.mark.parametrize("given, missing", [("latents_mean", "latents_std"), ("latents_std", "latents_mean")])
+def test_half_of_the_per_channel_statistics_is_refused(given, missing):
+    # one without the other was dropped: the latents were converted with scaling_factor alone, a wrong picture
+    record = {**get_latent_space("sdxl").to_dict(), given: [1.0] * 4}
+    with pytest.raises(LatentSpaceError, match=f"'sdxl' has {given} but no {missing}.*give both, or neither"):
+        LatentSpace.from_dict(record)
+    with pytest.raises(LatentSpaceError, match=f"has {given} but no {missing}"):
+        get_latent_space("sdxl").with_vae_config({given: [1.0] * 4})
+    both = get_latent_space("sdxl").with_vae_config({"latents_mean": [1.0] * 4, "latents_std": [2.0] * 4})
+    assert both.latents_mean == (1.0,) * 4 and both.latents_std == (2.0,) * 4
 
 
 def test_flux2_batch_norm_view_round_trip():

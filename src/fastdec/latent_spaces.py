@@ -42,6 +42,14 @@ class LatentSpace:
     source: str = ""
     description: str = field(default="", compare=False)
 
+    def __post_init__(self):
+        # a mean without a std (or the reverse) was dropped silently: latents converted with scaling/shift instead
+        if (self.latents_mean is None) != (self.latents_std is None):
+            given, missing = ("latents_mean", "latents_std") if self.latents_std is None else \
+                ("latents_std", "latents_mean")
+            raise LatentSpaceError(f"latent space '{self.name}' has {given} but no {missing}: per-channel statistics "
+                                   "convert latents only as a pair; give both, or neither")
+
     # -- conversions -------------------------------------------------------------
     def _stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         if self.latents_mean is None or self.latents_std is None:
