@@ -10,7 +10,7 @@ from factories import is_video
 from fastdec import create_decoder, get_latent_space, list_decoders
 from fastdec.errors import FastdecError, NonFiniteOutputError, UnknownNameError, UsageError
 from fastdec.models import ARCHITECTURES, PRESETS
-from fastdec.models.tae import TAEConfig, mid_block_end, tae_layers
+from fastdec.models.tae import TAEConfig, TAEEncoderConfig, mid_block_end, tae_layers
 
 IMAGE_PRESETS = list_decoders(video=False)
 ALL_PRESETS = list_decoders()
@@ -203,6 +203,23 @@ def test_absurd_sizes_are_refused_naming_the_field(preset, field, value):
         overrides = {"widths": (128,) * 4, "depths": (0, 1, 1, 1), "block_types": ("res",) * 4, **overrides}
     with pytest.raises(UsageError, match=rf"{field}=.*{field} must (hold integers|be an integer)"):
         create_decoder(preset, "sdxl", **overrides)
+
+
+@pytest.mark.parametrize("preset, field, value", [
+    # '333' was read as (3, 3, 3) and 3.7 blocks as 3: a config typo built another decoder
+    ("tae-64", "stage_blocks", "333"), ("tae-64", "stage_blocks", 3), ("tae-64", "widths", "64646464"),
+    ("tae-causal-64", "stage_blocks", "111"), ("effvit-attn", "depths", "0111"),
+])
+def test_a_per_stage_field_that_is_not_a_list_is_refused(preset, field, value):
+    with pytest.raises(UsageError, match=rf"{field}={value!r}; {field} must list one entry per stage"):
+        create_decoder(preset, "sdxl", **{field: value})
+
+
+def test_fractional_block_counts_are_refused_not_rounded():
+    with pytest.raises(UsageError, match=r"stage_blocks=\(3\.7, 3, 3\); stage_blocks must hold integers"):
+        create_decoder("tae-64", "sdxl", stage_blocks=(3.7, 3, 3))
+    with pytest.raises(UsageError, match=r"TAE encoder config: stage_blocks='333'"):
+        TAEEncoderConfig(stage_blocks="333")
 
 
 # -- the mid-block index -----------------------------------------------------------------------------------

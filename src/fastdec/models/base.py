@@ -38,6 +38,15 @@ MAX_WIDTH = 8192
 MAX_COUNT = 1024
 
 
+def config_entries(architecture: str, name: str, value: object) -> tuple:
+    """A per-stage config field as a tuple: checkpoint metadata is JSON, so tuples come back as lists; anything
+    else (a string such as '333', a number) is refused rather than coerced entry by entry."""
+    if not isinstance(value, (list, tuple)):
+        raise UsageError(f"{architecture} config: {name}={value!r}; {name} must list one entry per stage "
+                         "(or per scale)")
+    return tuple(value)
+
+
 def check_sizes(architecture: str, widths: dict[str, Any], counts: dict[str, Any] | None = None) -> None:
     """Refuse config sizes that are not integers in range, naming the field: ``widths`` (field -> int or tuple)
     must lie in [1, MAX_WIDTH], ``counts`` (block counts) in [0, MAX_COUNT]."""

@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from ..errors import UsageError
 from ..latent_spaces import LatentSpace
-from .base import LatentDecoder, check_sizes, doublings
+from .base import LatentDecoder, check_sizes, config_entries, doublings
 from .blocks import Clamp, GLUMBConv, ReLULinearAttention, ResBlock, conv3x3
 from .registry import register_architecture, register_preset
 
@@ -40,7 +40,7 @@ class EffViTConfig:
     def __post_init__(self):
         # checkpoint metadata is JSON: tuples come back as lists (entries are checked, not coerced, below)
         self.widths, self.depths, self.block_types, self.attention_scales = (
-            _entries(name, getattr(self, name)) for name in ("widths", "depths", "block_types", "attention_scales"))
+            config_entries("EffViT", name, getattr(self, name)) for name in ("widths", "depths", "block_types", "attention_scales"))
         if not len(self.widths) == len(self.depths) == len(self.block_types):
             raise UsageError(
                 f"widths, depths and block_types need one entry per stage, got "
@@ -57,12 +57,6 @@ class EffViTConfig:
                     f"stage {stage} holds EfficientViT blocks of width {width}, not a multiple of head_dim "
                     f"{self.head_dim}: change the width or head_dim"
                 )
-
-
-def _entries(name: str, value: object) -> tuple:
-    if not isinstance(value, (list, tuple)):
-        raise UsageError(f"EffViT config: {name}={value!r}; {name} must list one entry per stage (or per scale)")
-    return tuple(value)
 
 
 def make_block(kind: str, width: int, config: EffViTConfig) -> nn.Module:

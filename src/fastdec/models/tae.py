@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from ..errors import InputTypeError, UsageError
 from ..latent_spaces import LatentSpace
-from .base import LatentDecoder, check_sizes, doublings
+from .base import LatentDecoder, check_sizes, config_entries, doublings
 from .blocks import Clamp, ResBlock, conv3x3
 from .registry import register_architecture, register_preset
 
@@ -58,7 +58,7 @@ class TAEConfig:
     head: str = "conv"
 
     def __post_init__(self):
-        self.stage_blocks = tuple(int(b) for b in self.stage_blocks)  # JSON metadata gives lists
+        self.stage_blocks = config_entries("TAE", "stage_blocks", self.stage_blocks)
         check_sizes("TAE", {}, {"stage_blocks": self.stage_blocks, "final_blocks": self.final_blocks})
         if self.widths is not None:
             self._take_widths()
@@ -69,7 +69,7 @@ class TAEConfig:
             raise UsageError(f"TAE config: head={self.head!r}; choose one of {', '.join(HEADS)}")
 
     def _take_widths(self) -> None:
-        self.widths = tuple(self.widths)
+        self.widths = config_entries("TAE", "widths", self.widths)
         check_sizes("TAE", {"widths": self.widths})
         if len(self.widths) != len(self.stage_blocks) + 1:
             raise UsageError(
@@ -164,7 +164,9 @@ class TAEEncoderConfig:
     use_midblock_gn: bool = False
 
     def __post_init__(self):
-        self.stage_blocks = tuple(int(b) for b in self.stage_blocks)
+        self.stage_blocks = config_entries("TAE encoder", "stage_blocks", self.stage_blocks)
+        check_sizes("TAE encoder", {"width": self.width}, {"stage_blocks": self.stage_blocks,
+                                                           "first_blocks": self.first_blocks})
 
 
 class TAEEncoder(nn.Module):
