@@ -148,6 +148,15 @@ def test_input_errors_name_the_fix(tiny_images, tiny_decoder, tmp_path, capsys):
         evaluate_images(tiny_images, [str(tiny_decoder)])
     with pytest.raises(LatentFileError, match="no latents for 'astronaut.png'"):
         evaluate_images(tiny_images, [str(tiny_decoder)], latents=tmp_path)
+    # two files for one image: which one was meant is not for the evaluation to guess (the .pt was taken)
+    ambiguous = tmp_path / "ambiguous"
+    ambiguous.mkdir()
+    for image in sorted(Path(tiny_images).iterdir()):
+        torch.save(torch.zeros(4, 7, 10), ambiguous / f"{image.stem}.pt")
+    np.save(ambiguous / "astronaut.npy", np.zeros((4, 7, 10), np.float32))
+    with pytest.raises(LatentFileError, match="several latent files for 'astronaut.png'.*astronaut.pt, "
+                                              "astronaut.npy; keep one"):
+        evaluate_images(tiny_images, [str(tiny_decoder)], latents=ambiguous)
     with pytest.raises(EvalError, match="--resolution cannot be combined"):
         evaluate_images(tiny_images, [str(tiny_decoder)], latents=tmp_path, resolution=64)
     (tmp_path / "empty").mkdir()

@@ -181,11 +181,13 @@ def read_frames(path: Path, num_frames: int | None) -> torch.Tensor:
 
 
 def find_latent(folder: Path, image: Path) -> Path:
-    """The latent file named like ``image`` in ``folder``."""
-    for suffix in LATENT_SUFFIXES:
-        candidate = folder / (image.stem + suffix)
-        if candidate.is_file():
-            return candidate
+    """The latent file named like ``image`` in ``folder``; two of them (X.pt and X.npy) are ambiguous."""
+    found = [folder / (image.stem + suffix) for suffix in LATENT_SUFFIXES if (folder / (image.stem + suffix)).is_file()]
+    if len(found) > 1:  # the first suffix won silently, perhaps the stale one
+        raise LatentFileError(f"several latent files for '{image.name}' in '{folder}': "
+                              f"{', '.join(p.name for p in found)}; keep one")
+    if found:
+        return found[0]
     raise LatentFileError(f"no latents for '{image.name}' in '{folder}': expected "
                           f"{image.stem}{{{','.join(LATENT_SUFFIXES)}}}")
 
