@@ -227,6 +227,23 @@ def test_decode_video_cli_errors(tmp_path, realshort, capsys):
     assert not out.exists()
 
 
+def test_decode_video_will_not_write_over_its_input(tmp_path, realshort, capsys):
+    from fastdec.checkpoints import save_decoder
+
+    ckpt = save_decoder(_tiny("causal"), tmp_path / "dec.safetensors")
+    clip = tmp_path / "clip.mp4"
+    shutil.copy(realshort, clip)
+    before = clip.read_bytes()
+    # reconstructing a clip into itself replaced the original with its decode (the same path, or another
+    # spelling of it)
+    for out in (clip, tmp_path / "sub" / ".." / "clip.mp4"):
+        (tmp_path / "sub").mkdir(exist_ok=True)
+        assert main(["decode-video", str(clip), "--decoder", str(ckpt), "--teacher", str(ckpt), "--out",
+                     str(out)]) == 2
+        assert "is the input video: write the decode to another file" in capsys.readouterr().err
+    assert clip.read_bytes() == before
+
+
 def test_decode_video_refuses_a_teacher_of_another_size_and_frames_past_the_end(tmp_path, realshort, capsys):
     """TAESana's encoder gives 32 channels like FLUX.2's, but /32: a FLUX.2 decoder (x8) would write a video a
     quarter the size with exit 0. And a --start past the last frame is refused before 'decoding -N frames'."""

@@ -255,6 +255,9 @@ def check_video_options(source: Path, out: Path, *, start: int, num_frames: int 
     if out.suffix.lower() not in VIDEO_OUTPUTS:
         raise UsageError(f"--out must end in .mp4 or .gif, got '{out}'")
     check_output_file(out, "--out")
+    if out.exists() and source.is_file() and out.resolve() == source.resolve():
+        # the reconstruction would replace the very clip it was made from once it is renamed into place
+        raise UsageError(f"--out '{out}' is the input video: write the decode to another file")
     for flag, value, least in (("--chunk", chunk, 1), ("--start", start, 0), ("--num-frames", num_frames, 1),
                                ("--crf", crf, 0), ("--threads", threads, 1)):
         if value is None and flag not in ("--num-frames", "--threads"):
