@@ -97,6 +97,25 @@ def test_round_trip_keeps_custom_latent_space(tmp_path):
     assert loaded.latent_space == space
 
 
+def test_an_asked_latent_space_the_decoder_does_not_decode_is_refused(tmp_path):
+    from fastdec.errors import DecoderSpecError
+
+    # same channel count, other scale or factor: they were returned as if they fit (only channels were compared)
+    sdxl = save_decoder(create_decoder("tae-64", "sdxl"), tmp_path / "sdxl.safetensors")
+    with pytest.raises(CheckpointError, match=r"'sdxl' latents, not 'sd15' \(scaling_factor 0.13025 vs 0.18215\)"):
+        load_decoder(sdxl, latent_space="sd15")
+    with pytest.raises(DecoderSpecError, match=r"the decoder object decodes 'sdxl' latents, not 'sd15'"):
+        load_decoder(create_decoder("tae-64", "sdxl"), latent_space="sd15")
+    with pytest.raises(DecoderSpecError, match=r"pretrained 'flux2-hifi' decodes 'flux2' latents, not 'sana' "
+                                               r"\(spatial_factor 8 vs 32"):
+        load_decoder("flux2-hifi", latent_space="sana")
+    # what the same latents are under two names loads, and so does a fine-tuned VAE's variant of the space
+    sd15 = save_decoder(create_decoder("tae-64", "sd15"), tmp_path / "sd15.safetensors")
+    assert load_decoder(sd15, latent_space="svd").latent_space.name == "sd15"
+    variant = fastdec.get_latent_space("sdxl").with_vae_config({"latents_mean": [0.1] * 4, "latents_std": [2.0] * 4})
+    assert load_decoder(sdxl, latent_space=variant).latent_space.name == "sdxl"
+
+
 def test_truncated_file_error_names_the_file(tmp_path):
     path = save_decoder(create_decoder("tae-64", "sd15"), tmp_path / "d.safetensors")
     data = path.read_bytes()

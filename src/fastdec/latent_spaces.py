@@ -108,6 +108,14 @@ class LatentSpace:
         return (self.patchify(raw) - mean) / std
 
     # -- helpers ---------------------------------------------------------------------
+    def latent_differences(self, other: "LatentSpace") -> list[str]:
+        """How ``other``'s decoder-space latents differ from this space's: the fields that shape them or set their
+        scale ("channels 4 vs 16", "scaling_factor 0.13025 vs 0.18215"); empty when a decoder for one decodes
+        the other's latents (SVD's and SD 1.5's share theirs). Per-channel statistics are left to the pipeline
+        checks (:func:`fastdec.pipelines.check_decoder_fits`), since fine-tuned VAEs carry their own."""
+        return [f"{key} {getattr(self, key)!r} vs {getattr(other, key)!r}" for key in _LATENT_FIELDS
+                if getattr(self, key) != getattr(other, key)]
+
     def channel_mismatch_message(self, got: int) -> str:
         candidates = [s.name for s in PRESETS.values() if s.channels == got]
         hint = f": is this a {'/'.join(candidates)} latent?" if candidates else ""
@@ -177,6 +185,9 @@ class LatentSpace:
 _DEFINING_FIELDS = ("channels", "spatial_factor", "scaling_factor")
 # the fields that shape latents: a preset's name with other values is a corrupt record, not a variant
 _SHAPE_FIELDS = ("channels", "spatial_factor", "patch_size", "temporal")
+# what two spaces must share for one's decoder to decode the other's latents (temporal: an image decoder of a
+# space decodes its video latents frame by frame)
+_LATENT_FIELDS = ("channels", "spatial_factor", "patch_size", "scaling_factor", "shift_factor")
 MAX_CHANNELS = 4096
 MAX_SPATIAL_FACTOR = 256
 MAX_PATCH_SIZE = 16

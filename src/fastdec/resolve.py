@@ -156,11 +156,14 @@ def resolve_decoder(
 
 
 def _check_space(decoder: LatentDecoder, latent_space: LatentSpace | str, what: str) -> None:
-    want = get_latent_space(latent_space)
-    if decoder.latent_space.channels != want.channels:
+    """``decoder`` decodes the latents of the asked space (only channels were compared: an SDXL decoder was
+    returned for SD 1.5 latents, a x8 one for Sana's x32)."""
+    want, have = get_latent_space(latent_space), decoder.latent_space
+    differences = have.latent_differences(want)
+    if differences:
         raise DecoderSpecError(
-            f"{what} decodes '{decoder.latent_space.name}' latents ({decoder.latent_space.channels} channels), "
-            f"not '{want.name}' ({want.channels} channels): pick a decoder trained for {want.name}"
+            f"{what} decodes '{have.name}' latents, not '{want.name}' ({', '.join(differences)}): pick a decoder "
+            f"trained for {want.name}, or leave the latent space out to use the one it records"
         )
 
 

@@ -288,10 +288,12 @@ def _check_weights_fit(architecture: str, config: dict, space: LatentSpace, stat
 def _from_fastdec_file(state, metadata, path: Path, latent_space) -> LatentDecoder:
     architecture, config, space = _read_fastdec_metadata(metadata, path)
     want = get_latent_space(latent_space) if latent_space is not None else None
-    if want is not None and want.channels != space.channels:
+    differences = space.latent_differences(want) if want is not None else []
+    if differences:  # only channels were compared: an SDXL checkpoint was returned for SD 1.5 latents
         raise CheckpointError(
-            f"'{path}' decodes {space.channels}-channel '{space.name}' latents, not {want.channels}-channel "
-            f"'{want.name}': pick a decoder for '{want.name}' (a preset is built in any space)"
+            f"'{path}' decodes '{space.name}' latents, not '{want.name}' ({', '.join(differences)}): pick a "
+            f"decoder for '{want.name}' (a preset is built in any space), or leave the latent space out to use "
+            "the one the file records"
         )
     _check_weights_fit(architecture, config, space, state, path)
     decoder = _build_from_metadata(architecture, config, space, path)
