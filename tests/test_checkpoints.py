@@ -116,6 +116,26 @@ def test_an_asked_latent_space_the_decoder_does_not_decode_is_refused(tmp_path):
     assert load_decoder(sdxl, latent_space=variant).latent_space.name == "sdxl"
 
 
+def test_a_decoder_object_is_not_changed_by_loading_it_elsewhere():
+    decoder = create_decoder("tae-64", "sdxl")
+    half = load_decoder(decoder, dtype="fp16")
+    # module.to converts in place: the caller's decoder came back fp16 (and a GPU one would move to the CPU)
+    assert next(decoder.parameters()).dtype == torch.float32 and next(half.parameters()).dtype == torch.float16
+    assert half is not decoder and load_decoder(decoder) is decoder  # nothing to move: no copy
+    for (name, weight), (_, converted) in zip(decoder.state_dict().items(), half.state_dict().items()):
+        assert torch.equal(converted, weight.half()), name  # the same weights, rounded once
+
+
+def test_a_module_that_is_not_a_decoder_is_refused_as_the_spec(taef2_encoder_path):
+    from fastdec.errors import DecoderSpecError
+
+    with pytest.raises(DecoderSpecError, match="must be a fastdec decoder .*got a Linear"):
+        load_decoder(torch.nn.Linear(2, 2))
+    # an encoder was returned as the decoder, and failed later with "encoder expects RGB images"
+    with pytest.raises(DecoderSpecError, match="got an encoder"):
+        fastdec.resolve_decoder(load_encoder(taef2_encoder_path))
+
+
 def test_truncated_file_error_names_the_file(tmp_path):
     path = save_decoder(create_decoder("tae-64", "sd15"), tmp_path / "d.safetensors")
     data = path.read_bytes()

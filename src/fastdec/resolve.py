@@ -134,8 +134,8 @@ def resolve_decoder(
     torch_dtype = parse_dtype(dtype)
     located = locate(spec)
     if located.kind == "object":
-        decoder = located.target
-        if latent_space is not None and isinstance(decoder, LatentDecoder):
+        decoder = _decoder_object(located.target, device, torch_dtype)
+        if latent_space is not None:
             _check_space(decoder, latent_space, "the decoder object")
     elif located.kind == "path":
         decoder = read_decoder(located.target, latent_space=latent_space)
@@ -153,6 +153,26 @@ def resolve_decoder(
     if device is not None or torch_dtype is not None:
         decoder = decoder.to(device=device, dtype=torch_dtype)
     return decoder
+
+
+def _decoder_object(decoder: torch.nn.Module, device: Any, dtype: torch.dtype | None) -> LatentDecoder:
+    """A decoder object given as the spec: a fastdec decoder (or one ``optimize`` wrapped), copied when it is to
+    be moved, so the caller's object keeps its device and dtype (``module.to`` converts in place: a decode in
+    bf16 left the caller's decoder in bf16, and load_decoder's default device moved a GPU decoder to the CPU)."""
+    import copy
+
+    from .models.tae import TAEEncoder
+    from .runtime.optimize import OptimizedDecoder
+
+    if not isinstance(decoder, (LatentDecoder, OptimizedDecoder)):  # it failed later, far from here
+        kind = "an encoder (it makes latents, it does not decode them)" if isinstance(decoder, TAEEncoder) else \
+            f"a {type(decoder).__name__}"
+        raise DecoderSpecError(f"a decoder object must be a fastdec decoder (create_decoder, load_decoder, "
+                               f"optimize), got {kind}")
+    weight = next(iter(decoder.parameters()), None)
+    moves = weight is not None and (
+        (device is not None and weight.device != torch.device(device)) or (dtype is not None and weight.dtype != dtype))
+    return copy.deepcopy(decoder) if moves and isinstance(decoder, LatentDecoder) else decoder
 
 
 def _check_space(decoder: LatentDecoder, latent_space: LatentSpace | str, what: str) -> None:
