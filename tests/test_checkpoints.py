@@ -8,6 +8,7 @@ from safetensors.torch import save_file
 
 import fastdec
 from fastdec import CheckpointError, create_decoder, list_decoders, load_decoder, load_encoder, save_decoder
+from fastdec.errors import InputTypeError, UsageError
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -134,6 +135,25 @@ def test_a_module_that_is_not_a_decoder_is_refused_as_the_spec(taef2_encoder_pat
     # an encoder was returned as the decoder, and failed later with "encoder expects RGB images"
     with pytest.raises(DecoderSpecError, match="got an encoder"):
         fastdec.resolve_decoder(load_encoder(taef2_encoder_path))
+
+
+def test_save_decoder_reads_its_path_as_load_decoder_does(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    decoder = create_decoder("tae-64", "sdxl")
+    path = save_decoder(decoder, "~/decoders/d.safetensors")  # it wrote ./~/decoders/d.safetensors
+    assert path == tmp_path / "home" / "decoders" / "d.safetensors" and not (tmp_path / "~").exists()
+    assert load_decoder("~/decoders/d.safetensors").config == decoder.config
+    (tmp_path / "taken.safetensors").mkdir()
+    with pytest.raises(UsageError, match="decoder file '.*taken.safetensors' is a folder"):  # was IsADirectoryError
+        save_decoder(decoder, tmp_path / "taken.safetensors")
+    (tmp_path / "plain").write_text("x")
+    with pytest.raises(UsageError, match="'.*plain' is not a writable folder"):  # was FileExistsError
+        save_decoder(decoder, tmp_path / "plain" / "d.safetensors")
+    with pytest.raises(InputTypeError, match="writes to a path .*got NoneType"):
+        save_decoder(decoder, None)
+    with pytest.raises(InputTypeError, match="extra_metadata is a mapping of strings, got str"):
+        save_decoder(decoder, tmp_path / "d.safetensors", extra_metadata="ab")
 
 
 def test_truncated_file_error_names_the_file(tmp_path):

@@ -91,6 +91,10 @@ def test_an_onnx_decoder_is_not_exported_or_optimized_again(exported, tmp_path):
         export_onnx(onnx_decoder, tmp_path / "again.onnx")
     with pytest.raises(UsageError, match="onnxruntime"):
         optimize(onnx_decoder)
+    # it wrote a file of no tensors, which then failed to load as "tensors missing"
+    with pytest.raises(UsageError, match="OnnxDecoder holds no weights to save"):
+        save_decoder(onnx_decoder, tmp_path / "onnx.safetensors")
+    assert not list(tmp_path.iterdir())
 
 
 def test_missing_file_is_a_clear_error(tmp_path):

@@ -24,7 +24,7 @@ from ..latent_spaces import PRESETS as SPACES, LatentSpace, get_latent_space
 from ..models.base import LatentDecoder
 from ..models.registry import ARCHITECTURES, build_decoder
 from ..models.tae import TAEConfig, TAEDecoder, TAEEncoder, TAEEncoderConfig, tae_factor
-from .files import atomic_write
+from .files import atomic_write, check_output_file
 from .pickles import load_weights_only
 
 FORMAT = "fastdec"
@@ -36,10 +36,18 @@ def save_decoder(decoder: LatentDecoder, path: str | os.PathLike, extra_metadata
     """Write ``decoder`` to a self-describing safetensors file (atomically)."""
     if not isinstance(decoder, LatentDecoder):
         raise InputTypeError(f"save_decoder expects a fastdec decoder, got {type(decoder).__name__}")
-    path = Path(path)
+    if not isinstance(path, (str, os.PathLike)):
+        raise InputTypeError(f"save_decoder writes to a path (str or os.PathLike), got {type(path).__name__}")
+    path = Path(path).expanduser()  # as load_decoder reads it: '~/d.safetensors' made a folder named '~'
     if path.suffix != ".safetensors":
         raise UsageError(f"decoders are saved as .safetensors, got '{path}': name the file *.safetensors")
+    check_output_file(path, "decoder file")  # a folder in its place or an unwritable parent, named as such
+    if not isinstance(extra_metadata, (Mapping, type(None))):
+        raise InputTypeError(f"extra_metadata is a mapping of strings, got {type(extra_metadata).__name__}")
     state = {k: v.detach().contiguous().cpu() for k, v in decoder.state_dict().items()}
+    if not state:  # a file of no tensors was written, and failed to load as "67 tensor(s) missing"
+        raise UsageError(f"this {type(decoder).__name__} holds no weights to save (an OnnxDecoder keeps them in its "
+                         ".onnx file): save the PyTorch decoder it was exported from")
     metadata = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
