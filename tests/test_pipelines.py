@@ -547,5 +547,25 @@ def test_from_decoder_names_a_vae_that_is_none_or_of_another_space():
     with pytest.raises(TypeError, match="vae must be the pipeline's diffusers VAE.*got str"):
         FastVAE.from_decoder(decoder, vae="x")
     flux2 = fastdec.create_decoder("tae-64", "flux2")
-    with pytest.raises(ValueError, match=r"for 'flux2' latents \(32 channels\) but the VAE makes 'svd' ones \(4\)"):
+    with pytest.raises(ValueError, match=r"decoder expects 32 channels \(flux2\), the VAE has 4"):
         FastVAE.from_decoder(flux2, vae=pf.svd_vae())
+    # same channels, other scale: only channels were compared here, where swap_decoder refused the pairing
+    sdxl_vae = pf.kl_vae(4, 0.13025)
+    with pytest.raises(ValueError, match=r"decoder was made for sd15 latents, the VAE is sdxl .*pass force=True"):
+        FastVAE.from_decoder(decoder, vae=sdxl_vae)
+    assert isinstance(FastVAE.from_decoder(decoder, vae=sdxl_vae, force=True), FastVAE)  # a fine-tune, on purpose
+
+
+@pytest.mark.parametrize("call", [
+    lambda d: FastVAE.from_decoder(d, vae=pf.kl_vae(4, 0.13025), force="no"),
+    lambda d: FastVAE.from_decoder(d, keep_encoder="no"),
+    lambda d: swap_decoder(pf.sd15_pipeline(), d, force="no"),
+    lambda d: swap_decoder(pf.sd15_pipeline(), d, keep_encoder=1),
+    lambda d: fastdec.resolve_decoder("tae-64", random_weights="no"),
+    lambda d: fastdec.list_decoders(video="yes"),
+    lambda d: fastdec.create_decoder("tae-64", "sd15", use_midblock_gn="no"),
+])
+def test_switches_given_as_strings_are_refused(call):
+    # "no" is truthy: it let a mismatched decoder in, kept the encoder, built random weights or a GroupNorm branch
+    with pytest.raises(TypeError, match="must be True or False, got"):
+        call(pf.tiny_decoder("sd15"))

@@ -113,6 +113,14 @@ class InputTypeError(UsageError, TypeError):
     """A value of the wrong type: latents that are not a float tensor, an object that is not a fastdec decoder."""
 
 
+def check_flags(where: str, **flags: object) -> None:
+    """Each of ``flags`` is True or False: the string "no" is truthy, so it turned an option on. ``where`` names
+    the function in the error ("swap_decoder's force must be True or False, got 'no'")."""
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise InputTypeError(f"{where}'s {name} must be True or False, got {value!r}")
+
+
 def check_count(flag: str, value: int | None, minimum: int = 1) -> None:
     """``value`` is None (not given) or a whole number >= ``minimum`` (a bool is none); the error names ``flag``.
     The one count check of every command's options and of the Python API's counts."""

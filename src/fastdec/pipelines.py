@@ -29,7 +29,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.autoencoders.vae import DecoderOutput
 from diffusers.utils.accelerate_utils import apply_forward_hook
 
-from .errors import InputTypeError, PipelineError, PipelineStateError, check_count
+from .errors import InputTypeError, PipelineError, PipelineStateError, check_count, check_flags
 from .io.files import atomic_write
 from .io.images import to_uint8
 from .resolve import resolve_decoder
@@ -219,11 +219,15 @@ class FastVAE(ModelMixin, AutoencoderMixin, ConfigMixin):
         decoder: LatentDecoder,
         vae: nn.Module | None = None,
         keep_encoder: bool = True,
+        force: bool = False,
     ) -> "FastVAE":
         """Wrap ``decoder``; with ``vae`` (the pipeline's original VAE) take its config values and, if
-        ``keep_encoder``, its encoder (shared weights, no copy). The decoder module itself is used, not copied."""
+        ``keep_encoder``, its encoder (shared weights, no copy). The decoder module itself is used, not copied.
+        ``decoder`` must decode ``vae``'s latents as :func:`swap_decoder` checks them (``force=True`` accepts
+        another space of the same shape: a fine-tuned VAE)."""
         if not isinstance(decoder, LatentDecoder):
             raise InputTypeError(f"FastVAE needs a fastdec LatentDecoder, got {type(decoder).__name__}")
+        check_flags("FastVAE.from_decoder", keep_encoder=keep_encoder, force=force)
         space = decoder.latent_space
         levels = int(math.log2(space.spatial_factor)) + 1
         width = int(getattr(decoder.config, "width", 64))
@@ -247,10 +251,8 @@ class FastVAE(ModelMixin, AutoencoderMixin, ConfigMixin):
             if not isinstance(vae, nn.Module):
                 raise InputTypeError(f"vae must be the pipeline's diffusers VAE (pipe.vae), got {type(vae).__name__}")
             vae_space = detect_latent_space(vae)  # a module with no config: its error
-            if vae_space.channels != space.channels:
-                raise PipelineError(f"the decoder is for '{space.name}' latents ({space.channels} channels) but the "
-                                    f"VAE makes '{vae_space.name}' ones ({vae_space.channels}): use a decoder of the "
-                                    "VAE's latent space")
+            # channels alone were compared: an SDXL decoder over an SD 1.5 VAE decoded wrong pictures
+            check_decoder_fits(decoder, vae_space, "the VAE", allow_other_statistics=force)
             vae_config = vae.config
             for key in ("scaling_factor", "shift_factor", "latents_mean", "latents_std", "sample_size",
                         "batch_norm_eps", "batch_norm_momentum", "patch_size", "in_channels"):
@@ -459,6 +461,7 @@ def swap_decoder(
     ``keep_encoder=False`` drops the original encoder (text-to-image only). ``force=True`` accepts a decoder
     made for another latent space of the same shape (a fine-tuned VAE); channels and spatial factor must match.
     """
+    check_flags("swap_decoder", keep_encoder=keep_encoder, force=force)
     current = getattr(pipe, "vae", None)
     if current is None:
         raise PipelineError(f"{type(pipe).__name__} has no vae component to swap")
@@ -475,9 +478,9 @@ def swap_decoder(
     device, dtype = _module_placement(current)
     if isinstance(current, FastVAE) and original is None:
         # a pipeline loaded with a FastVAE: reuse its encoder and config values
-        fast = FastVAE.from_decoder(decoder, vae=current, keep_encoder=keep_encoder)
+        fast = FastVAE.from_decoder(decoder, vae=current, keep_encoder=keep_encoder, force=force)
     else:
-        fast = FastVAE.from_decoder(decoder, vae=source, keep_encoder=keep_encoder)
+        fast = FastVAE.from_decoder(decoder, vae=source, keep_encoder=keep_encoder, force=force)
     nn.Module.to(fast, device=device, dtype=dtype)  # ModelMixin.to warns spuriously on every dtype cast
     if original is None and not isinstance(current, FastVAE):
         for name in ("decoder", "post_quant_conv"):

@@ -26,7 +26,7 @@ import torch
 
 from .devices import check_device
 from .dtypes import parse_dtype
-from .errors import CheckpointError, DecoderSpecError
+from .errors import CheckpointError, DecoderSpecError, check_flags
 from .latent_spaces import LatentSpace, get_latent_space
 from .models.base import LatentDecoder
 from .models.registry import PRESETS, create_decoder, list_decoders
@@ -129,6 +129,7 @@ def resolve_decoder(
     """
     from .io.checkpoints import read_decoder
 
+    check_flags("resolve_decoder", random_weights=random_weights)
     if device is not None:
         check_device(device, "device")  # before any weights are read: 'tpu' or an absent cuda:3 named as such
     torch_dtype = parse_dtype(dtype)

@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from ..errors import UnknownNameError, UsageError
+from ..errors import UnknownNameError, UsageError, check_flags
 from ..latent_spaces import LatentSpace, get_latent_space
 from .base import LatentDecoder
 
@@ -64,6 +64,8 @@ def create_decoder(name: str, latent_space: LatentSpace | str = "sdxl", **overri
 
 
 def list_decoders(video: bool | None = None) -> list[str]:
+    if video is not None:
+        check_flags("list_decoders", video=video)  # "yes" listed nothing
     names = sorted(PRESETS)
     if video is None:
         return names

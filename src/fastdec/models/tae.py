@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from ..errors import InputTypeError, UsageError
+from ..errors import InputTypeError, UsageError, check_flags
 from ..latent_spaces import LatentSpace
 from .base import LatentDecoder, check_sizes, config_entries, doublings
 from .blocks import Clamp, ResBlock, conv3x3
@@ -59,6 +59,7 @@ class TAEConfig:
 
     def __post_init__(self):
         self.stage_blocks = config_entries("TAE", "stage_blocks", self.stage_blocks)
+        check_flags("TAE config", use_midblock_gn=self.use_midblock_gn)  # "no" built the GroupNorm branch
         check_sizes("TAE", {}, {"stage_blocks": self.stage_blocks, "final_blocks": self.final_blocks})
         if self.widths is not None:
             self._take_widths()
@@ -165,6 +166,7 @@ class TAEEncoderConfig:
 
     def __post_init__(self):
         self.stage_blocks = config_entries("TAE encoder", "stage_blocks", self.stage_blocks)
+        check_flags("TAE encoder config", use_midblock_gn=self.use_midblock_gn)
         check_sizes("TAE encoder", {"width": self.width}, {"stage_blocks": self.stage_blocks,
                                                            "first_blocks": self.first_blocks})
 

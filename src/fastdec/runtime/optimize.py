@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from ..dtypes import parse_dtype
-from ..errors import InputTypeError, UsageError
+from ..errors import InputTypeError, UsageError, check_flags
 from ..models.base import LatentDecoder
 
 FP16_MAX = float(torch.finfo(torch.float16).max)  # 65504
@@ -203,9 +203,7 @@ def optimize(
 
     if isinstance(decoder, OnnxDecoder):
         raise UsageError("an OnnxDecoder already runs in onnxruntime: optimize the torch decoder it was exported from")
-    for name, value in (("channels_last", channels_last), ("compile", compile)):
-        if not isinstance(value, bool):  # the string "no" would be true
-            raise InputTypeError(f"optimize's {name} must be True or False, got {value!r}")
+    check_flags("optimize", channels_last=channels_last, compile=compile)
     decoder.eval().requires_grad_(False)
     torch_dtype = parse_dtype(dtype)
     if torch_dtype is not None:
