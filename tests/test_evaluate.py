@@ -428,6 +428,22 @@ def test_vif_is_left_out_with_a_note_for_images_under_41_px(tmp_path, tiny_decod
     assert any("VIF omitted" in n and "41 px" in n for n in report["notes"])
 
 
+def test_vif_of_a_flat_image_is_left_out_with_a_note(tmp_path, tiny_decoder):
+    from safetensors.torch import save_file
+
+    images, latent_dir = tmp_path / "flat", tmp_path / "flat_latents"
+    images.mkdir(), latent_dir.mkdir()
+    grey = np.full((64, 64, 3), 128, dtype=np.uint8)  # no signal variance: VIF is 0/0 = NaN
+    noisy = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    for name, pixels in (("grey", grey), ("noisy", noisy)):
+        Image.fromarray(pixels).save(images / f"{name}.png")
+        save_file({"latents": torch.randn(1, 4, 8, 8)}, str(latent_dir / f"{name}.safetensors"))
+    report = evaluate_images(images, [str(tiny_decoder)], latents=latent_dir, grid=0)
+    vif = report["decoders"]["tiny"]["metrics"]["original"]["vif"]
+    assert vif["n"] == 1 and "n_infinite" not in vif and math.isfinite(vif["mean"])  # counted as an exact match
+    assert any("VIF omitted" in n and "flat" in n for n in report["notes"])
+
+
 # ----------------------------------------------------------------------------- paired differences vs a baseline
 @pytest.fixture
 def other_decoder(tmp_path, make_decoder) -> Path:

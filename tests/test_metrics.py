@@ -81,6 +81,9 @@ def test_mean_ci_is_the_student_t_interval():
     assert ci.n == 37
     with pytest.raises(EvalError, match="non-finite"):
         M.mean_ci([1.0, float("inf")])
+    for confidence in (95, 0, 1.0, "0.95", True):  # 95 (a percentage) gave a NaN interval
+        with pytest.raises(EvalError, match="fraction between 0 and 1"):
+            M.mean_ci([1.0, 2.0, 3.0], confidence)
 
 
 def test_summarize_counts_exact_matches_and_leaves_out_unmeasured():
@@ -91,6 +94,15 @@ def test_summarize_counts_exact_matches_and_leaves_out_unmeasured():
     assert M.summarize([float("inf")] * 2) == {"mean": float("inf"), "n": 2, "n_infinite": 2}
     assert M.summarize([None, None]) is None
     assert "n_infinite" not in M.summarize([1.0, 2.0])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), -float("inf")])
+def test_undefined_scores_are_refused_not_counted_as_exact_matches(bad):
+    # NaN (VIF of a flat image) and -inf were counted in n_infinite, read as perfect reconstructions
+    with pytest.raises(EvalError, match="NaN or -inf"):
+        M.summarize([30.0, bad, 31.0])
+    with pytest.raises(EvalError, match="NaN or -inf"):
+        M.summarize_paired([30.0, 31.0], [bad, 30.0])
 
 
 def test_lpips_without_weights_says_how_to_get_them(tmp_path):
@@ -171,6 +183,14 @@ def test_streamed_frechet_equals_two_pass():
     expected = _two_pass(x, y)
     assert expected > 1.0
     assert sx.frechet_distance(sy) == pytest.approx(expected, rel=1e-6)
+
+
+def test_frechet_distance_refuses_a_mean_and_covariance_of_different_dimensions():
+    # both sides (5,) means beside 4x4 covariances: a number came out
+    with pytest.raises(EvalError, match=r"\(5, 5\) covariance, got \(4, 4\)"):
+        M.frechet_distance(np.zeros(5), np.eye(4), np.ones(5), np.eye(4))
+    with pytest.raises(EvalError, match="differ in dimension"):
+        M.frechet_distance(np.zeros(4), np.eye(4), np.zeros(5), np.eye(5))
 
 
 def test_merging_shards_equals_the_union():

@@ -263,6 +263,9 @@ def mean_ci(values: Any, confidence: float = 0.95) -> MeanCI:
     """
     from scipy import stats
 
+    if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not 0 < confidence < 1:
+        # 95 (a percentage) gave a NaN interval that printed as none at all
+        raise EvalError(f"confidence must be a fraction between 0 and 1 (0.95 for 95%), got {confidence!r}")
     x = np.asarray(values, dtype=np.float64).ravel()
     if x.size == 0:
         raise EvalError("no values to average")
@@ -276,10 +279,21 @@ def mean_ci(values: Any, confidence: float = 0.95) -> MeanCI:
     return MeanCI(mean, mean - half, mean + half, int(x.size), confidence)
 
 
+def _refuse_undefined(values: Sequence[float]) -> None:
+    # only +inf has a meaning (an exact match); NaN (a metric undefined on a flat image) and -inf were counted
+    # as exact matches, so a broken score read as a perfect one
+    bad = [v for v in values if math.isnan(v) or v == -math.inf]
+    if bad:
+        raise EvalError(f"{len(bad)} scores are NaN or -inf (the metric is undefined on those samples): leave them "
+                        "out as None; only +inf (an exact reconstruction) is counted, as n_infinite")
+
+
 def summarize(values: Iterable[float | None], confidence: float = 0.95) -> dict[str, Any] | None:
     """Mean and t-interval of the finite values (``None``: not measured, left out). Exact matches
-    (PSNR = inf) are counted as ``n_infinite``, not averaged; only inf values give a mean of inf."""
+    (PSNR = inf) are counted as ``n_infinite``, not averaged; only inf values give a mean of inf.
+    NaN or -inf (no exact match, an undefined score) is an :class:`EvalError`."""
     measured = [v for v in values if v is not None]
+    _refuse_undefined(measured)
     finite = [v for v in measured if math.isfinite(v)]
     if not finite:
         return {"mean": float("inf"), "n": len(measured), "n_infinite": len(measured)} if measured else None
@@ -299,6 +313,7 @@ def paired_differences(values: Sequence[float | None], baseline: Sequence[float 
     """
     if len(values) != len(baseline):
         raise EvalError(f"paired differences need the same samples: {len(values)} values vs {len(baseline)} baseline")
+    _refuse_undefined([v for v in (*values, *baseline) if v is not None])
     return [None if v is None or b is None else v - b if math.isfinite(v) and math.isfinite(b) else math.inf
             for v, b in zip(values, baseline)]
 
@@ -545,6 +560,8 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
         raise EvalError(f"statistics differ in dimension: {mu1.shape} vs {mu2.shape}")
+    if mu1.ndim != 1 or sigma1.shape != (mu1.size, mu1.size):  # a mean of 5 features beside a 4x4 covariance
+        raise EvalError(f"a mean of shape {mu1.shape} needs a ({mu1.size}, {mu1.size}) covariance, got {sigma1.shape}")
     diff = mu1 - mu2
     covmean = linalg.sqrtm(sigma1 @ sigma2)
     if not np.isfinite(covmean).all():

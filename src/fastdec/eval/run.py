@@ -536,12 +536,17 @@ class ImageEvaluation(Evaluation):
                 "width": width, **scores}
 
     def _optional(self, label: str, metric: Callable, decoded: torch.Tensor, ref: torch.Tensor) -> float | None:
-        """A metric with a minimum image size: None (left out of the means, with a note) below it."""
+        """A metric with a minimum image size: None (left out of the means, with a note) below it, and where it
+        is undefined (VIF of a flat reference is NaN: no signal to keep)."""
         try:
-            return float(metric(decoded, ref)[0])
+            value = float(metric(decoded, ref)[0])
         except MetricUnavailable as e:
             self.notes.add(f"{label} omitted for some images: {e}")
             return None
+        if math.isnan(value):
+            self.notes.add(f"{label} omitted for some images: it is undefined there (the reference is flat)")
+            return None
+        return value
 
     def _gradient_energy(self, decoded: torch.Tensor, ref: torch.Tensor) -> float | None:
         ratio = float(M.gradient_energy_ratio(decoded, ref)[0])
