@@ -42,6 +42,40 @@ def test_latents_mean_std_from_vae_config():
     assert torch.allclose(space.vae_to_decoder(space.decoder_to_vae(z)), z, atol=1e-5)
 
 
+@pytest.mark.parametrize("config, problem", [
+    ({"scaling_factor": 0}, "'scaling_factor' is 0.0: it must be > 0"),
+    ({"scaling_factor": float("nan")}, "'scaling_factor' is nan"),
+    ({"latents_mean": [0.0] * 3, "latents_std": [1.0] * 3}, "one number per channel \\(4\\)"),
+    ({"latents_mean": [0.0] * 4, "latents_std": [1.0, 1.0, 0.0, 1.0]}, "standard deviations are > 0"),
+    ({"shift_factor": "abc"}, "could not convert"),
+])
+def test_a_vae_config_that_describes_no_usable_latents_is_refused(config, problem):
+    # taken as given, a scaling factor of 0 divided latents by zero and 3 statistics broadcast wrongly
+    with pytest.raises(LatentSpaceError, match=f"the VAE config does not describe usable 'sdxl' latents: .*{problem}"):
+        get_latent_space("sdxl").with_vae_config(config)
+    with pytest.raises(LatentSpaceError, match="a VAE config is a mapping"):
+        get_latent_space("sdxl").with_vae_config(None)
+
+
+@pytest.mark.parametrize("fields, problem", [
+    ({"channels": 0}, "'channels' is 0"), ({"channels": "4"}, "'channels' is '4'"),
+    ({"channels": 4, "spatial_factor": 6}, "powers of 2"), ({"channels": 4, "scaling_factor": -1.0}, "> 0"),
+])
+def test_a_space_made_directly_is_checked_like_a_record(fields, problem):
+    with pytest.raises(LatentSpaceError, match=problem):
+        LatentSpace("custom", **fields)
+    space = LatentSpace("custom", channels=4, scaling_factor=1, latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+    assert space.scaling_factor == 1.0 and space.latents_mean == (0.0,) * 4 and hash(space)  # a list made it unhashable
+
+
+def test_integer_latents_are_converted_with_float_statistics():
+    # the statistics were cast to the latents' dtype: an int64 tensor truncated a mean of 0.5 to 0
+    space = get_latent_space("sdxl").with_vae_config({"latents_mean": [0.5] * 4, "latents_std": [2.0] * 4})
+    raw = torch.ones(1, 4, 2, 2, dtype=torch.int64)
+    expected = (1 - 0.5) * space.scaling_factor / 2.0
+    assert torch.allclose(space.vae_to_decoder(raw), torch.full((1, 4, 2, 2), expected))
+
+
 @pytest.mark.parametrize("given, missing", [("latents_mean", "latents_std"), ("latents_std", "latents_mean")])
 def test_half_of_the_per_channel_statistics_is_refused(given, missing):
     # one without the other was dropped: the latents were converted with scaling_factor alone, a wrong picture

@@ -43,6 +43,13 @@ class LatentSpace:
     description: str = field(default="", compare=False)
 
     def __post_init__(self):
+        # every field is checked however the space is made (LatentSpace(...), with_vae_config, from_dict):
+        # channels=0, a scaling factor of 0 or NaN, or a std list of the wrong length decoded garbage later
+        record = dataclasses.asdict(self)
+        for key, value in record.items():
+            checked = _check_space_field(key, value, record)
+            if checked is not value:
+                object.__setattr__(self, key, checked)  # frozen: 1 -> 1.0, a list of stats -> a tuple
         # a mean without a std (or the reverse) was dropped silently: latents converted with scaling/shift instead
         if (self.latents_mean is None) != (self.latents_std is None):
             given, missing = ("latents_mean", "latents_std") if self.latents_std is None else \
@@ -56,8 +63,9 @@ class LatentSpace:
             return None
         shape = [1] * like.ndim
         shape[-3] = self.channels
-        mean = torch.tensor(self.latents_mean, device=like.device, dtype=like.dtype).view(shape)
-        std = torch.tensor(self.latents_std, device=like.device, dtype=like.dtype).view(shape)
+        dtype = like.dtype if like.is_floating_point() else torch.float32  # int latents truncated the statistics
+        mean = torch.tensor(self.latents_mean, device=like.device, dtype=dtype).view(shape)
+        std = torch.tensor(self.latents_std, device=like.device, dtype=dtype).view(shape)
         return mean, std
 
     def vae_to_decoder(self, raw: torch.Tensor) -> torch.Tensor:
@@ -122,7 +130,17 @@ class LatentSpace:
         return f"decoder expects {self.channels} latent channels ({self.name}), got {got}{hint}"
 
     def with_vae_config(self, config: Mapping[str, Any]) -> "LatentSpace":
-        """This space with scaling/shift/mean/std taken from a diffusers VAE config (fine-tuned VAEs differ)."""
+        """This space with scaling/shift/mean/std taken from a diffusers VAE config (fine-tuned VAEs differ).
+        A value that cannot be one (a scaling factor of 0, a std list of the wrong length) is a
+        :class:`LatentSpaceError` naming the config key."""
+        if not isinstance(config, Mapping):
+            raise LatentSpaceError(f"a VAE config is a mapping of its values (vae.config), got {type(config).__name__}")
+        try:
+            return self._with_vae_values(config)
+        except (LatentSpaceError, TypeError, ValueError) as e:  # float("abc"), a number where a list belongs
+            raise LatentSpaceError(f"the VAE config does not describe usable '{self.name}' latents: {e}") from e
+
+    def _with_vae_values(self, config: Mapping[str, Any]) -> "LatentSpace":
         changes: dict[str, Any] = {}
         if self.name != "flux2":  # FLUX.2 decoders take raw latents: its scaling_factor is not applied
             for key in ("scaling_factor", "shift_factor"):
