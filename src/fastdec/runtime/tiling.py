@@ -238,6 +238,8 @@ def decode_tiled(decoder: Any, z: torch.Tensor, tile: int = 64, overlap: int | N
     defaults to the measured receptive field, which makes the result equal the
     untiled decode; peak activation memory is that of one tile. Decoders with
     global statistics are tiled approximately with an :class:`ApproximateTilingWarning`.
+    Latents that require grad (guidance through the decoder) get their gradient as untiled: every tile's
+    graph is then kept, so memory grows with the image; other latents decode each tile without autograd.
     """
     if not isinstance(z, torch.Tensor):
         raise InputTypeError(f"latents must be a torch.Tensor, got {type(z).__name__}")
@@ -264,6 +266,8 @@ def _decode_tiles(decoder: Any, z: torch.Tensor, core: int, overlap: int) -> tor
     """Each tile decodes its ``core`` plus ``overlap`` of context and keeps only the core's pixels."""
     n, _, h, w = z.shape
     factor = int(getattr(decoder, "upsample_factor"))
+    # no_grad keeps one tile's activations at a time; latents that ask for a gradient lost it silently
+    keep_graph = torch.is_grad_enabled() and z.requires_grad
     out: torch.Tensor | None = None
     for top in _starts(h, core):
         bottom = min(top + core, h)
@@ -271,7 +275,7 @@ def _decode_tiles(decoder: Any, z: torch.Tensor, core: int, overlap: int) -> tor
         for left in _starts(w, core):
             right = min(left + core, w)
             x0, x1 = max(0, left - overlap), min(w, right + overlap)
-            with torch.no_grad():
+            with torch.set_grad_enabled(keep_graph):
                 piece = decoder(z[:, :, y0:y1, x0:x1])
             if out is None:
                 out = piece.new_empty(n, piece.shape[1], h * factor, w * factor)
