@@ -1113,3 +1113,49 @@ def test_regression_resume_runs_no_code(check, assets, tmp_path):
     with pytest.raises(pickle.UnpicklingError):  # what fastdec does: weights_only refuses the global
         torch.load(out / "checkpoints" / "step_00000001.pt", weights_only=True)
     assert not marker.exists()
+
+
+def _tiny_encoder():
+    from fastdec.latent_spaces import get_latent_space
+    from fastdec.models.tae import TAEEncoder, TAEEncoderConfig
+
+    return TAEEncoder(TAEEncoderConfig(latent_channels=4, width=8, stage_blocks=(1, 1, 1)), get_latent_space("sd15"))
+
+
+def _pixels_takers() -> dict[str, Callable[[torch.Tensor], Any]]:
+    from fastdec.eval import metrics as M
+    from fastdec.runtime.deflickering import deflicker
+
+    clean = torch.full((4, 3, 48, 48), 0.5)
+    return {
+        "the TAE encoder": lambda x: _tiny_encoder()(x),
+        "PSNR": lambda x: M.psnr(x, clean), "SSIM": lambda x: M.ssim(clean, x), "VIF": lambda x: M.vif(x, clean),
+        "the gradient-energy ratio": lambda x: M.gradient_energy_ratio(x, clean),
+        "flicker": lambda x: M.flicker_score(x, clean), "deflicker": deflicker,
+    }
+
+
+@pytest.mark.parametrize("who", list(_pixels_takers()))
+@pytest.mark.parametrize("images, problem", [
+    (lambda x: x * 255, "look like 0-255 values, divide by 255"),
+    (lambda x: x * 2 - 1, r"look like \[-1, 1\] values .*\(images \+ 1\) / 2"),
+    (lambda x: x * 1.2, r"clamp them"),
+    (lambda x: (x * 255).to(torch.uint8), r"got torch.uint8 \(uint8 (images|frames): (images|frames).float\(\) / 255\)"),
+    (lambda x: torch.where(x > 0.9, float("nan"), x), "NaN or inf"),
+])
+def test_images_outside_0_1_are_refused_where_pixels_are_taken(who, images, problem):
+    # 0-255 or [-1, 1] images ran through the encoder and the metrics without a word: wrong latents and scores
+    pixels = torch.rand(4, 3, 48, 48, generator=torch.Generator().manual_seed(0))
+    with pytest.raises((ValueError, TypeError), match=f"{who} .*{problem}"):
+        _pixels_takers()[who](images(pixels))
+    _pixels_takers()[who](pixels)  # the same pixels in [0, 1] are taken
+
+
+def test_metrics_refuse_a_data_range_that_is_no_scale():
+    from fastdec.eval import metrics as M
+
+    x = torch.rand(1, 3, 16, 16)
+    for data_range in (0, -1.0, float("inf"), "1"):
+        with pytest.raises(ValueError, match="data_range is the pixels' full scale"):
+            M.psnr(x, x, data_range=data_range)
+    assert torch.isfinite(M.psnr(x * 255, (x * 255).round(), data_range=255.0)).all()  # 8-bit scale is taken

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from ..errors import EvalError, MetricUnavailable
 from ..io.files import atomic_write
+from ..io.images import check_pixel_range
 
 # SSIM with the settings of Wang et al. and scikit-image's reference (gaussian_weights=True):
 # 11x11 Gaussian window, sigma 1.5, K1=0.01, K2=0.03, population (not sample) covariance.
@@ -48,7 +49,11 @@ VIF_NOISE_VARIANCE = 2.0
 
 
 # ----------------------------------------------------------------------------- per-image metrics
-def _check_pair(pred: torch.Tensor, target: torch.Tensor) -> None:
+def _check_pair(pred: torch.Tensor, target: torch.Tensor, data_range: float = 1.0, metric: str = "the metric") -> None:
+    if isinstance(data_range, bool) or not isinstance(data_range, (int, float)) or not 0 < data_range < math.inf:
+        raise EvalError(f"data_range is the pixels' full scale (1.0 for [0, 1], 255 for 8-bit), got {data_range!r}")
+    for images in (pred, target):  # 0-255 or [-1, 1] images scored against data_range 1 gave wrong numbers
+        check_pixel_range(images, metric, data_range)
     if pred.shape != target.shape:
         raise EvalError(
             f"prediction {tuple(pred.shape)} and reference {tuple(target.shape)} differ in shape: "
@@ -62,7 +67,7 @@ def psnr(pred: torch.Tensor, target: torch.Tensor, data_range: float = 1.0) -> t
     """Peak signal-to-noise ratio in dB per image, (N,). Identical images give +inf."""
     from torchmetrics.functional.image import peak_signal_noise_ratio
 
-    _check_pair(pred, target)
+    _check_pair(pred, target, data_range, "PSNR")
     return peak_signal_noise_ratio(
         pred.double(), target.double(), data_range=data_range, reduction="none", dim=(1, 2, 3)
     ).float()
@@ -78,7 +83,7 @@ def ssim(pred: torch.Tensor, target: torch.Tensor, data_range: float = 1.0) -> t
     """
     from torchmetrics.functional.image import structural_similarity_index_measure
 
-    _check_pair(pred, target)
+    _check_pair(pred, target, data_range, "SSIM")
     pad = (SSIM_KERNEL - 1) // 2
     if min(pred.shape[-2:]) <= 2 * pad:
         raise EvalError(f"SSIM needs images larger than {2 * pad} px per side, got {tuple(pred.shape[-2:])}")
@@ -103,7 +108,7 @@ def ms_ssim(pred: torch.Tensor, target: torch.Tensor, data_range: float = 1.0) -
     """
     from torchmetrics.functional.image import multiscale_structural_similarity_index_measure
 
-    _check_pair(pred, target)
+    _check_pair(pred, target, data_range, "MS-SSIM")
     need = ms_ssim_min_size()
     if min(pred.shape[-2:]) < need:
         raise MetricUnavailable(
@@ -141,7 +146,7 @@ def vif(pred: torch.Tensor, target: torch.Tensor, data_range: float = 1.0) -> to
     """
     from torchmetrics.functional.image import visual_information_fidelity
 
-    _check_pair(pred, target)
+    _check_pair(pred, target, data_range, "VIF")
     if min(pred.shape[-2:]) < VIF_MIN_SIZE:
         raise MetricUnavailable(f"VIF needs images of at least {VIF_MIN_SIZE} px per side (4 scales of valid "
                                 f"Gaussian windows), got {tuple(pred.shape[-2:])}")
@@ -178,7 +183,7 @@ def gradient_energy_ratio(pred: torch.Tensor, target: torch.Tensor) -> torch.Ten
     scores 1), so it sits beside PSNR and VIF. NaN where the reference has no gradient at all (a flat image).
     torchmetrics has no such metric; this is written here in torch.
     """
-    _check_pair(pred, target)
+    _check_pair(pred, target, metric="the gradient-energy ratio")
     reference = gradient_energy(target)
     ratio = gradient_energy(pred) / reference.masked_fill(reference == 0, float("nan"))
     return ratio.float()
@@ -231,7 +236,7 @@ class LPIPS:
 
     @torch.no_grad()
     def __call__(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        _check_pair(pred, target)
+        _check_pair(pred, target, metric="LPIPS")
         out = self.model(pred.float().to(self.device) * 2 - 1, target.float().to(self.device) * 2 - 1)
         return out.flatten().cpu()
 
@@ -347,6 +352,8 @@ def flicker_score(decoded: torch.Tensor, original: torch.Tensor) -> float:
 
 
 def _check_clips(decoded: torch.Tensor, original: torch.Tensor, metric: str) -> None:
+    for clip in (decoded, original):  # frame differences are in units of the [0, 1] range
+        check_pixel_range(clip, metric)
     if decoded.shape != original.shape or decoded.ndim != 4:
         raise EvalError(f"expected two clips shaped (T, 3, H, W), got {tuple(decoded.shape)} and {tuple(original.shape)}")
     if decoded.shape[0] < 2:

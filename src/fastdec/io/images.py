@@ -1,4 +1,5 @@
-"""Images on disk: the one list of image suffixes, loading to float tensors, tensors to uint8, atomic saving."""
+"""Images on disk: the one list of image suffixes, loading to float tensors, tensors to uint8, atomic saving;
+and the one check that image tensors hold pixels in [0, 1] (the convention every fastdec function takes)."""
 from __future__ import annotations
 
 import os
@@ -8,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import DataError, NonFiniteOutputError
+from ..errors import DataError, InputTypeError, NonFiniteOutputError, UsageError
 from .files import atomic_write
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
@@ -58,6 +59,30 @@ def as_rgb(im: Any, path: str | os.PathLike, upright: bool = True) -> Any:
         raise DataError(f"image '{path}' holds {kind} samples (PIL mode {im.mode}), whose range fastdec cannot "
                         "know: save it as an 8- or 16-bit image")
     return im.convert("RGB")
+
+
+def check_pixel_range(images: torch.Tensor, who: str, data_range: float = 1.0) -> None:
+    """``images`` are a finite float tensor of pixels in [0, ``data_range``], else the error names ``who`` and the
+    fix. Images in 0-255 or in diffusers' [-1, 1] ran through encoders and metrics without a word and gave wrong
+    latents and scores. Exact bounds: whatever was clamped to [0, 1] stays there in every float dtype."""
+    if not isinstance(images, torch.Tensor):
+        raise InputTypeError(f"{who} takes images as a torch.Tensor, got {type(images).__name__}")
+    if not images.is_floating_point():  # complex is not floating point either
+        hint = " (uint8 images: images.float() / 255)" if images.dtype == torch.uint8 else ""
+        raise InputTypeError(f"{who} takes float images in [0, {data_range:g}], got {images.dtype}{hint}")
+    if images.numel() == 0:
+        return
+    if not torch.isfinite(images).all():
+        raise UsageError(f"{who} got images holding NaN or inf: they are no pixels (check what made them)")
+    low, high = float(images.min()), float(images.max())
+    if low < 0 or high > data_range:
+        if data_range == 1 and high > 1.5:
+            hint = ": they look like 0-255 values, divide by 255"
+        elif low < 0:
+            hint = ": they look like [-1, 1] values (diffusers' convention), use (images + 1) / 2"
+        else:
+            hint = ": clamp them, images.clamp(0, 1)"
+        raise UsageError(f"{who} takes pixels in [0, {data_range:g}], got values from {low:.4g} to {high:.4g}{hint}")
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:

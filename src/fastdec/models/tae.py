@@ -26,8 +26,9 @@ import torch
 import torch.nn as nn
 
 from ..errors import InputTypeError, UsageError, check_flags
+from ..io.images import check_pixel_range
 from ..latent_spaces import LatentSpace
-from .base import LatentDecoder, check_sizes, config_entries, doublings
+from .base import LatentDecoder, _is_tracing, check_sizes, config_entries, doublings
 from .blocks import Clamp, ResBlock, conv3x3
 from .registry import register_architecture, register_preset
 
@@ -210,6 +211,8 @@ class TAEEncoder(nn.Module):
             raise UsageError(
                 f"image size {tuple(images.shape[-2:])} is not a multiple of {f}: crop or pad to a multiple of {f}"
             )
+        if not _is_tracing():  # 0-255 or [-1, 1] images encoded to latents of no picture, without a word
+            check_pixel_range(images, "the TAE encoder")
         p = next(self.parameters())
         return self.layers(images.to(device=p.device, dtype=p.dtype))
 

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InputTypeError, NonFiniteOutputError, UsageError
+from ..io.images import check_pixel_range
 
 __all__ = ["DEFAULT_STRENGTH", "DEFAULT_THRESHOLD", "Deflicker", "DeflickerSettings", "add_deflicker_arguments",
            "as_deflicker_settings", "deflicker", "deflicker_from_args"]
@@ -111,6 +112,7 @@ class Deflicker:
         if not torch.isfinite(frames).all():  # one NaN would spread through the box into every later frame
             raise NonFiniteOutputError(f"deflicker got frames holding NaN or inf {tuple(frames.shape)}: the decoder "
                                        "that made them is broken (check its weights, or an fp16 overflow)")
+        check_pixel_range(frames, "deflicker")  # its motion threshold is in units of the [0, 1] range
         clips = frames if frames.ndim == 5 else frames[None]
         if self.previous is not None and (self.previous.shape[0], *self.previous.shape[-3:]) != (
                 clips.shape[0], *clips.shape[-3:]):
