@@ -122,6 +122,14 @@ def test_random_weights_builds_the_preset(inputs, capsys):
     assert len(list(inputs["out"].glob("*.png"))) == 1
 
 
+@pytest.mark.parametrize("command", ["decode", "decode-video", "decode-batch", "export onnx"])
+def test_random_weights_with_a_checkpoint_is_refused(command, inputs, capsys):
+    # the flag was dropped and the checkpoint's trained weights decoded, the user believing them random
+    argv = DECODER_COMMANDS[command](inputs, str(inputs["decoder"])) + ["--random-weights"]
+    _fails_with(argv, capsys, command, "--random-weights builds a preset", "is a checkpoint", "drop --random-weights")
+    assert not inputs["out"].exists() or not any(p.is_file() for p in inputs["out"].rglob("*"))
+
+
 # every command, a missing input file: the same prefix, stderr, exit 2
 MISSING_INPUT = {
     "decode": lambda i, m: ["decode", str(m), "--decoder", str(i["decoder"]), "--out", str(i["out"])],

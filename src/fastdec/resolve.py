@@ -112,6 +112,24 @@ def untrained_message(name: str) -> str:
     )
 
 
+def check_random_weights(spec: Any, random_weights: bool) -> None:
+    """For the commands' ``--random-weights``: it builds a preset, so with a checkpoint, a pretrained name or a Hub
+    id (whose weights would load all the same) it is an error, not a flag silently dropped."""
+    if not random_weights:
+        return
+    located = locate(spec)
+    if located.kind != "preset":
+        kind = {"object": "a decoder object", "path": "a checkpoint", "pretrained": "a pretrained decoder",
+                "hub": "a Hub id"}[located.kind]
+        raise DecoderSpecError(f"--random-weights builds a preset ({', '.join(list_decoders())}) with random "
+                               f"weights, but '{describe(spec)}' is {kind}, whose trained weights would be used: drop "
+                               "--random-weights, or name a preset")
+
+
+def describe(spec: Any) -> str:
+    return os.fspath(spec) if isinstance(spec, (str, os.PathLike)) else type(spec).__name__
+
+
 def resolve_decoder(
     spec: Any,
     latent_space: LatentSpace | str | None = None,

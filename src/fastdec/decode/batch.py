@@ -53,7 +53,7 @@ from ..errors import (
 from ..io.files import TEMP_MARKER, check_output_file, output_folder, output_path, write_json, write_text
 from ..io.images import IMAGE_FORMATS, save_image, to_uint8
 from ..io.latents import LatentReader, LatentRef, check_key, check_latent, find_latent_files, index_latent_file
-from ..resolve import locate, resolve_decoder
+from ..resolve import check_random_weights, locate, resolve_decoder
 from .common import describe_spec, require_image_decoder
 
 MANIFEST_NAME = "fastdec_manifest.json"
@@ -528,6 +528,7 @@ class _BatchRun:
     def load_decoder(self) -> None:
         """The decoder, its identity (from the weights as loaded), then moved to this process's device."""
         torch.manual_seed(self.opts.seed)  # a preset's random weights: the same on every process
+        check_random_weights(self.spec, self.opts.random_weights)
         decoder = resolve_decoder(self.spec, latent_space=self.opts.latent_space,
                                   random_weights=self.opts.random_weights).eval()
         require_image_decoder(decoder, self.spec, "decode-batch")

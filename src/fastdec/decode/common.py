@@ -1,7 +1,6 @@
 """What the three decode commands share: the decoder they run and the device they run it on."""
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
@@ -9,7 +8,7 @@ import torch
 from ..devices import check_device  # noqa: F401  (the decode commands' name for it)
 from ..errors import DecodeError
 from ..models import LatentDecoder
-from ..resolve import resolve_decoder
+from ..resolve import check_random_weights, describe, resolve_decoder
 
 
 def build_decoder(
@@ -25,6 +24,7 @@ def build_decoder(
     eval mode, in channels_last memory layout unless asked otherwise."""
     from ..runtime import to_channels_last
 
+    check_random_weights(spec, random_weights)
     decoder = resolve_decoder(spec, latent_space=latent_space, device=device, dtype=dtype,
                               random_weights=random_weights).eval()
     if channels_last:
@@ -34,7 +34,7 @@ def build_decoder(
 
 def describe_spec(spec: Any) -> str:
     """How messages name a decoder: its path or name as given, or its class for a decoder object."""
-    return os.fspath(spec) if isinstance(spec, (str, os.PathLike)) else type(spec).__name__
+    return describe(spec)
 
 
 def require_image_decoder(decoder: LatentDecoder, spec: Any, command: str) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import NonFiniteOutputError, UsageError
-from ..resolve import resolve_decoder
+from ..resolve import check_random_weights, resolve_decoder
 from .onnx import DEFAULT_OPSET, EXPORTERS, export_checked
 
 
@@ -21,6 +21,7 @@ def _cmd_export_onnx(args: argparse.Namespace) -> int:
         raise UsageError(f"--out must end in .onnx, got '{args.out}'")
     if args.opset is not None and args.opset < MIN_OPSET:
         raise UsageError(f"--opset must be >= {MIN_OPSET}, got {args.opset} (default {DEFAULT_OPSET})")
+    check_random_weights(args.decoder, args.random_weights)
     decoder = resolve_decoder(args.decoder, latent_space=args.latent_space, random_weights=args.random_weights)
     try:
         result = export_checked(decoder, args.out, opset=args.opset, exporter=args.exporter)
