@@ -118,6 +118,36 @@ def test_resume_with_another_decoder_is_refused_before_any_encoding(tiny_setup, 
     assert not (tmp_path / "new-cache").exists()
 
 
+@pytest.mark.parametrize("change", [{"lr": 1e-2}, {"weight_decay": 0.1}])
+def test_resume_with_other_optimizer_settings_is_refused(tiny_setup, tmp_path, change):
+    # the optimizer state restored the old rate: --lr 1e-2 was written to config.json and never trained with
+    out = tmp_path / "run"
+    _run(**tiny_setup, steps=4, stop_at=2, ckpt_every=2, out=str(out))
+    key = next(iter(change))
+    with pytest.raises(TrainError, match=f"other optimizer settings \\(--{key.replace('_', '-')} .* there, "
+                                         f"{change[key]!r} here\\).*resume with the values it was trained with"):
+        _run(**tiny_setup | change, steps=4, out=str(out), resume=True)
+    _run(**tiny_setup | {"warmup": 1}, steps=4, out=str(out), resume=True)  # the schedule's shape may change
+
+
+def test_options_that_tune_an_absent_term_are_refused():
+    # each was accepted and did nothing (a GAN that never starts built and checkpointed a discriminator)
+    base = dict(teacher="t.pth", decoder="tae-64", data="d", out="o", steps=100)
+    cases = [({"lpips_weights": "alex.pth"}, "--lpips-weights tunes --lpips"),
+             ({"disc_lr": 5.0}, "--disc-lr tunes --adversarial"),
+             ({"adversarial": 0.1, "adv_start": 100}, "--adv-start 100, but the run ends at --steps 100")]
+    for extra, message in cases:
+        with pytest.raises(UsageError, match=message):
+            make_config(base | extra)
+    assert make_config(base | {"adversarial": 0.1, "adv_start": 50}).adv_start == 50
+
+
+def test_a_checkpoint_decoder_with_init_says_its_weights_are_not_used(tiny_setup, tmp_path):
+    # --init's weights replaced the --decoder checkpoint's, which the user may have meant to continue from
+    with pytest.warns(UserWarning, match="is a trained checkpoint: with --init only its architecture is used"):
+        _run(**tiny_setup, steps=1, init=tiny_setup["decoder"], out=str(tmp_path / "run"))
+
+
 class _WritesMarker:
     """Unpickling this object calls ``open(marker, "w")``: what a planted checkpoint would do, harmlessly."""
 

@@ -77,7 +77,8 @@ HELP = {
     "teacher": "teacher: TAESD-family encoder .pth, or a diffusers VAE folder / single file / Hub id",
     "teacher_decoder": "TAESD-family decoder paired with a TAESD encoder teacher (teacher grids / --teacher-weight)",
     "latent_space": "latent space name, overriding detection from the teacher",
-    "decoder": "decoder preset (see fastdec.list_decoders()) or a fastdec checkpoint to continue from",
+    "decoder": "decoder preset (see fastdec.list_decoders()) or a fastdec checkpoint to continue from (with "
+               "--init: its architecture only, the weights are --init's)",
     "init": "initialise from a decoder checkpoint (same architecture, a smaller TAE decoder to grow, or an image "
             "decoder for a video decoder)",
     "init_partial": "with --init into a TAE decoder that is not a superset (narrower or shallower): copy every layer "
@@ -266,7 +267,24 @@ def validate_config(config: TrainConfig) -> TrainConfig:
         raise UsageError("--init-partial copies what fits from the --init checkpoint: pass --init CHECKPOINT too")
     if config.max_frame_stride != 1 and not config.frames:
         raise UsageError("--max-frame-stride samples video clips: it needs --frames (and a video decoder)")
+    _check_options_have_their_term(config)
+    if config.adversarial and config.adv_start >= config.steps:  # a discriminator was built and never used
+        raise UsageError(f"--adversarial starts at --adv-start {config.adv_start}, but the run ends at --steps "
+                         f"{config.steps}: the GAN term would never train; lower --adv-start or raise --steps")
     return config
+
+
+# an option -> the loss term it tunes: set alone, it was accepted and did nothing (--val-every/--val-count
+# without --val are left alone: a config file states them for the runs that validate)
+TUNES = {"lpips_weights": "lpips", "disc_lr": "adversarial", "adv_start": "adversarial"}
+
+
+def _check_options_have_their_term(config: TrainConfig) -> None:
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    for name, term in TUNES.items():
+        if getattr(config, name) != defaults[name] and not getattr(config, term):
+            raise UsageError(f"{flag(name)} tunes {flag(term)}, which is not given: it would do nothing; pass "
+                             f"{flag(term)} too, or drop {flag(name)}")
 
 
 def _number(value: Any) -> float:

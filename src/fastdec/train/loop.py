@@ -36,7 +36,7 @@ from ..io.files import prepare_output_dir, write_json
 from ..models.base import LatentDecoder
 from ..runtime.optimize import to_channels_last
 from .cache import CachedCrops, LatentCache, build_cache
-from .config import TrainConfig, validate_config
+from .config import TrainConfig, flag, validate_config
 from .data import GlobalBatches, add_latent_noise, open_folder
 from .losses import DistillLoss, LossWeights, PatchDiscriminator, hinge_d_loss, hinge_g_loss
 from .precision import Precision, resolve_precision
@@ -263,6 +263,11 @@ def build_optimization(run: Run, decoder: LatentDecoder) -> None:
     run.ema.to(run.device)
 
 
+# optimizer settings a checkpoint restores (AdamW's param groups keep lr and weight decay; the scheduler its
+# base rates), so they cannot change on --resume; the schedule's shape (--warmup, --steps) is recomputed
+RESTORED_BY_OPTIMIZER = ("lr", "temporal_lr", "weight_decay", "disc_lr")
+
+
 def check_resumable(path: Path, state: dict[str, Any], decoder: LatentDecoder, config: TrainConfig) -> None:
     """The checkpoint's weights fit the decoder this command builds (the same --decoder, and a --teacher of
     the same latent space) and its step is not past --steps, or an error saying which options it was trained with."""
@@ -270,6 +275,13 @@ def check_resumable(path: Path, state: dict[str, Any], decoder: LatentDecoder, c
     if state["step"] > config.steps:  # it would re-export the checkpoint and exit 0, training nothing
         raise TrainError(f"--resume: {path} is at step {state['step']}, past --steps {config.steps} (the run was "
                          f"for {was.get('steps')}): pass --steps {state['step']} or more")
+    # the optimizer's state carries these: a changed --lr was recorded in config.json but never trained with
+    changed = [f"{flag(k)} {was[k]!r} there, {getattr(config, k)!r} here" for k in RESTORED_BY_OPTIMIZER
+               if k in was and was[k] != getattr(config, k)]
+    if changed:
+        raise TrainError(f"--resume: {path} was trained with other optimizer settings ({'; '.join(changed)}), which "
+                         "resuming restores: resume with the values it was trained with, or start a new --out from "
+                         "its weights with --init")
     saved, mine = state["model"], decoder.state_dict()
     wrong = [k for k in mine if k in saved and tuple(saved[k].shape) != tuple(mine[k].shape)]
     missing, extra = [k for k in mine if k not in saved], [k for k in saved if k not in mine]

@@ -3,6 +3,7 @@ checks that it fits the teacher and the options, the view the optimizer sees, an
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 import torch.nn as nn
@@ -11,7 +12,7 @@ from ..errors import CheckpointError, TrainError
 from ..models.base import LatentDecoder
 from ..models.growth import NotASupersetError, grow, growth_changes, superset_problems, transfer_weights
 from ..models.tae import TAEDecoder
-from ..resolve import resolve_decoder
+from ..resolve import locate, resolve_decoder
 from .config import TrainConfig
 
 
@@ -28,6 +29,11 @@ def build_student(config: TrainConfig, space) -> LatentDecoder:
     allowed: a preset is the architecture training starts from scratch (built in the teacher's space, the
     one place where a preset is legitimately random); a checkpoint or pretrained name continues from its
     weights. ``--init`` then loads trained weights (a preset there is refused: it has none)."""
+    if config.init and isinstance(config.decoder, (str, os.PathLike)) and locate(config.decoder).kind != "preset":
+        # a checkpoint names an architecture no preset has (grown, custom widths); its weights went without a word
+        warnings.warn(f"--decoder '{config.decoder}' is a trained checkpoint: with --init only its architecture is "
+                      f"used, and training starts from --init '{config.init}' (drop --init to continue from "
+                      "its own weights)", stacklevel=2)
     decoder = _resolve("--decoder", config.decoder, space, random_weights=True)
     if config.init:
         decoder = _initialise(decoder, config)
