@@ -120,6 +120,27 @@ def test_unknown_exporter_is_refused_before_any_work(tmp_path, make_decoder):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_an_exporter_that_writes_another_opset_is_an_error(tmp_path, make_decoder, monkeypatch):
+    # the dynamo exporter falls back to opset 18 when it cannot convert down: the summary said "opset 13"
+    real = runtime_onnx._export_graph
+    monkeypatch.setattr(runtime_onnx, "_export_graph", lambda d, tmp, opset, exporter: real(d, tmp, 18, exporter))
+    with pytest.raises(OnnxExportError, match="exporter wrote opset 18, not the 13 asked.*torchscript exporter"):
+        export_checked(make_decoder("tae-64", "sd15"), tmp_path / "x.onnx", opset=13)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("call, problem", [
+    (lambda d, out: export_onnx(d.to(torch.bfloat16), out / "x.onnx"), "fp32 or fp16 decoder, got bfloat16"),
+    (lambda d, out: export_onnx(d, out / "x.txt"), "a path ending in .onnx"),
+    (lambda d, out: export_onnx(d, out / "x.onnx", opset=5), "opset must be a whole number >= 7"),
+])
+def test_exports_onnxruntime_cannot_load_are_refused(tmp_path, make_decoder, call, problem):
+    # a bf16 graph was written that onnxruntime could not load; model.txt held an ONNX graph
+    with pytest.raises((OnnxExportError, UsageError), match=problem):
+        call(make_decoder("tae-64", "sd15"), tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_video_decoders_are_refused(tmp_path, make_decoder):
     with pytest.raises(OnnxExportError, match="image decoders"):
         export_onnx(make_decoder("tae-causal-64"), tmp_path / "x.onnx")

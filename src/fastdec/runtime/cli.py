@@ -8,11 +8,10 @@ from typing import Any
 
 from ..errors import NonFiniteOutputError, UsageError
 from ..resolve import check_random_weights, resolve_decoder
-from .onnx import DEFAULT_OPSET, EXPORTERS, export_checked
+from .onnx import DEFAULT_OPSET, EXPORTERS, MIN_OPSET, export_checked
 
 
 # the oldest opset both exporters can write these graphs in (torchscript: 7..20; opset 0 is no opset)
-MIN_OPSET = 7
 
 
 def _cmd_export_onnx(args: argparse.Namespace) -> int:

@@ -38,6 +38,7 @@ from ..latent_spaces import LatentSpace
 from ..models.base import LatentDecoder
 
 DEFAULT_OPSET = 17
+MIN_OPSET = 7  # the oldest opset torch.onnx writes
 EXPORTERS = ("torchscript", "dynamo")
 # The check decodes at a size other than the 8x8 export example, so a graph frozen to one shape cannot pass.
 CHECK_SHAPE = (1, 12, 20)  # (batch, latent height, latent width)
@@ -72,6 +73,10 @@ def _as_image_decoder(decoder: Any) -> LatentDecoder:
         raise UsageError(f"{decoder.path} is already an ONNX model: export the torch decoder it came from")
     if decoder.is_video:
         raise OnnxExportError("ONNX export supports image decoders; video decoders are not exportable yet")
+    if decoder.dtype not in CHECK_TOLERANCE:  # a bf16 graph was written that onnxruntime cannot load
+        raise OnnxExportError(f"ONNX export takes an fp32 or fp16 decoder, got {str(decoder.dtype).removeprefix('torch.')}"
+                              " (onnxruntime has no bfloat16 or float64 convolutions): export decoder.float(), or "
+                              "decoder.half() for an fp16 graph")
     return decoder
 
 
@@ -124,12 +129,16 @@ def _write_model(decoder: LatentDecoder, tmp: str, opset: int, exporter: str, me
     try:
         _export_graph(decoder, tmp, opset, exporter)
         model = onnx.load(tmp)
+        written = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
         for key, value in meta.items():
             entry = model.metadata_props.add()
             entry.key, entry.value = key, value
         onnx.checker.check_model(model)
     except Exception as e:  # exporters and the checker fail in many types; all mean "no valid graph"
         raise OnnxExportError(f"ONNX export ({exporter} exporter, opset {opset}) failed: {e}") from e
+    if written != opset:  # the dynamo exporter falls back to its own opset (18) with a warning hidden above
+        raise OnnxExportError(f"the {exporter} exporter wrote opset {written}, not the {opset} asked, so nothing was "
+                              f"written: ask for opset {written}, or use the torchscript exporter for opset {opset}")
     onnx.save(model, tmp)
 
 
@@ -139,7 +148,11 @@ def _export(decoder: Any, path: str | os.PathLike, opset: int | None, exporter: 
     if exporter not in EXPORTERS:
         raise UsageError(f"unknown exporter '{exporter}'; choose one of {', '.join(EXPORTERS)}")
     decoder = _as_image_decoder(decoder)
-    check_output_file(path, "ONNX output")
+    check_output_file(path, "ONNX output")  # a folder or a non-path named as such first
+    if not os.fspath(path).lower().endswith(".onnx"):
+        raise UsageError(f"the ONNX output must be a path ending in .onnx, got '{os.fspath(path)}'")  # model.txt
+    if opset is not None and (isinstance(opset, bool) or not isinstance(opset, int) or opset < MIN_OPSET):
+        raise UsageError(f"opset must be a whole number >= {MIN_OPSET}, got {opset!r} (default {DEFAULT_OPSET})")
     opset = opset or DEFAULT_OPSET
     was_training = decoder.training
     decoder.eval()
