@@ -309,6 +309,9 @@ def test_unwritable_output_fails_before_the_benchmark_runs(mode, flag, tmp_path,
     # a plot of speed-ups with no speed-up reference failed after the whole run
     (["--baselines", "none", "--plot", "p.png"], "--plot draws each row's speed-up over a baseline (sdxl, svd)"),
     (["--baselines", "tiny", "--plot", "p.png"], "--baselines tiny has none"),
+    # SVD's settings with no SVD row: the image rows reported frames 1 while the settings said 4
+    (["--frames", "4", "--baselines", "none"], "--frames set how the SVD baseline is timed, and --baselines none"),
+    (["--video", "--svd-chunk", "4", "--baselines", "none"], "--svd-chunk set how the SVD baseline is timed"),
 ])
 def test_options_a_mode_does_not_read_are_refused_before_it_runs(argv, message, monkeypatch, capsys):
     import fastdec.bench.images
@@ -376,3 +379,14 @@ def test_several_dtypes_give_stock_and_like_for_like_speedups(count_resolves):
         fastest = min(rows["sdxl-vae", b, dtype]["per_image_s"] for b in ("eager", "channels_last"))
         assert row["speedup"] == pytest.approx(stock / row["per_image_s"], rel=1e-9)
         assert row["speedup_same_dtype"] == pytest.approx(fastest / row["per_image_s"], rel=1e-9)
+
+
+def test_svd_frames_outside_the_video_frames_are_refused():
+    # SVD at a length no row has was never timed, and every speed-up came out empty
+    from fastdec.bench.video import VideoBenchConfig, validate_video_config
+    from fastdec.errors import BenchError
+
+    with pytest.raises(BenchError, match="--svd-frames 3 not in --video-frames 2 8"):
+        validate_video_config(VideoBenchConfig(decoders=["tae-causal-64"], frames=[2, 8], svd_frames=[3, 8]))
+    assert validate_video_config(VideoBenchConfig(decoders=["tae-causal-64"], frames=[2, 8],
+                                                  svd_frames=[8])).svd_frames == [8]

@@ -90,12 +90,29 @@ def check_baselines(baselines: list[str] | None, plot: str | None) -> None:
                          f"{' '.join(chosen)} has none: add one, or drop --plot")
 
 
+# options that set how the SVD baseline is timed (in image mode --frames is the SVD rows' clip length)
+_SVD_OPTIONS = {"image": ("frames",), "video": ("svd_frames", "svd_chunk", "svd_repeats")}
+
+
+def check_svd_options(args: argparse.Namespace, defaults: dict[str, object]) -> None:
+    """An option of the SVD baseline's, given when no SVD row is timed, is refused: it did nothing."""
+    chosen = args.baselines if args.baselines is not None else (["svd"] if args.video else list(DEFAULT_BASELINES))
+    if "svd" in chosen:
+        return
+    given = [f"--{d.replace('_', '-')}" for d in _SVD_OPTIONS.get(_mode(args), ())
+             if getattr(args, d, None) != defaults.get(d)]
+    if given:
+        raise UsageError(f"{' and '.join(given)} set how the SVD baseline is timed, and --baselines "
+                         f"{' '.join(chosen)} times none: add svd to --baselines, or drop {' and '.join(given)}")
+
+
 def bench_command(args: argparse.Namespace) -> int:
     """``fastdec bench``: the image benchmark, or ``--video`` / ``--pipeline``."""
     if args.video and args.pipeline:
         raise UsageError("choose one of --video and --pipeline")
     check_options_for_mode(args, getattr(args, "bench_defaults", {}))
     check_baselines(args.baselines, args.plot)
+    check_svd_options(args, getattr(args, "bench_defaults", {}))
     # an output that cannot be written fails now, not after the whole benchmark ran
     for path, flag in ((args.json, "--json"), (args.plot, "--plot")):
         if path:
@@ -167,7 +184,7 @@ def add_video_arguments(group: argparse._ArgumentGroup) -> None:
                        help="--video: also time each causal decoder streaming with its output deflickered "
                             "(streaming+deflicker rows, default settings: what decode-video --deflicker costs)")
     group.add_argument("--svd-frames", type=int, nargs="+", default=None, metavar="T",
-                       help="--video: frame counts to run SVD at (default: all of --video-frames); other rows' speed-up "
+                       help="--video: which of --video-frames to run SVD at (default: all); other rows' speed-up "
                             "uses the closest, since chunked SVD costs the same per frame at any clip length")
 
 

@@ -190,6 +190,11 @@ def validate_video_config(cfg: VideoBenchConfig) -> VideoBenchConfig:
             raise BenchError(f"{flag} must be >= 1 (a number of latent frames), got {bad[0]}")
     if cfg.repeats < 1 or cfg.svd_repeats < 1 or cfg.warmup < 0 or (cfg.threads is not None and cfg.threads < 0):
         raise BenchError("--repeats and --svd-repeats must be >= 1, --warmup >= 0 and --threads >= 0")
+    outside = [f for f in cfg.svd_frames or [] if f not in cfg.frames]
+    if outside and (not cfg.baselines or "svd" in cfg.baselines):  # SVD was silently not timed at all
+        raise BenchError(f"--svd-frames {' '.join(map(str, outside))} not in --video-frames "
+                         f"{' '.join(map(str, cfg.frames))}: SVD is timed at clip lengths our rows share, so each "
+                         "speed-up compares equal clips; pick --svd-frames from --video-frames")
     if not cfg.push_frames or any(k < 1 for k in cfg.push_frames):
         raise BenchError(f"--push-frames needs values >= 1 (latent frames per push of a streaming row), got "
                          f"{cfg.push_frames}")
