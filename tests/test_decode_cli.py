@@ -62,6 +62,16 @@ def test_forced_tiles_match_untiled(tmp_path, checkpoint):
     assert whole.shape == (3, 320, 320) and (whole - tiled).abs().max() <= 1 / 255 + 1e-6
 
 
+def test_the_message_says_untiled_when_the_latent_fits_in_one_tile(tmp_path, checkpoint, capsys):
+    # a 40x40 latent with --tile 48 is decoded whole, and the line said "tiled, 48x48 latent px tiles"
+    _, path = checkpoint
+    np.save(tmp_path / "z.npy", np.zeros((4, 40, 40), np.float32))
+    assert main(["decode", str(tmp_path / "z.npy"), "--decoder", str(path), "--out", str(tmp_path / "o"),
+                 "--tile", "48"]) == 0
+    captured = capsys.readouterr()
+    assert "(320x320, untiled)" in captured.out + captured.err
+
+
 def test_load_npy_pt_and_errors(tmp_path):
     np.save(tmp_path / "a.npy", np.zeros((4, 8, 8), np.float32))
     torch.save({"x": torch.zeros(4, 8, 8), "y": torch.zeros(1, 4, 8, 8)}, tmp_path / "b.pt")
@@ -164,6 +174,7 @@ def test_nan_decoder_output_writes_no_picture(tmp_path, make_decoder, capsys, on
     (["--max-memory", "lots"], "cannot read memory size"),
     (["--tile", "-4"], "--tile must be at least 1"),
     (["--tile", "0"], "--tile must be at least 1"),
+    (["--tile", "48", "--max-memory", "1KB"], "--tile and --max-memory both choose"),  # --max-memory was dropped
     (["--device", "cuda:7"], "not available"),
     (["--device", "gpu"], "unknown --device"),
 ])

@@ -162,7 +162,9 @@ def write_images(decoder: Any, plan: Sequence[PlannedImage], spec: Any, *, progr
             ) from e
         written.append(item.path)
         if progress:
-            how = f"tiled, {item.tile}x{item.tile} latent px tiles" if item.tile else "untiled"
+            # a latent within one tile is decoded whole (decode_tiled): "tiled" was printed all the same
+            tiled = item.tile and max(item.latent.shape[-2:]) > item.tile
+            how = f"tiled, {item.tile}x{item.tile} latent px tiles" if tiled else "untiled"
             tqdm.write(f"wrote {item.path} ({image.shape[-1]}x{image.shape[-2]}, {how})")
     return written
 
@@ -188,6 +190,9 @@ def decode_file(
     forces tiles of that many latent pixels. Every option, the output folder, every latent and every output
     name are checked before any image is written.
     """
+    if tile is not None and max_memory is not None:  # --tile won and --max-memory went unchecked, without a word
+        raise UsageError("--tile and --max-memory both choose how images are tiled: give --max-memory to have the "
+                         "tile chosen for the budget, or --tile to set it")
     budget = parse_bytes(max_memory) if max_memory is not None else None
     if tile is not None and tile < 1:
         raise UsageError(f"--tile must be at least 1 latent pixel, got {tile}")
