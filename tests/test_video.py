@@ -227,6 +227,33 @@ def test_decode_video_cli_errors(tmp_path, realshort, capsys):
     assert not out.exists()
 
 
+def test_decode_video_refuses_options_it_would_not_use(tmp_path, realshort, capsys):
+    # each was accepted and changed nothing: two GIFs at --crf 0 and 51 were the same file, --raw did not
+    # touch a video's latents, --parallel decoded an image decoder frame by frame as before
+    from factories import tiny_decoder
+
+    from fastdec.checkpoints import save_decoder
+
+    causal = save_decoder(_tiny("causal"), tmp_path / "causal.safetensors")
+    image = save_decoder(tiny_decoder("tae-64", "sd15"), tmp_path / "image.safetensors")
+    torch.save(torch.randn(3, 4, 8, 8), tmp_path / "clip.pt")
+    cases = [
+        ([str(tmp_path / "clip.pt"), "--decoder", str(causal), "--out", str(tmp_path / "v.gif"), "--crf", "0"],
+         "--crf sets H.264 quality, and a .gif is not H.264"),
+        ([str(realshort), "--decoder", str(causal), "--teacher", str(causal), "--raw",
+          "--out", str(tmp_path / "v.mp4")], "this input is a video, which --teacher encodes"),
+        ([str(tmp_path / "clip.pt"), "--decoder", str(image), "--parallel", "--out", str(tmp_path / "v.mp4")],
+         "decodes frame by frame (image decoder: expect flicker) whatever it is given: drop --parallel"),
+    ]
+    for argv, message in cases:
+        assert main(["decode-video", *argv, "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
+    assert not (tmp_path / "v.gif").exists() and not (tmp_path / "v.mp4").exists()
+    assert main(["decode-video", str(tmp_path / "clip.pt"), "--decoder", str(causal), "--out",
+                 str(tmp_path / "v.gif"), "--quiet"]) == 0  # a .gif without --crf is written
+
+
 def test_decode_video_will_not_write_over_its_input(tmp_path, realshort, capsys):
     from fastdec.checkpoints import save_decoder
 

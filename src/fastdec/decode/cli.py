@@ -92,7 +92,7 @@ def add_decode_video_command(subparsers: Any) -> None:
     p.add_argument("--chunk", type=int, default=8, help="frames per read/push/batch (default 8)")
     p.add_argument("--parallel", action="store_true", help="causal decoders: decode all frames at once (more memory)")
     p.add_argument("--fps", type=float, default=None, help="output frame rate (default: the input's, or 24 for latents)")
-    p.add_argument("--crf", type=int, default=18, help="H.264 quality, lower is better (default 18)")
+    p.add_argument("--crf", type=int, default=None, help=".mp4: H.264 quality, lower is better (default 18)")
     p.add_argument("--device", default="cpu")
     add_dtype_argument(p, help="decoder precision (default fp32); bf16 is several times faster on CPUs with "
                                "AMX/AVX512-BF16")

@@ -28,6 +28,7 @@ from ..runtime.deflickering import Deflicker, DeflickerSettings, as_deflicker_se
 from ..io.video import WRITE_SUFFIXES as VIDEO_OUTPUTS, VideoWriter, check_fps, iter_video, video_info
 from .common import build_decoder, check_device, describe_spec
 
+DEFAULT_CRF = 18  # H.264's visually near-lossless setting, the .mp4 quality when --crf is not given
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -258,12 +259,14 @@ def check_video_options(source: Path, out: Path, *, start: int, num_frames: int 
     if out.exists() and source.is_file() and out.resolve() == source.resolve():
         # the reconstruction would replace the very clip it was made from once it is renamed into place
         raise UsageError(f"--out '{out}' is the input video: write the decode to another file")
+    if crf is not None and out.suffix.lower() == ".gif":  # both GIFs came out the same, whatever --crf said
+        raise UsageError("--crf sets H.264 quality, and a .gif is not H.264: drop --crf, or write an .mp4")
     for flag, value, least in (("--chunk", chunk, 1), ("--start", start, 0), ("--num-frames", num_frames, 1),
                                ("--crf", crf, 0), ("--threads", threads, 1)):
-        if value is None and flag not in ("--num-frames", "--threads"):
+        if value is None and flag not in ("--num-frames", "--threads", "--crf"):
             raise UsageError(f"{flag} needs a value")
         check_count(flag, value, least)
-    if crf > 51:
+    if crf is not None and crf > 51:
         raise UsageError(f"--crf must be <= 51 (H.264's scale: 0 lossless, 51 worst), got {crf}")
     if fps is not None:
         check_fps(fps, out.suffix.lower(), "--fps")
@@ -282,7 +285,7 @@ def decode_video(
     chunk: int = 8,
     parallel: bool = False,
     fps: float | None = None,
-    crf: int = 18,
+    crf: int | None = None,
     device: str = "cpu",
     dtype: str = "fp32",
     channels_last: bool = True,
@@ -293,7 +296,8 @@ def decode_video(
 ) -> Path:
     """Decode a latents file, or a video encoded by ``teacher``, to ``out`` (.mp4 or .gif); returns ``out``.
 
-    ``deflicker`` (settings, True for the defaults, or None: off) steadies the frames where the picture holds
+    ``crf`` is the .mp4's H.264 quality (default :data:`DEFAULT_CRF`). ``deflicker`` (settings, True for the
+    defaults, or None: off) steadies the frames where the picture holds
     still: for generated latents, which jitter from frame to frame (:mod:`fastdec.runtime.deflickering` says what
     it trades)."""
     source, out = Path(source), Path(out)
@@ -303,9 +307,17 @@ def decode_video(
     check_device(device)
     if threads:
         torch.set_num_threads(threads)
+    is_latents = source.is_file() and source.suffix.lower() in LATENT_SUFFIXES
+    if raw and not is_latents:  # a video's latents come from --teacher: --raw had nothing to convert
+        raise UsageError("--raw says a latents file holds raw VAE latents; this input is a video, which --teacher "
+                         "encodes to decoder latents itself: drop --raw")
     model = build_decoder(decoder, latent_space=latent_space, device=device, dtype=dtype,
                           random_weights=random_weights, channels_last=channels_last)
-    if source.is_file() and source.suffix.lower() in LATENT_SUFFIXES:
+    if parallel and not isinstance(model, CausalTAEDecoder):  # it decoded as without the flag
+        raise UsageError(f"--parallel decodes a causal video decoder's frames at once; '{describe_spec(decoder)}' "
+                         f"decodes {decoding_mode(model, False)} whatever it is given: drop --parallel")
+    crf = DEFAULT_CRF if crf is None else crf
+    if is_latents:
         if teacher:
             raise UsageError("--teacher is for video inputs; this input is a latents file")
         frames = latents_source(source, model, raw=raw, start=start, num_frames=num_frames, chunk=chunk, fps=fps)
