@@ -228,6 +228,16 @@ def test_video_decoder_is_refused(tmp_path, capsys):
     assert "is a video decoder" in capsys.readouterr().err
 
 
+def test_seed_with_a_checkpoint_is_refused(tmp_path, capsys):
+    # --seed 7 with a checkpoint resumed the --seed 0 folder: the seed changed nothing
+    path = save_decoder(tiny_decoder("tae-64"), tmp_path / "d.safetensors")
+    write_latent_shard(tmp_path / "s.safetensors", {"k": torch.randn(4, 8, 8)})
+    assert main(["decode-batch", "--latents", str(tmp_path / "s.safetensors"), "--decoder", str(path),
+                 "--out", str(tmp_path / "out"), "--no-progress", "--seed", "7"]) == 2
+    assert "--seed seeds a preset's random weights" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.png"))
+
+
 def test_resume_decodes_empty_and_truncated_images_again(workspace, tmp_path, capsys):
     g = torch.Generator().manual_seed(6)
     write_latent_shard(tmp_path / "s.safetensors", {f"k{i}": torch.randn(4, 8, 8, generator=g) for i in range(5)})

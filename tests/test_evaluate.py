@@ -275,6 +275,15 @@ def test_counts_are_validated_before_any_work(kind, flag, value, tiny_images, ti
     assert not out.exists()
 
 
+def test_clip_frames_without_an_fvd_extractor_is_refused(tiny_images, tiny_decoder, tmp_path, capsys):
+    # it sets the FVD window only, and was dropped with no note
+    out = tmp_path / "out"
+    assert main(["eval", "video", "--data", str(tiny_images), "--decoder", str(tiny_decoder), "--out", str(out),
+                 "--teacher", str(tmp_path / "not-loaded.pth"), "--clip-frames", "8"]) == 2
+    assert "--clip-frames sets the FVD window, and no --fvd-extractor is given" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_limit_takes_the_first_images(tiny_images, tiny_decoder, latents):
     report = evaluate_images(tiny_images, [str(tiny_decoder)], latents=latents, limit=2)
     assert report["count"] == 2

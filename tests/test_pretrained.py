@@ -116,6 +116,15 @@ def test_unknown_name_and_card_errors():
         list_pretrained("foo")  # a typo is no empty list (`fastdec pretrained --latent-space foo` exited 0)
 
 
+def test_card_with_a_latent_space_is_refused(capsys):
+    # --latent-space sdxl was dropped and the flux2 card printed
+    from fastdec.cli import main
+
+    assert main(["pretrained", "--card", "flux2-turbo", "--latent-space", "sdxl"]) == 2
+    captured = capsys.readouterr()
+    assert "--latent-space filters the list, and --card names one decoder" in captured.err and not captured.out
+
+
 def test_turbo_is_at_most_half_of_taef2s_flops_and_large_at_most_three_times():
     taef2 = fastdec.create_decoder("tae-64", "flux2")
     from fastdec.bench.measure import count_flops

@@ -529,6 +529,9 @@ class _BatchRun:
         """The decoder, its identity (from the weights as loaded), then moved to this process's device."""
         torch.manual_seed(self.opts.seed)  # a preset's random weights: the same on every process
         check_random_weights(self.spec, self.opts.random_weights)
+        if self.opts.seed != 0 and not self.opts.random_weights:  # a checkpoint's weights: the seed changed nothing
+            raise UsageError(f"--seed seeds a preset's random weights (with --random-weights); '{self.spec}' has "
+                             "weights of its own: drop --seed")
         decoder = resolve_decoder(self.spec, latent_space=self.opts.latent_space,
                                   random_weights=self.opts.random_weights).eval()
         require_image_decoder(decoder, self.spec, "decode-batch")

@@ -827,6 +827,9 @@ def evaluate_video(
     ``exclude``: names of videos or frame folders under ``data`` to leave out (e.g. the training clips).
     """
     _check_video_options(teacher, frames, resolution, limit, clip_frames, batch_size)
+    if clip_frames is not None and not fvd_extractor:  # it was dropped with no note: only FVD cuts clips
+        raise UsageError("--clip-frames sets the FVD window, and no --fvd-extractor is given: add one, or drop "
+                         "--clip-frames")
     check_latent_noise(latent_noise)
     steady = as_deflicker_settings(deflicker)
     if tof:  # a missing scikit-image is refused before any decoder is loaded or clip read

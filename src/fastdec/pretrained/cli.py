@@ -5,11 +5,14 @@ import argparse
 import json
 from typing import Any
 
+from ..errors import UsageError
 from . import PRETRAINED, list_pretrained, model_card
 
 
 def list_command(args: argparse.Namespace) -> int:
     if args.card:
+        if args.latent_space:  # it filters the list; with --card it was dropped and another space's card printed
+            raise UsageError("--latent-space filters the list, and --card names one decoder: give one of them")
         print(json.dumps(model_card(args.card), indent=2))
         return 0
     names = list_pretrained(args.latent_space)
