@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import platform
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -390,3 +391,19 @@ def test_svd_frames_outside_the_video_frames_are_refused():
         validate_video_config(VideoBenchConfig(decoders=["tae-causal-64"], frames=[2, 8], svd_frames=[3, 8]))
     assert validate_video_config(VideoBenchConfig(decoders=["tae-causal-64"], frames=[2, 8],
                                                   svd_frames=[8])).svd_frames == [8]
+
+
+@pytest.mark.parametrize("extra, problem", [
+    ({"backends": ["eager", "compile"]}, "--backends compile (only causal decoders compile"),
+    ({"deflicker": True}, "--deflicker (it times a streaming decoder's pushes"),
+    ({"push_frames": [4]}, "--push-frames (it sets a streaming decoder's push size)"),
+])
+def test_video_options_no_decoder_has_a_row_for_are_refused(extra, problem, monkeypatch):
+    # a temporal decoder alone has no compiled, deflickered or streaming row: the run gave none and said nothing
+    import fastdec.bench.video as video
+    from fastdec.errors import BenchError
+
+    monkeypatch.setattr(video, "_bench_video_row", lambda *a: pytest.fail("a row was timed"))
+    cfg = video.VideoBenchConfig(decoders=["tae-temporal-192"], baselines=["none"], sizes=[64], frames=[2], **extra)
+    with pytest.raises(BenchError, match=f"no decoder of --decoders tae-temporal-192 has a row for {re.escape(problem)}"):
+        video.run_video_bench(cfg)

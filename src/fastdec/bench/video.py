@@ -216,6 +216,21 @@ def _plan(cfg: VideoBenchConfig, decoders: list[NamedDecoder]) -> list[VideoRow]
     return plan
 
 
+def _check_plan_uses_options(cfg: VideoBenchConfig, plan: list[VideoRow]) -> None:
+    """An option that adds rows to decoders that have none of the modes it times is an error: the run gave no
+    compiled, deflickered or multi-frame-push row and said nothing."""
+    ours = [row for row in plan if row.name != SVD_ROW]
+    problems = [f"--backends {b} (only causal decoders compile in --video; a temporal decoder's chunks run window "
+                "by window)" for b in cfg.backends if not any(row.backend == b for row in ours)]
+    if cfg.deflicker and not any(row.mode == STREAMING_DEFLICKER for row in ours):
+        problems.append("--deflicker (it times a streaming decoder's pushes with the filter)")
+    if cfg.push_frames != [1] and not any(row.mode in STREAMING_MODES for row in ours):
+        problems.append("--push-frames (it sets a streaming decoder's push size)")
+    if problems:
+        raise BenchError(f"no decoder of --decoders {' '.join(cfg.decoders or DEFAULT_VIDEO_DECODERS)} has a row for "
+                         f"{'; '.join(problems)}: add a causal decoder (tae-causal-64, flux2-video), or drop it")
+
+
 def _with_streaming(modes: list[str], extra: list[str]) -> list[str]:
     """``modes`` plus the ``extra`` streaming variants, for decoders that stream."""
     return modes + extra if "streaming" in modes else modes
@@ -299,7 +314,9 @@ def run_video_bench(cfg: VideoBenchConfig, console: Any = None) -> dict[str, Any
     decoders = named_decoders(specs, cfg.latent_space or DEFAULT_VIDEO_SPACE, cfg.seed, video=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    jobs = _jobs(cfg, _plan(cfg, decoders))
+    plan = _plan(cfg, decoders)
+    _check_plan_uses_options(cfg, plan)
+    jobs = _jobs(cfg, plan)
     run = _VideoRun(cfg, {d.name: d for d in decoders}, console, len(jobs))
     started = time.perf_counter()
     for job in jobs:
