@@ -33,6 +33,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+import fastdec
 from fastdec import save_decoder
 from fastdec.cli import main
 
@@ -1049,6 +1050,18 @@ def test_load_encoder_names_a_missing_encoder_file(tmp_path, monkeypatch):
     for spec in ("runs/enc.pth", "runs/enc"):
         with pytest.raises(CheckpointError, match=f"encoder file '{spec}' not found"):
             load_encoder(spec)
+    # torch's list of every device type came back, after the weights were read
+    with pytest.raises(ValueError, match="unknown device 'tpu': use cpu, cuda"):
+        load_encoder(tiny_encoder_file(tmp_path / "enc.pth"), device="tpu")
+    with pytest.raises(ValueError, match="unknown dtype"):
+        load_encoder(tiny_encoder_file(tmp_path / "enc.pth"), dtype="int8")
+
+
+def test_create_decoder_names_a_preset_that_is_no_name():
+    from fastdec.errors import UnknownNameError
+
+    with pytest.raises(UnknownNameError, match=r"unknown decoder preset \['tae-64'\]; choose one of"):
+        fastdec.create_decoder(["tae-64"])  # an "unhashable type: 'list'" TypeError
 
 
 # ============================================================================= 11. empty batches, no frames

@@ -226,9 +226,11 @@ def load_encoder(
     """A TAESD-family encoder from a .pth, an AutoencoderTiny folder/state dict, or a Hub id."""
     from .io.checkpoints import read_encoder
 
+    check_device(device, "device")  # 'tpu' was torch's list of every device type, after the weights were read
+    torch_dtype = parse_dtype(dtype)
     located = locate(source, what="encoder")
     if located.kind not in ("path", "hub"):
         raise CheckpointError(f"'{source}' is not an encoder checkpoint file, folder or Hub id")
     path = located.target if located.kind == "path" else download(located.target)
     encoder = read_encoder(path, latent_space=latent_space)
-    return encoder.to(device=device, dtype=parse_dtype(dtype))
+    return encoder.to(device=device, dtype=torch_dtype)

@@ -55,8 +55,8 @@ def build_decoder(architecture: str, config: dict[str, Any], latent_space: Laten
 
 def create_decoder(name: str, latent_space: LatentSpace | str = "sdxl", **overrides: Any) -> LatentDecoder:
     """A decoder preset for a latent space, with random weights. ``overrides`` change config fields."""
-    if name not in PRESETS:
-        raise UnknownNameError(f"unknown decoder preset '{name}'; choose one of {', '.join(list_decoders())}")
+    if not isinstance(name, str) or name not in PRESETS:  # a list was an "unhashable type" TypeError
+        raise UnknownNameError(f"unknown decoder preset {name!r}; choose one of {', '.join(list_decoders())}")
     space = get_latent_space(latent_space)
     preset = PRESETS[name]
     config = {"latent_channels": space.channels, **preset.make_config(space), **overrides}
