@@ -190,6 +190,14 @@ def test_optimize_falls_back_when_compile_is_unavailable(monkeypatch, make_decod
         assert (fast(z) - reference).abs().max() < 1e-5
 
 
+def test_optimize_names_a_compile_option_torch_compile_lacks(make_decoder):
+    # torch.compile's TypeError was caught as "unavailable here", and the decoder ran eagerly with a warning
+    with pytest.raises(UsageError, match="torch.compile takes no option 'modee'; it takes .*mode"):
+        optimize(make_decoder("tae-64", "sdxl"), modee="max-autotune")
+    with pytest.raises(UsageError, match=r"compile options \['mode'\] need compile=True"):
+        optimize(make_decoder("tae-64", "sdxl"), compile=False, mode="max-autotune")
+
+
 def _broken_compile(fn, **kwargs):
     """Stands in for torch.compile on a machine without a C++ compiler: inductor fails at the first call."""
     def compiled(*args):

@@ -8,6 +8,7 @@ get a clear error instead of a silent wrong picture.
 from __future__ import annotations
 
 import argparse
+import inspect
 import warnings
 from typing import Any, Callable
 
@@ -124,6 +125,19 @@ class _CompiledCall:
         return self.fn(*args)
 
 
+def _check_compile_kwargs(compile: bool, compile_kwargs: dict[str, Any]) -> None:
+    """torch.compile's TypeError for an option it lacks was caught as "compile is unavailable here" and the
+    decoder ran eagerly with a warning: a typo is the caller's error, named now."""
+    if not compile_kwargs:
+        return
+    if not compile:
+        raise UsageError(f"compile options {sorted(compile_kwargs)} need compile=True")
+    known = [name for name in inspect.signature(torch.compile).parameters if name != "model"]
+    unknown = sorted(set(compile_kwargs) - set(known))
+    if unknown:
+        raise UsageError(f"torch.compile takes no option {', '.join(map(repr, unknown))}; it takes {', '.join(known)}")
+
+
 class OptimizedDecoder(nn.Module):
     """A decoder whose every call path (``__call__``, ``forward``, ``decode``) runs the compiled core.
 
@@ -204,6 +218,7 @@ def optimize(
     if isinstance(decoder, OnnxDecoder):
         raise UsageError("an OnnxDecoder already runs in onnxruntime: optimize the torch decoder it was exported from")
     check_flags("optimize", channels_last=channels_last, compile=compile)
+    _check_compile_kwargs(compile, compile_kwargs)
     decoder.eval().requires_grad_(False)
     torch_dtype = parse_dtype(dtype)
     if torch_dtype is not None:
