@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import fastdec
+from fastdec.errors import PipelineError
 from fastdec.pipelines import FastVAE, PreviewCallback, detect_latent_space, restore_decoder, swap_decoder
 
 import pipeline_fixtures as pf
@@ -529,7 +530,7 @@ def test_preview_unpacks_tokens_like_flux_without_its_helper():
 def test_swap_refuses_a_vae_that_is_no_diffusers_vae():
     from types import SimpleNamespace
 
-    pipe = SimpleNamespace(vae=torch.nn.Linear(2, 2))
+    pipe = SimpleNamespace(vae=torch.nn.Linear(2, 2), register_modules=lambda **modules: None)
     with pytest.raises(ValueError, match="vae is a Linear with no config: fastdec swaps and reads diffusers VAEs"):
         swap_decoder(pipe, pf.tiny_decoder("sd15"))
     assert isinstance(pipe.vae, torch.nn.Linear)  # left as it was
@@ -569,3 +570,14 @@ def test_switches_given_as_strings_are_refused(call):
     # "no" is truthy: it let a mismatched decoder in, kept the encoder, built random weights or a GroupNorm branch
     with pytest.raises(TypeError, match="must be True or False, got"):
         call(pf.tiny_decoder("sd15"))
+
+
+def test_swap_decoder_refuses_an_object_that_is_no_pipeline_and_leaves_it_alone():
+    # an object with a vae but no register_modules had its VAE's decoder moved to the CPU, then an AttributeError
+    import types
+
+    vae = pf.kl_vae(4, 0.18215)
+    thing = types.SimpleNamespace(vae=vae)
+    with pytest.raises(PipelineError, match="swap_decoder takes a diffusers pipeline .* got SimpleNamespace"):
+        swap_decoder(thing, pf.tiny_decoder("sd15"))
+    assert thing.vae is vae and not hasattr(thing, "_fastdec_original_vae")

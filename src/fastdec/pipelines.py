@@ -465,6 +465,9 @@ def swap_decoder(
     current = getattr(pipe, "vae", None)
     if current is None:
         raise PipelineError(f"{type(pipe).__name__} has no vae component to swap")
+    if not callable(getattr(pipe, "register_modules", None)):  # it failed after moving the VAE's decoder to the CPU
+        raise PipelineError(f"swap_decoder takes a diffusers pipeline (a DiffusionPipeline, which registers its "
+                            f"vae), got {type(pipe).__name__}")
     _refuse_offloaded(current)
     original = getattr(pipe, _ORIGINAL_VAE_ATTR, None)
     source = original if original is not None else current
