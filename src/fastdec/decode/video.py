@@ -259,8 +259,6 @@ def check_video_options(source: Path, out: Path, *, start: int, num_frames: int 
     if out.exists() and source.is_file() and out.resolve() == source.resolve():
         # the reconstruction would replace the very clip it was made from once it is renamed into place
         raise UsageError(f"--out '{out}' is the input video: write the decode to another file")
-    if crf is not None and out.suffix.lower() == ".gif":  # both GIFs came out the same, whatever --crf said
-        raise UsageError("--crf sets H.264 quality, and a .gif is not H.264: drop --crf, or write an .mp4")
     for flag, value, least in (("--chunk", chunk, 1), ("--start", start, 0), ("--num-frames", num_frames, 1),
                                ("--crf", crf, 0), ("--threads", threads, 1)):
         if value is None and flag not in ("--num-frames", "--threads", "--crf"):
@@ -268,6 +266,8 @@ def check_video_options(source: Path, out: Path, *, start: int, num_frames: int 
         check_count(flag, value, least)
     if crf is not None and crf > 51:
         raise UsageError(f"--crf must be <= 51 (H.264's scale: 0 lossless, 51 worst), got {crf}")
+    if crf is not None and out.suffix.lower() == ".gif":  # both GIFs came out the same, whatever --crf said
+        raise UsageError("--crf sets H.264 quality, and a .gif is not H.264: drop --crf, or write an .mp4")
     if fps is not None:
         check_fps(fps, out.suffix.lower(), "--fps")
 
