@@ -97,6 +97,11 @@ def test_an_onnx_decoder_is_not_exported_or_optimized_again(exported, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_one_provider_may_be_named_as_a_string(exported):
+    # list("CPUExecutionProvider") asked onnxruntime for providers 'C', 'P', 'U', ...
+    assert OnnxDecoder(exported[1], providers="CPUExecutionProvider").providers == ["CPUExecutionProvider"]
+
+
 def test_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(CheckpointError, match="fastdec export onnx"):
         OnnxDecoder(tmp_path / "nope.onnx")

@@ -511,6 +511,21 @@ def test_preview_errors_are_clear():
         preview(None, 0, 0, {"prompt_embeds": torch.zeros(1)})
 
 
+def test_preview_settings_are_checked_before_sampling(tmp_path):
+    # each failed at the first preview, after the steps before it had run; height alone was dropped silently
+    decoder = pf.tiny_decoder("sd15")
+    with pytest.raises(TypeError, match="on_preview must be a function of \\(step, images\\), got str"):
+        PreviewCallback(decoder, on_preview="previews/")
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(ValueError, match="out_dir '.*a_file' is a file, not a folder"):
+        PreviewCallback(decoder, out_dir=tmp_path / "a_file")
+    with pytest.raises(ValueError, match="height and width together"):
+        PreviewCallback(decoder, on_preview=lambda s, ims: None, height=512)
+    with pytest.raises(ValueError, match="width must be a whole number >= 1"):
+        PreviewCallback(decoder, on_preview=lambda s, ims: None, height=512, width=0)
+    assert PreviewCallback(decoder, out_dir=tmp_path / "new" / "previews").out_dir.is_dir()
+
+
 def test_preview_unpacks_tokens_like_flux_without_its_helper():
     from diffusers import FluxPipeline
 

@@ -30,7 +30,7 @@ from diffusers.models.autoencoders.vae import DecoderOutput
 from diffusers.utils.accelerate_utils import apply_forward_hook
 
 from .errors import InputTypeError, PipelineError, PipelineStateError, check_count, check_flags
-from .io.files import atomic_write
+from .io.files import atomic_write, prepare_output_dir
 from .io.images import to_uint8
 from .resolve import resolve_decoder
 from .runtime.deflickering import DeflickerSettings, deflicker
@@ -558,10 +558,18 @@ class PreviewCallback:
         check_count("every (steps between previews)", every)
         if on_preview is None and out_dir is None:
             raise PipelineError("PreviewCallback needs somewhere to put previews: pass on_preview=fn or out_dir=...")
+        # each of these failed at the first preview, after the sampling steps before it had run
+        if on_preview is not None and not callable(on_preview):
+            raise InputTypeError(f"on_preview must be a function of (step, images), got {type(on_preview).__name__}")
+        for name, value in (("height", height), ("width", width)):
+            check_count(name, value)
+        if (height is None) != (width is None):  # one alone was dropped, and the grid taken as square
+            raise PipelineError("PreviewCallback needs height and width together (as given to the pipeline), or "
+                                "neither for a square image")
         self.decoder = resolve_decoder(decoder)
+        self.out_dir = prepare_output_dir(out_dir, "out_dir") if out_dir is not None else None  # a file there
         self.every = every
         self.on_preview = on_preview
-        self.out_dir = Path(out_dir) if out_dir is not None else None
         self.height = height
         self.width = width
         self.steps_previewed: list[int] = []

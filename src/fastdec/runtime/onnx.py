@@ -265,6 +265,8 @@ def _session(path: Path, providers: Sequence[str] | None, intra_op_threads: int 
     # idle workers sleep instead of spinning: spinning threads starve torch and other processes on shared CPUs
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
+        if isinstance(providers, str):  # list("CPUExecutionProvider") asked for providers 'C', 'P', 'U', ...
+            providers = [providers]
         return ort.InferenceSession(str(path), options, providers=list(providers or _default_providers()))
     except Exception as e:  # onnxruntime's own error types (InvalidProtobuf, InvalidArgument, ...)
         if "provider" in str(e).lower():
