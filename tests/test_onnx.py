@@ -136,7 +136,7 @@ def test_an_exporter_that_writes_another_opset_is_an_error(tmp_path, make_decode
 
 @pytest.mark.parametrize("call, problem", [
     (lambda d, out: export_onnx(d.to(torch.bfloat16), out / "x.onnx"), "fp32 or fp16 decoder, got bfloat16"),
-    (lambda d, out: export_onnx(d, out / "x.txt"), "a path ending in .onnx"),
+    (lambda d, out: export_onnx(d, out / "x.txt"), "the ONNX output must end in .onnx"),
     (lambda d, out: export_onnx(d, out / "x.onnx", opset=5), "opset must be a whole number >= 7"),
 ])
 def test_exports_onnxruntime_cannot_load_are_refused(tmp_path, make_decoder, call, problem):

@@ -187,11 +187,10 @@ class LatentSpace:
                     f"{', '.join(missing)}: name a known space, or give {', '.join(_DEFINING_FIELDS)}"
                 )
         base = preset.to_dict() if preset is not None else {}
-        kwargs = {**base, **d}
-        checked = {key: _check_space_field(key, kwargs[key], kwargs) for key in kwargs}
+        space = cls(**{**base, **d})  # __post_init__ checks every field
         if preset is not None:
-            _check_agrees_with_preset(checked, preset)
-        return cls(**checked)
+            _check_agrees_with_preset(dataclasses.asdict(space), preset)
+        return space
 
     @classmethod
     def get(cls, space: "str | LatentSpace") -> "LatentSpace":

@@ -3,23 +3,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Any
 
-from ..errors import NonFiniteOutputError, UsageError
+from ..errors import NonFiniteOutputError
 from ..resolve import check_random_weights, resolve_decoder
-from .onnx import DEFAULT_OPSET, EXPORTERS, MIN_OPSET, export_checked
-
-
-# the oldest opset both exporters can write these graphs in (torchscript: 7..20; opset 0 is no opset)
+from .onnx import DEFAULT_OPSET, EXPORTERS, check_export_target, export_checked
 
 
 def _cmd_export_onnx(args: argparse.Namespace) -> int:
-    # a model.txt would hold an ONNX graph under a wrong name (a folder is the writer's error to name)
-    if not Path(args.out).is_dir() and not str(args.out).lower().endswith(".onnx"):
-        raise UsageError(f"--out must end in .onnx, got '{args.out}'")
-    if args.opset is not None and args.opset < MIN_OPSET:
-        raise UsageError(f"--opset must be >= {MIN_OPSET}, got {args.opset} (default {DEFAULT_OPSET})")
+    check_export_target(args.out, args.opset, "--out", "--opset")  # before the decoder is read
     check_random_weights(args.decoder, args.random_weights)
     decoder = resolve_decoder(args.decoder, latent_space=args.latent_space, random_weights=args.random_weights)
     try:

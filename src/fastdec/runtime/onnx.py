@@ -38,7 +38,8 @@ from ..latent_spaces import LatentSpace
 from ..models.base import LatentDecoder
 
 DEFAULT_OPSET = 17
-MIN_OPSET = 7  # the oldest opset torch.onnx writes
+# the oldest opset both exporters can write these graphs in (torchscript: 7..20; opset 0 is no opset)
+MIN_OPSET = 7
 EXPORTERS = ("torchscript", "dynamo")
 # The check decodes at a size other than the 8x8 export example, so a graph frozen to one shape cannot pass.
 CHECK_SHAPE = (1, 12, 20)  # (batch, latent height, latent width)
@@ -142,17 +143,24 @@ def _write_model(decoder: LatentDecoder, tmp: str, opset: int, exporter: str, me
     onnx.save(model, tmp)
 
 
+def check_export_target(path: str | os.PathLike, opset: int | None, out: str = "the ONNX output",
+                        opset_name: str = "opset") -> None:
+    """The file and opset an export is asked for, before any work (``out`` and ``opset_name`` name them: the
+    command's flags, or the Python arguments): a folder is named as such, a model.txt would hold an ONNX graph."""
+    check_output_file(path, out)
+    if not os.fspath(path).lower().endswith(".onnx"):
+        raise UsageError(f"{out} must end in .onnx, got '{os.fspath(path)}'")
+    if opset is not None and (isinstance(opset, bool) or not isinstance(opset, int) or opset < MIN_OPSET):
+        raise UsageError(f"{opset_name} must be a whole number >= {MIN_OPSET}, got {opset!r} (default {DEFAULT_OPSET})")
+
+
 def _export(decoder: Any, path: str | os.PathLike, opset: int | None, exporter: str,
             check: Callable[[LatentDecoder, str], None] | None) -> Path:
     """Write the model to a temporary file, run ``check`` on it, and only then give it its name."""
     if exporter not in EXPORTERS:
         raise UsageError(f"unknown exporter '{exporter}'; choose one of {', '.join(EXPORTERS)}")
     decoder = _as_image_decoder(decoder)
-    check_output_file(path, "ONNX output")  # a folder or a non-path named as such first
-    if not os.fspath(path).lower().endswith(".onnx"):
-        raise UsageError(f"the ONNX output must be a path ending in .onnx, got '{os.fspath(path)}'")  # model.txt
-    if opset is not None and (isinstance(opset, bool) or not isinstance(opset, int) or opset < MIN_OPSET):
-        raise UsageError(f"opset must be a whole number >= {MIN_OPSET}, got {opset!r} (default {DEFAULT_OPSET})")
+    check_export_target(path, opset)
     opset = opset or DEFAULT_OPSET
     was_training = decoder.training
     decoder.eval()
