@@ -150,7 +150,7 @@ def test_save_decoder_reads_its_path_as_load_decoder_does(tmp_path, monkeypatch)
     (tmp_path / "plain").write_text("x")
     with pytest.raises(UsageError, match="'.*plain' is not a writable folder"):  # was FileExistsError
         save_decoder(decoder, tmp_path / "plain" / "d.safetensors")
-    with pytest.raises(InputTypeError, match="writes to a path .*got NoneType"):
+    with pytest.raises(InputTypeError, match="save_decoder's path must be a path .*got NoneType"):
         save_decoder(decoder, None)
     with pytest.raises(InputTypeError, match="extra_metadata is a mapping of strings, got str"):
         save_decoder(decoder, tmp_path / "d.safetensors", extra_metadata="ab")

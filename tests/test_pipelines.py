@@ -523,6 +523,8 @@ def test_preview_settings_are_checked_before_sampling(tmp_path):
         PreviewCallback(decoder, on_preview=lambda s, ims: None, height=512)
     with pytest.raises(ValueError, match="width must be a whole number >= 1"):
         PreviewCallback(decoder, on_preview=lambda s, ims: None, height=512, width=0)
+    with pytest.raises(TypeError, match="out_dir must be a path .*got int 5"):  # pathlib named no argument
+        PreviewCallback(decoder, out_dir=5)
     assert PreviewCallback(decoder, out_dir=tmp_path / "new" / "previews").out_dir.is_dir()
 
 

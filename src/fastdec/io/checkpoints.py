@@ -24,7 +24,7 @@ from ..latent_spaces import PRESETS as SPACES, LatentSpace, get_latent_space
 from ..models.base import LatentDecoder
 from ..models.registry import ARCHITECTURES, build_decoder
 from ..models.tae import TAEConfig, TAEDecoder, TAEEncoder, TAEEncoderConfig, tae_factor
-from .files import atomic_write, check_output_file
+from .files import as_path, atomic_write, check_output_file
 from .pickles import load_weights_only
 
 FORMAT = "fastdec"
@@ -36,9 +36,7 @@ def save_decoder(decoder: LatentDecoder, path: str | os.PathLike, extra_metadata
     """Write ``decoder`` to a self-describing safetensors file (atomically)."""
     if not isinstance(decoder, LatentDecoder):
         raise InputTypeError(f"save_decoder expects a fastdec decoder, got {type(decoder).__name__}")
-    if not isinstance(path, (str, os.PathLike)):
-        raise InputTypeError(f"save_decoder writes to a path (str or os.PathLike), got {type(path).__name__}")
-    path = Path(path).expanduser()  # as load_decoder reads it: '~/d.safetensors' made a folder named '~'
+    path = as_path(path, "save_decoder's path")  # expanded as load_decoder reads it: '~/d.safetensors' made a folder '~'
     if path.suffix != ".safetensors":
         raise UsageError(f"decoders are saved as .safetensors, got '{path}': name the file *.safetensors")
     check_output_file(path, "decoder file")  # a folder in its place or an unwritable parent, named as such

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
-from ..errors import DataError, UnsafePathError, UsageError
+from ..errors import DataError, InputTypeError, UnsafePathError, UsageError
 
 TEMP_MARKER = ".fastdec-tmp"
 _UMASK = os.umask(0)
@@ -143,9 +143,17 @@ def _write_problem(folder: Path) -> str | None:
     return None
 
 
+def as_path(value: str | os.PathLike, what: str) -> Path:
+    """``value`` as a Path, or an error naming ``what`` (pathlib's own says only "expected str, bytes or
+    os.PathLike object, not int", with no word of which argument it was)."""
+    if not isinstance(value, (str, os.PathLike)):
+        raise InputTypeError(f"{what} must be a path (a str or pathlib.Path), got {type(value).__name__} {value!r}")
+    return Path(value).expanduser()
+
+
 def prepare_output_dir(folder: str | os.PathLike, what: str = "--out") -> Path:
     """Create ``folder`` (and parents) before any work, or fail now with what is wrong."""
-    folder = Path(folder).expanduser()
+    folder = as_path(folder, what)
     if folder.exists() and not folder.is_dir():
         raise UsageError(f"{what} '{folder}' is a file, not a folder: pass a folder path")
     try:
@@ -182,7 +190,7 @@ def output_folder(folder: str | os.PathLike | None, what: str = "--out") -> Iter
 
 def check_output_file(path: str | os.PathLike, what: str = "output file") -> Path:
     """Fail before any work when ``path`` cannot be written: a folder at its place, or an unwritable parent."""
-    path = Path(path).expanduser()
+    path = as_path(path, what)
     if path.is_dir():
         raise UsageError(f"{what} '{path}' is a folder: pass a file path")
     parent = path.parent
