@@ -233,6 +233,30 @@ def test_stats_save_load_and_gather(tmp_path):
         M.FrechetStats().update(np.full((2, 3), np.nan))
 
 
+@pytest.mark.parametrize("damage, problem", [
+    ("truncated", "cannot read Frechet statistics from"), ("text", "cannot read Frechet statistics from"),
+    ("missing", "cannot read Frechet statistics from"), ("no m2", "cannot read Frechet statistics from"),
+    ("m2 not square", "holds no Frechet statistics"), ("float count", "holds no Frechet statistics"),
+])
+def test_damaged_stats_files_are_named(tmp_path, damage, problem):
+    path = _stream(_features(7, 16, dim=4)).save(tmp_path / "stats.npz")
+    if damage == "truncated":  # a raw BadZipFile / EOFError before
+        path.write_bytes(path.read_bytes()[:100])
+    elif damage == "text":
+        path.write_text("not an npz")
+    elif damage == "missing":
+        path = tmp_path / "nowhere.npz"
+    elif damage == "no m2":  # a KeyError naming 'm2' before
+        np.savez(path, count=16, mean=np.zeros(4))
+    elif damage == "m2 not square":  # loaded, then failed in sqrtm far from the file
+        np.savez(path, count=16, mean=np.zeros(4), m2=np.zeros((4, 3)))
+    else:
+        np.savez(path, count=16.5, mean=np.zeros(4), m2=np.zeros((4, 4)))
+    with pytest.raises(EvalError, match=problem) as info:
+        M.FrechetStats.load(path)
+    assert path.name in str(info.value)
+
+
 # ----------------------------------------------------------------------------- flicker
 def _clip(frames: int = 8, size: int = 32) -> torch.Tensor:
     """A smooth moving gradient kept inside [0.25, 0.75] so added noise never clips."""

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Protocol, Sequence, runtime_checkable
@@ -540,8 +541,19 @@ class FrechetStats:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "FrechetStats":
-        with np.load(path) as f:
-            return cls.from_state_dict({"count": int(f["count"]), "mean": f["mean"], "m2": f["m2"]})
+        """Statistics written by :meth:`save`; a missing, damaged or foreign file is an error naming it."""
+        try:
+            with np.load(path) as f:  # allow_pickle stays False: an .npz of plain arrays only
+                state = {"count": f["count"], "mean": f["mean"], "m2": f["m2"]}
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+            raise EvalError(f"cannot read Frechet statistics from '{path}' ({e}): it should be an .npz that "
+                            "FrechetStats.save wrote (count, mean, m2); write it again") from e
+        count, mean, m2 = state["count"], state["mean"], state["m2"]
+        if count.shape != () or not np.issubdtype(count.dtype, np.integer) or count < 0 \
+                or mean.ndim != 1 or m2.shape != (mean.size, mean.size):
+            raise EvalError(f"'{path}' holds no Frechet statistics: count {count.shape} {count.dtype}, mean "
+                            f"{mean.shape}, m2 {m2.shape} (expected a count, a (D,) mean and a (D, D) m2)")
+        return cls.from_state_dict({"count": int(count), "mean": mean, "m2": m2})
 
     def gather(self, accelerator: Any) -> "FrechetStats":
         """Merge the statistics of every process of an ``accelerate.Accelerator`` (all get the total)."""
