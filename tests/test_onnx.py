@@ -119,6 +119,25 @@ def test_a_damaged_onnx_file_and_an_onnx_given_as_a_checkpoint_are_named(exporte
         load_decoder(path)
 
 
+@pytest.mark.parametrize("key, value", [("latent_space", "{not json"), ("latent_space", '{"channels": 0}'),
+                                        ("config", "[1, 2]"), ("receptive_field", '{"radius": 3}')])
+def test_edited_onnx_metadata_is_named_with_its_key(exported, tmp_path, key, value):
+    """Each came out raw (JSONDecodeError, a TypeError from SimpleNamespace, KeyError 'is_global')."""
+    import onnx
+
+    model = onnx.load(str(exported[1]))
+    entry = next((p for p in model.metadata_props if p.key == key), None)
+    if entry is None:
+        entry = model.metadata_props.add()
+        entry.key = key
+    entry.value = value
+    onnx.save(model, str(tmp_path / "edited.onnx"))
+    with pytest.raises(CheckpointError, match=f"edited.onnx's fastdec metadata '{key}' cannot be read.*export"):
+        OnnxDecoder(tmp_path / "edited.onnx")
+    with pytest.raises(TypeError, match="OnnxDecoder's path must be a path"):
+        OnnxDecoder(None)
+
+
 def test_unknown_exporter_is_refused_before_any_work(tmp_path, make_decoder):
     with pytest.raises(UsageError, match="torchscript, dynamo"):
         export_onnx(make_decoder(), tmp_path / "x.onnx", exporter="nope")

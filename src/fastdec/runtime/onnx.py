@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import CheckpointError, InputTypeError, OnnxExportError, UsageError
-from ..io.files import atomic_write, check_output_file
+from ..io.files import as_path, atomic_write, check_output_file
 from ..latent_spaces import LatentSpace
 from ..models.base import LatentDecoder
 
@@ -284,6 +284,26 @@ def _session(path: Path, providers: Sequence[str] | None, intra_op_threads: int 
                               "`fastdec export onnx`") from e
 
 
+def _read_metadata(path: Path, meta: dict[str, str]) -> tuple[LatentSpace, SimpleNamespace, Any]:
+    """The latent space, config and receptive field an export recorded; metadata that is not what
+    :func:`export_onnx` writes (edited, or another tool's) is an error naming the file and the key."""
+    from .tiling import ReceptiveField
+
+    key = "latent_space"
+    try:
+        latent_space = LatentSpace.from_dict(json.loads(meta[key]))
+        key = "config"  # read like any decoder's config (config.latent_channels, config_dict())
+        config = SimpleNamespace(**{"latent_channels": latent_space.channels, **json.loads(meta.get(key, "{}"))})
+        key = "receptive_field"
+        rf = json.loads(meta[key]) if key in meta else None
+        field = None if rf is None else ReceptiveField(rf["radius"], rf["is_global"], tuple(rf["global_layers"]),
+                                                       rf["local_radius_known"])
+    except (ValueError, TypeError, KeyError) as e:  # JSONDecodeError is a ValueError; LatentSpaceError too
+        raise CheckpointError(f"{path}'s fastdec metadata '{key}' cannot be read ({type(e).__name__}: {e}): "
+                              "export the decoder again with `fastdec export onnx`") from e
+    return latent_space, config, field
+
+
 class OnnxDecoder(LatentDecoder):
     """An exported decoder run by onnxruntime: a :class:`~fastdec.models.LatentDecoder` whose layers are the
     ONNX graph.
@@ -298,7 +318,7 @@ class OnnxDecoder(LatentDecoder):
 
     def __init__(self, path: str | os.PathLike, providers: Sequence[str] | None = None,
                  intra_op_threads: int | None = None):
-        path = Path(path)
+        path = as_path(path, "OnnxDecoder's path")
         if not path.is_file():
             raise CheckpointError(f"no ONNX model at {path}: export one with `fastdec export onnx`")
         session = _session(path, providers, intra_op_threads)
@@ -307,21 +327,15 @@ class OnnxDecoder(LatentDecoder):
         if missing:
             raise CheckpointError(
                 f"{path} has no fastdec metadata ({', '.join(missing)}): export it with `fastdec export onnx`")
-        latent_space = LatentSpace.from_dict(json.loads(meta["latent_space"]))
-        # the exported decoder's config, read like any decoder's (config.latent_channels, config_dict())
-        config = SimpleNamespace(**{"latent_channels": latent_space.channels, **json.loads(meta.get("config", "{}"))})
+        latent_space, config, receptive_field = _read_metadata(path, meta)
         super().__init__(config, latent_space)
         self.path, self.session, self.metadata = path, session, meta
         self.architecture = meta.get("architecture", "")
         inp = session.get_inputs()[0]
         self.input_name = inp.name
         self._dtype = {"tensor(float16)": torch.float16}.get(inp.type, torch.float32)
-        if "receptive_field" in meta:
-            from .tiling import ReceptiveField
-
-            rf = json.loads(meta["receptive_field"])
-            self.receptive_field_info = ReceptiveField(rf["radius"], rf["is_global"], tuple(rf["global_layers"]),
-                                                       rf["local_radius_known"])
+        if receptive_field is not None:
+            self.receptive_field_info = receptive_field
 
     # onnxruntime holds the weights: the module has no parameters to read dtype and device from
     @property
