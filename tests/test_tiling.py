@@ -118,6 +118,14 @@ def test_bad_latents_are_named_before_the_tile(make_decoder):
             decode_tiled(decoder, z, tile=8, overlap=19)
 
 
+@pytest.mark.parametrize("overlap", [None, 4])
+def test_what_is_no_decoder_is_named(overlap):
+    """With overlap= given, a non-decoder got as far as the tiles: AttributeError 'upsample_factor'."""
+    for not_a_decoder in ("flux2-turbo", torch.nn.Conv2d(4, 3, 1)):
+        with pytest.raises(TypeError, match=f"{type(not_a_decoder).__name__}: expected a fastdec decoder"):
+            decode_tiled(not_a_decoder, torch.randn(1, 4, 40, 40), tile=16, overlap=overlap)
+
+
 def test_video_decoders_are_refused(make_decoder):
     decoder = make_decoder("tae-causal-64", "sdxl")
     with pytest.raises(UsageError, match="image decoders"):

@@ -53,6 +53,12 @@ def _torch_decoder(decoder: Any) -> nn.Module:
     return inner if isinstance(inner, nn.Module) else decoder
 
 
+def _check_is_decoder(decoder: Any, doing: str) -> None:
+    if not hasattr(_torch_decoder(decoder), "decode_layers"):  # a LatentDecoder, optimize()d or not, or an OnnxDecoder
+        raise InputTypeError(f"{doing} {type(decoder).__name__}: expected a fastdec decoder (create_decoder, "
+                             "load_decoder, fastdec.optimize or OnnxDecoder)")
+
+
 def _cache_key(decoder: nn.Module) -> str:
     config = decoder.config_dict() if hasattr(decoder, "config_dict") else repr(getattr(decoder, "config", ""))
     factor = getattr(decoder, "upsample_factor", None)
@@ -156,8 +162,7 @@ def measure_receptive_field(decoder: Any) -> ReceptiveField:
     decoder = _torch_decoder(decoder)
     if getattr(decoder, "is_video", False):
         raise UsageError("tiling supports image decoders; decode video latents frame-chunk by chunk with a video decoder")
-    if not hasattr(decoder, "decode_layers"):
-        raise InputTypeError(f"cannot measure the receptive field of {type(decoder).__name__}: expected a fastdec decoder")
+    _check_is_decoder(decoder, "cannot measure the receptive field of")
     key = _cache_key(decoder)
     if key not in _CACHE:
         radius, unbounded, length = _probe(decoder, False, _PROBE_LENGTHS[:1])
@@ -243,6 +248,7 @@ def decode_tiled(decoder: Any, z: torch.Tensor, tile: int = 64, overlap: int | N
     """
     if not isinstance(z, torch.Tensor):
         raise InputTypeError(f"latents must be a torch.Tensor, got {type(z).__name__}")
+    _check_is_decoder(decoder, "decode_tiled cannot decode with")  # with overlap= given: AttributeError
     if getattr(_torch_decoder(decoder), "is_video", False):
         raise UsageError("decode_tiled supports image decoders (N, C, h, w); video decoders take (N, T, C, h, w)")
     if z.ndim != 4:
