@@ -103,6 +103,19 @@ def test_flux2_batch_norm_view_round_trip():
     assert torch.allclose(bn(packed), normed, atol=1e-5)
 
 
+def test_patchify_names_shapes_that_do_not_fit():
+    """Each was a raw "shape '[...]' is invalid for input of size" from view()."""
+    space = get_latent_space("flux2")
+    with pytest.raises(LatentSpaceError, match="raw latents of 7x6 do not divide.*multiples of 16 pixels"):
+        space.patchify(torch.randn(1, 32, 7, 6))
+    with pytest.raises(LatentSpaceError, match="130 channels are not a multiple of 4.*128 channels"):
+        space.unpatchify(torch.randn(1, 130, 4, 3))
+    with pytest.raises(LatentSpaceError, match=r"patchify takes \(N, C, h, w\) raw VAE latents, got \(32, 8, 6\)"):
+        space.patchify(torch.randn(32, 8, 6))
+    with pytest.raises(LatentSpaceError, match="unpatchify takes .* got list"):
+        space.unpatchify([1.0])
+
+
 def test_serialisation_and_unknown_names():
     space = get_latent_space("sdxl").with_vae_config({"latents_mean": [0.0] * 4, "latents_std": [1.0] * 4})
     assert LatentSpace.from_dict(space.to_dict()) == space

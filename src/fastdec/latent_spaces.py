@@ -88,13 +88,22 @@ class LatentSpace:
     def patchify(self, raw: torch.Tensor) -> torch.Tensor:
         """(N, C, h, w) -> (N, C*p*p, h/p, w/p), the layout FLUX.2's bn statistics refer to."""
         p = self.patch_size
+        _check_layout(raw, "patchify", "(N, C, h, w) raw VAE latents")
         n, c, h, w = raw.shape
+        if h % p or w % p:
+            raise LatentSpaceError(f"'{self.name}' patchifies {p}x{p}: raw latents of {h}x{w} do not divide; "
+                                   f"encode an image whose sides are multiples of {p * self.spatial_factor} pixels")
         x = raw.view(n, c, h // p, p, w // p, p).permute(0, 1, 3, 5, 2, 4)
         return x.reshape(n, c * p * p, h // p, w // p)
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         p = self.patch_size
+        _check_layout(x, "unpatchify", "(N, C*p*p, h, w) patchified latents")
         n, cpp, h, w = x.shape
+        if cpp % (p * p):
+            raise LatentSpaceError(f"'{self.name}' unpatchifies {p}x{p} patches: {cpp} channels are not a multiple "
+                                   f"of {p * p}; pass the pipeline's patchified latents ({self.channels * p * p} "
+                                   "channels for this space)")
         c = cpp // (p * p)
         x = x.view(n, c, p, p, h, w).permute(0, 1, 4, 2, 5, 3)
         return x.reshape(n, c, h * p, w * p)
@@ -201,6 +210,12 @@ class LatentSpace:
 # what a space fastdec does not know must state itself (the dataclass defaults would silently fill them in)
 _DEFINING_FIELDS = ("channels", "spatial_factor", "scaling_factor")
 # the fields that shape latents: a preset's name with other values is a corrupt record, not a variant
+def _check_layout(x: Any, what: str, layout: str) -> None:
+    if not isinstance(x, torch.Tensor) or x.ndim != 4:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise LatentSpaceError(f"{what} takes {layout}, got {shape}")
+
+
 _SHAPE_FIELDS = ("channels", "spatial_factor", "patch_size", "temporal")
 # what two spaces must share for one's decoder to decode the other's latents (temporal: an image decoder of a
 # space decodes its video latents frame by frame)
