@@ -164,6 +164,19 @@ def test_nan_output_is_an_error_naming_the_decoder(preset, make_decoder):
     assert issubclass(NonFiniteOutputError, FastdecError)
 
 
+@pytest.mark.parametrize("preset", ALL_PRESETS)
+def test_meta_tensors_infer_shapes_or_are_named(preset, make_decoder):
+    """Meta latents failed as "Tensor.item() cannot be called on meta tensors" in the NaN check; a decoder on
+    the meta device (accelerate's init_empty_weights) could not infer an output shape."""
+    decoder = make_decoder(preset, "flux1")
+    z = latents_for(preset, "flux1")
+    with pytest.raises(UsageError, match="latents on meta for a decoder on cpu: meta tensors hold no values"):
+        decoder(z.to("meta"))
+    out = decoder.to("meta")(z.to("meta"))
+    factor = decoder.upsample_factor
+    assert out.is_meta and out.shape == (*z.shape[:-3], 3, z.shape[-2] * factor, z.shape[-1] * factor)
+
+
 def test_nan_output_is_an_error_when_streaming_and_in_chunks(make_decoder):
     z = torch.randn(1, 3, 4, 2, 2)
     with torch.no_grad():

@@ -157,7 +157,12 @@ class LatentDecoder(nn.Module):
             raise UsageError(f"latents shaped {tuple(z.shape)} have zero height or width: there is nothing to decode")
         if not z.is_floating_point():
             raise InputTypeError(f"latents must be floating point, got {z.dtype}; convert with z.float()")
-        if not _is_tracing() and not torch.isfinite(z).all():
+        if z.is_meta and self.device.type != "meta":  # meta: shapes with no data, for shape inference
+            raise UsageError(
+                f"latents on {z.device} for a decoder on {self.device}: meta tensors hold no values to decode; "
+                "decode real latents, or move the decoder to the meta device too to infer output shapes"
+            )
+        if not _is_tracing() and not z.is_meta and not torch.isfinite(z).all():
             raise UsageError(
                 "latents contain NaN or inf: the sampler diverged or the latents were corrupted "
                 "(in fp16, try bf16 or fp32 for the denoiser)"
@@ -179,7 +184,7 @@ class LatentDecoder(nn.Module):
 
         Checked before the clamp: a pixel value past fp16's 65504 is no saturated pixel but an overflow, and
         clamped it would be a white picture with no error."""
-        if not _is_tracing() and not torch.isfinite(raw).all():
+        if not _is_tracing() and not raw.is_meta and not torch.isfinite(raw).all():
             raise NonFiniteOutputError(self._non_finite_message())
         return raw.clamp(0, 1)
 
