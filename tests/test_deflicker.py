@@ -147,6 +147,11 @@ def test_decode_video_refuses_bad_deflicker_settings_before_decoding(tmp_path, c
                  "--deflicker-strength", "1"]) == 2
     assert "(--deflicker-strength) must be in [0, 1), got 1.0" in capsys.readouterr().err
     assert not out.exists() and not list(tmp_path.glob("*.mp4*"))  # nothing, not even a temporary file
+    # 0 implied --deflicker and then held nothing (in eval video, NAME+deflicker rows equal to NAME's)
+    assert main(["decode-video", str(tmp_path / "lat.pt"), "--decoder", str(ckpt), "--out", str(out),
+                 "--deflicker-strength", "0"]) == 2
+    assert "--deflicker-strength 0 holds nothing" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_eval_video_scores_each_decoder_deflickered_beside_it(tmp_path, taef2_encoder_path, make_decoder,

@@ -146,7 +146,7 @@ def add_deflicker_arguments(parser: argparse.ArgumentParser, help: str = DEFLICK
     """``--deflicker`` and its two settings, the same for every command that decodes video."""
     parser.add_argument("--deflicker", action="store_true", help=help)
     parser.add_argument("--deflicker-strength", type=float, default=None, metavar="S",
-                        help=f"how hard to hold, in [0, 1) (default {DEFAULT_STRENGTH}; implies --deflicker)")
+                        help=f"how hard to hold, in (0, 1) (default {DEFAULT_STRENGTH}; implies --deflicker)")
     parser.add_argument("--deflicker-threshold", type=float, default=None, metavar="TAU",
                         help=f"the frame-to-frame change (pixels in [0, 1], averaged over 5x5) to let go at: a change "
                              f"of TAU is held a third as hard as none, twice TAU hardly at all (default "
@@ -158,5 +158,8 @@ def deflicker_from_args(args: argparse.Namespace) -> DeflickerSettings | None:
     strength, threshold = args.deflicker_strength, args.deflicker_threshold
     if not (args.deflicker or strength is not None or threshold is not None):
         return None
+    if strength == 0:  # it implies --deflicker, then holds nothing: eval video scored NAME+deflicker rows equal to NAME's
+        raise UsageError("--deflicker-strength 0 holds nothing, so the deflicker pass would change no frame: leave "
+                         "the --deflicker flags out to decode without it, or give a strength in (0, 1)")
     return DeflickerSettings(strength=DEFAULT_STRENGTH if strength is None else strength,
                              threshold=DEFAULT_THRESHOLD if threshold is None else threshold)
