@@ -106,6 +106,18 @@ def check_svd_options(args: argparse.Namespace, defaults: dict[str, object]) -> 
                          f"{' '.join(chosen)} times none: add svd to --baselines, or drop {' and '.join(given)}")
 
 
+def check_no_upcast(args: argparse.Namespace) -> None:
+    """--no-upcast changes only fp16 rows of a force_upcast VAE (SDXL's, SVD's); with neither it did nothing."""
+    if not getattr(args, "no_upcast", False):
+        return
+    chosen = args.baselines if args.baselines is not None else list(DEFAULT_BASELINES)
+    upcast = [b for b in chosen if b in BASELINES and BASELINES[b].config.get("force_upcast", False)]
+    if "fp16" not in args.dtype or not upcast:
+        why = "--dtype has no fp16" if "fp16" not in args.dtype else f"--baselines {' '.join(chosen)} has none"
+        raise UsageError(f"--no-upcast runs the fp16 rows of force_upcast VAEs (sdxl, svd) in fp16, and {why}: "
+                         "drop --no-upcast, or add fp16 to --dtype and sdxl or svd to --baselines")
+
+
 def bench_command(args: argparse.Namespace) -> int:
     """``fastdec bench``: the image benchmark, or ``--video`` / ``--pipeline``."""
     if args.video and args.pipeline:
@@ -113,6 +125,7 @@ def bench_command(args: argparse.Namespace) -> int:
     check_options_for_mode(args, getattr(args, "bench_defaults", {}))
     check_baselines(args.baselines, args.plot)
     check_svd_options(args, getattr(args, "bench_defaults", {}))
+    check_no_upcast(args)
     # an output that cannot be written fails now, not after the whole benchmark ran
     for path, flag in ((args.json, "--json"), (args.plot, "--plot")):
         if path:
