@@ -130,6 +130,15 @@ def test_resume_with_other_optimizer_settings_is_refused(tiny_setup, tmp_path, c
     _run(**tiny_setup | {"warmup": 1}, steps=4, out=str(out), resume=True)  # the schedule's shape may change
 
 
+def test_resume_with_another_batch_order_warns(tiny_setup, tmp_path):
+    # the batches from the resumed step on were drawn with the new size, silently unlike an uninterrupted run
+    out = tmp_path / "run"
+    _run(**tiny_setup, steps=4, stop_at=2, ckpt_every=2, out=str(out))
+    with pytest.warns(UserWarning, match="trained with --batch-size 2 there, 1 here; --grad-accum 1 there, 2 here: "
+                                         "training continues from its step, but on other batches"):
+        _run(**tiny_setup | {"batch_size": 1}, grad_accum=2, steps=4, out=str(out), resume=True)
+
+
 def test_options_that_tune_an_absent_term_are_refused():
     # each was accepted and did nothing (a GAN that never starts built and checkpointed a discriminator)
     base = dict(teacher="t.pth", decoder="tae-64", data="d", out="o", steps=100)

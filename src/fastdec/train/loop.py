@@ -314,11 +314,26 @@ def restore(run: Run, path: Path, state: dict[str, Any]) -> None:
     if state.get("cache_key") != run.cache.key:
         warnings.warn(f"{path} was trained on other data or crops (latent cache {state.get('cache_key')}, "
                       f"now {run.cache.key}): weights and optimizer resume, the data order starts afresh", stacklevel=2)
+    else:
+        _warn_changed_data_order(path, state.get("config") or {}, run.config)
     rng = state["rng"]
     set_rng_state(rng[run.rank] if run.rank < len(rng) else rng[0])
     run.rows = read_csv(run.out / "metrics.csv", run.step)
     if run.is_main:
         print(f"resumed from {path} at step {run.step}")
+
+
+# what the batches from a step on are drawn from (GlobalBatches): changed on --resume, the run goes on from the
+# same step but not through the batches an uninterrupted run would have seen
+DATA_ORDER = ("seed", "batch_size", "grad_accum")
+
+
+def _warn_changed_data_order(path: Path, was: dict[str, Any], config: TrainConfig) -> None:
+    changed = [f"{flag(k)} {was[k]!r} there, {getattr(config, k)!r} here" for k in DATA_ORDER
+               if k in was and was[k] != getattr(config, k)]
+    if changed:
+        warnings.warn(f"{path} was trained with {'; '.join(changed)}: training continues from its step, but on other "
+                      "batches than an uninterrupted run would have had", stacklevel=3)
 
 
 def _check_resumed_precision(run: Run, path: Path, saved: dict[str, Any] | None) -> None:
