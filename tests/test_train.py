@@ -231,7 +231,7 @@ def test_bad_numbers_are_refused_before_any_work(tiny_setup, tmp_path, capsys, f
         train(TrainConfig(teacher="missing.pth", data="missing", out=str(out), **{flag[2:].replace("-", "_"): float(value)}))
 
 
-def test_config_file_with_cli_override(tiny_setup, tmp_path):
+def test_config_file_with_cli_override(tiny_setup, tmp_path, capsys):
     import yaml
     from PIL import Image
 
@@ -240,6 +240,9 @@ def test_config_file_with_cli_override(tiny_setup, tmp_path):
     config_file.write_text(yaml.safe_dump(file_values))
     out = tmp_path / "run"
     assert cli_main(["train", "--config", str(config_file), "--steps", "2", "--out", str(out)]) == 0
+    # which cache folder the run uses (caches of other settings stay beside it until deleted)
+    cache = next(p for p in Path(tiny_setup["cache_dir"]).iterdir() if p.is_dir())
+    assert f"latent cache: {cache} (24 crops)" in capsys.readouterr().out
     written = json.loads((out / "config.json").read_text())
     assert written["steps"] == 2 and written["lr"] == 0.01 and written["resolution"] == 32
     assert (out / "decoder.safetensors").exists()

@@ -219,6 +219,8 @@ def build_data(run: Run) -> None:
         run.cache = build_cache(run.dataset, teacher, cache_root, per_file=config.crops_per_image, seed=config.seed,
                                 batch_size=config.device_batch_encode, num_workers=config.workers,
                                 progress=run.is_main)
+    if run.is_main:  # each setting gets its own cache folder, and none is ever removed: say which this one is
+        print(f"latent cache: {run.cache.folder} ({len(run.cache)} crops)")
     if run.is_main and run.dataset.skipped:
         print(f"skipped {len(run.dataset.skipped)} unreadable file(s) in {run.dataset.root}")
     if val_set is not None and run.is_main:
