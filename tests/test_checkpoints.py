@@ -195,6 +195,14 @@ def test_wrong_architecture_errors(tmp_path, taef2_encoder_path):
         load_decoder(taef2_encoder_path)
 
 
+def test_a_preset_given_to_load_decoder_names_calls_that_take_it():
+    """The message said random_weights=True, which load_decoder does not take (a TypeError for who tried)."""
+    with pytest.raises(ValueError, match=r"create_decoder\('tae-64'\) or resolve_decoder\('tae-64', "
+                                         r"random_weights=True\) \(load_decoder takes trained decoders only\)"):
+        load_decoder("tae-64")
+    assert fastdec.resolve_decoder("tae-64", random_weights=True).config == create_decoder("tae-64").config
+
+
 def test_missing_path_and_offline_hub(monkeypatch):
     with pytest.raises(CheckpointError, match="not found"):
         load_decoder("./no/such/file.safetensors")

@@ -193,6 +193,9 @@ def test_mismatched_latent_channels_fail_before_any_work(tiny_setup, tmp_path, c
     assert captured.out == ""  # errors go to stderr, once
     assert captured.err.startswith("fastdec train: error: --decoder:")
     assert "'sd3'" in captured.err and "'sdxl'" in captured.err and "sd3.safetensors" in captured.err
+    # the space is the teacher's: "leave the latent space out" was no fix a train user could make
+    assert captured.err.rstrip().endswith("pick a decoder for 'sdxl' (a preset is built in any space), or a "
+                                          "--teacher of that space")
     assert not (tmp_path / "c2").exists() and not (tmp_path / "run").exists()  # nothing was encoded or written
     # --init with a decoder of another space: the same, before any work
     args[4] = "tae-64"

@@ -26,6 +26,25 @@ class DecoderSpecError(CheckpointError):
     """A ``--decoder`` / ``resolve_decoder`` spec that names nothing usable (or an untrained preset)."""
 
 
+class LatentSpaceMismatchError(DecoderSpecError):
+    """A decoder (a file, a pretrained name, an object) for other latents than the space asked for.
+
+    ``what`` names the decoder, ``have`` and ``want`` the two spaces, ``differences`` the fields that differ;
+    ``fix`` ends the message. The default fix fits a space the caller named; a command whose space comes from
+    elsewhere (train's teacher) words its own with :meth:`with_fix`."""
+
+    def __init__(self, what: str, have: str, want: str, differences: list[str], fix: str | None = None):
+        self.what, self.have, self.want, self.differences = what, have, want, differences
+        super().__init__(self._message(fix or "or leave the latent space out to use the one it records"))
+
+    def _message(self, fix: str) -> str:
+        return (f"{self.what} decodes '{self.have}' latents, not '{self.want}' ({', '.join(self.differences)}): "
+                f"pick a decoder for '{self.want}' (a preset is built in any space), {fix}")
+
+    def with_fix(self, fix: str) -> str:
+        return self._message(fix)
+
+
 class LatentFileError(FastdecError, ValueError):
     """A latent file that is missing, unreadable, or holds tensors no decoder can take."""
 

@@ -26,7 +26,7 @@ import torch
 
 from .devices import check_device
 from .dtypes import parse_dtype
-from .errors import CheckpointError, DecoderSpecError, check_flags
+from .errors import CheckpointError, DecoderSpecError, LatentSpaceMismatchError, check_flags
 from .latent_spaces import LatentSpace, get_latent_space
 from .models.base import LatentDecoder
 from .models.registry import PRESETS, create_decoder, list_decoders
@@ -107,8 +107,9 @@ def untrained_message(name: str) -> str:
     return (
         f"'{name}' is an untrained architecture (a preset with random weights): it would decode noise. Use a "
         f"trained decoder instead: a pretrained name ({pretrained}), a checkpoint from `fastdec train --decoder "
-        f"{name}`, or a Hub id. Pass --random-weights (random_weights=True) to build it untrained on purpose "
-        "(benchmarks, tests)"
+        f"{name}`, or a Hub id. To build it untrained on purpose (benchmarks, tests) pass --random-weights; in "
+        f"Python, create_decoder('{name}') or resolve_decoder('{name}', random_weights=True) (load_decoder takes "
+        "trained decoders only)"
     )
 
 
@@ -200,10 +201,7 @@ def _check_space(decoder: LatentDecoder, latent_space: LatentSpace | str, what: 
     want, have = get_latent_space(latent_space), decoder.latent_space
     differences = have.latent_differences(want)
     if differences:
-        raise DecoderSpecError(
-            f"{what} decodes '{have.name}' latents, not '{want.name}' ({', '.join(differences)}): pick a decoder "
-            f"trained for {want.name}, or leave the latent space out to use the one it records"
-        )
+        raise LatentSpaceMismatchError(what, have.name, want.name, differences)
 
 
 def load_decoder(

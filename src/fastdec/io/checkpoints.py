@@ -19,7 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
-from ..errors import CheckpointError, InputTypeError, LatentSpaceError, UsageError
+from ..errors import CheckpointError, InputTypeError, LatentSpaceError, LatentSpaceMismatchError, UsageError
 from ..latent_spaces import PRESETS as SPACES, LatentSpace, get_latent_space
 from ..models.base import LatentDecoder
 from ..models.registry import ARCHITECTURES, build_decoder
@@ -296,11 +296,7 @@ def _from_fastdec_file(state, metadata, path: Path, latent_space) -> LatentDecod
     want = get_latent_space(latent_space) if latent_space is not None else None
     differences = space.latent_differences(want) if want is not None else []
     if differences:  # only channels were compared: an SDXL checkpoint was returned for SD 1.5 latents
-        raise CheckpointError(
-            f"'{path}' decodes '{space.name}' latents, not '{want.name}' ({', '.join(differences)}): pick a "
-            f"decoder for '{want.name}' (a preset is built in any space), or leave the latent space out to use "
-            "the one the file records"
-        )
+        raise LatentSpaceMismatchError(f"'{path}'", space.name, want.name, differences)
     _check_weights_fit(architecture, config, space, state, path)
     decoder = _build_from_metadata(architecture, config, space, path)
     _load_strict(decoder, state, path, f"'{architecture}'")
