@@ -191,7 +191,8 @@ def test_teacher_errors(tiny_images, tmp_path, taef2_encoder_path, taef2_decoder
         evaluate_images(tiny_images, ["teacher"], teacher=str(taef2_encoder_path),
                         teacher_decoder=str(taef2_decoder_path), resolution=64)
     sd = save_decoder(make_decoder("tae-64", "sd15"), tmp_path / "sd.safetensors")
-    with pytest.raises(CheckpointError, match=r"'sd15' latents, not 'flux2' \(channels 4 vs 32"):
+    with pytest.raises(CheckpointError, match=r"'sd15' latents, not 'flux2' \(channels 4 vs 32.*or a --teacher of that "
+                                              r"space$"):
         evaluate_images(tiny_images, [str(sd)], teacher=str(taef2_encoder_path))
 
 

@@ -313,6 +313,11 @@ def test_swap_twice_keeps_the_original_and_accepts_paths(tmp_path):
     assert pipe.vae is original
     with pytest.raises(fastdec.CheckpointError, match="not found"):
         swap_decoder(pipe, tmp_path / "missing.safetensors")
+    # swap_decoder takes no latent space: "leave the latent space out" was no fix here
+    sdxl_file = fastdec.save_decoder(pf.tiny_decoder("sdxl"), tmp_path / "sdxl.safetensors")
+    with pytest.raises(fastdec.CheckpointError, match="decodes 'sdxl' latents, not 'sd15' .*or a pipeline whose VAE "
+                                                      "has that space$"):
+        swap_decoder(pipe, sdxl_file)
 
 
 @pytest.mark.parametrize(

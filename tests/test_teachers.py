@@ -137,8 +137,11 @@ def test_tae_teacher_takes_a_dtype_name_and_a_decoder_object(tmp_path, make_deco
     teacher = load_teacher(encoder, decoder=make_decoder("tae-64", "sdxl"), dtype="bf16")
     assert teacher.encoder.layers[0].weight.dtype == torch.bfloat16 and teacher.has_decoder
     assert teacher.decode(teacher.encode(torch.rand(1, 3, 16, 16))).shape == (1, 3, 16, 16)
-    with pytest.raises(TeacherError, match="'sd3' but the encoder gives 'sdxl'"):
+    with pytest.raises(TeacherError, match="decodes 'sd3' latents, not 'sdxl'.*or the encoder of that space"):
         load_teacher(encoder, decoder=make_decoder("tae-64", "sd3"))
+    # the same channel count was enough before: an SD 1.5 decoder was taken for SDXL latents
+    with pytest.raises(TeacherError, match=r"decodes 'sd15' latents, not 'sdxl' \(scaling_factor 0.18215 vs 0.13025"):
+        load_teacher(encoder, decoder=make_decoder("tae-64", "sd15"))
     assert issubclass(TeacherError, FastdecError)
 
 

@@ -32,7 +32,7 @@ from diffusers.utils.accelerate_utils import apply_forward_hook
 from .errors import InputTypeError, PipelineError, PipelineStateError, check_count, check_flags
 from .io.files import atomic_write, prepare_output_dir
 from .io.images import to_uint8
-from .resolve import resolve_decoder
+from .resolve import resolve_decoder, resolve_in_space
 from .runtime.deflickering import DeflickerSettings, deflicker
 from .latent_spaces import PRESETS as SPACES, LatentSpace, get_latent_space
 from .models.base import LatentDecoder
@@ -435,7 +435,9 @@ def _as_decoder(decoder_or_path: LatentDecoder | str | os.PathLike, space: Laten
     if isinstance(decoder_or_path, LatentDecoder):
         return decoder_or_path
     # the pipeline's space only picks between spaces a TAESD .pth cannot tell apart; check_decoder_fits judges
-    return resolve_decoder(decoder_or_path, latent_space=space.name if _is_plain_file(decoder_or_path) else None)
+    if not _is_plain_file(decoder_or_path):
+        return resolve_decoder(decoder_or_path)
+    return resolve_in_space(decoder_or_path, space.name, "or a pipeline whose VAE has that space")
 
 
 def _is_plain_file(spec: Any) -> bool:

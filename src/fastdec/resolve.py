@@ -204,6 +204,16 @@ def _check_space(decoder: LatentDecoder, latent_space: LatentSpace | str, what: 
         raise LatentSpaceMismatchError(what, have.name, want.name, differences)
 
 
+def resolve_in_space(spec: Any, latent_space: LatentSpace | str, fix: str, **kwargs: Any) -> LatentDecoder:
+    """:func:`resolve_decoder` in a space the user did not name (a teacher's, a pipeline's): a decoder for other
+    latents is the same :class:`LatentSpaceMismatchError`, ending in ``fix`` ("or a --teacher of that space")
+    instead of advice to leave out a latent space nobody gave."""
+    try:
+        return resolve_decoder(spec, latent_space=latent_space, **kwargs)
+    except LatentSpaceMismatchError as e:
+        raise LatentSpaceMismatchError(e.what, e.have, e.want, e.differences, fix=fix) from e
+
+
 def load_decoder(
     source: Any,
     latent_space: LatentSpace | str | None = None,

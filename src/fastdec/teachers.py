@@ -23,10 +23,10 @@ from typing import Any
 import torch
 
 from .dtypes import parse_dtype
-from .errors import CheckpointError, DecoderSpecError, TeacherError, UsageError
+from .errors import CheckpointError, DecoderSpecError, LatentSpaceMismatchError, TeacherError, UsageError
 from .latent_spaces import PRESETS as SPACES, LatentSpace, get_latent_space
 from .models.base import LatentDecoder
-from .resolve import load_decoder, load_encoder, locate
+from .resolve import load_encoder, locate, resolve_in_space
 
 VAE_CLASSES = ("AutoencoderKL", "AutoencoderKLTemporalDecoder", "AutoencoderDC", "AutoencoderKLFlux2")
 _NOT_A_TEACHER = ("a diffusers VAE (folder with config.json, or a vae/ subfolder; single-file .safetensors) "
@@ -300,13 +300,12 @@ def _load_tae_teacher(path: Path, decoder, space: LatentSpace | None, device, dt
         raise TeacherError(f"'{path}' is neither {_NOT_A_TEACHER}: {e}") from e
     student = None
     if decoder is not None:
-        student = decoder if isinstance(decoder, LatentDecoder) else load_decoder(
-            decoder, latent_space=encoder.latent_space, device=device, dtype=dtype)
-        if student.latent_space.channels != encoder.latent_space.channels:
-            raise TeacherError(
-                f"teacher decoder is for '{student.latent_space.name}' but the encoder gives "
-                f"'{encoder.latent_space.name}' latents"
-            )
+        # an object too is checked on the whole space: an SD 1.5 decoder object passed beside an SDXL encoder
+        try:
+            student = resolve_in_space(decoder, encoder.latent_space, "or the encoder of that space as --teacher",
+                                       device=device, dtype=dtype)
+        except LatentSpaceMismatchError as e:
+            raise TeacherError(f"the teacher decoder does not fit the encoder: {e}") from e
     return TAETeacher(encoder, student, f"tae:{_file_fingerprint(path)}")
 
 

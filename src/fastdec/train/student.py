@@ -8,20 +8,18 @@ import warnings
 import torch
 import torch.nn as nn
 
-from ..errors import CheckpointError, LatentSpaceMismatchError, TrainError
+from ..errors import CheckpointError, TrainError
 from ..models.base import LatentDecoder
 from ..models.growth import NotASupersetError, grow, growth_changes, superset_problems, transfer_weights
 from ..models.tae import TAEDecoder
-from ..resolve import locate, resolve_decoder
+from ..resolve import locate, resolve_in_space
 from .config import TrainConfig
 
 
 def _resolve(flag: str, spec: str, latent_space, random_weights: bool = False) -> LatentDecoder:
     """``resolve_decoder``, with the flag named in its error (``--decoder`` and ``--init`` both name decoders)."""
-    try:
-        return resolve_decoder(spec, latent_space=latent_space, random_weights=random_weights)
-    except LatentSpaceMismatchError as e:  # the space is the teacher's (or --latent-space's): nothing to leave out
-        raise TrainError(f"{flag}: {e.with_fix('or a --teacher of that space')}") from e
+    try:  # the space is the teacher's (or --latent-space's)
+        return resolve_in_space(spec, latent_space, "or a --teacher of that space", random_weights=random_weights)
     except CheckpointError as e:
         raise TrainError(f"{flag}: {e}") from e
 
