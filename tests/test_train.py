@@ -137,6 +137,8 @@ def test_resume_with_another_batch_order_warns(tiny_setup, tmp_path):
     with pytest.warns(UserWarning, match="trained with --batch-size 2 there, 1 here; --grad-accum 1 there, 2 here: "
                                          "training continues from its step, but on other batches"):
         _run(**tiny_setup | {"batch_size": 1}, grad_accum=2, steps=4, out=str(out), resume=True)
+    with pytest.warns(UserWarning, match="trained on other data or crops .*the data order starts afresh"):
+        _run(**tiny_setup, seed=7, steps=5, out=str(out), resume=True)  # the seed draws the crops too
 
 
 def test_options_that_tune_an_absent_term_are_refused():

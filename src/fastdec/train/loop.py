@@ -326,8 +326,9 @@ def restore(run: Run, path: Path, state: dict[str, Any]) -> None:
 
 
 # what the batches from a step on are drawn from (GlobalBatches): changed on --resume, the run goes on from the
-# same step but not through the batches an uninterrupted run would have seen
-DATA_ORDER = ("seed", "batch_size", "grad_accum")
+# same step but not through the batches an uninterrupted run would have seen (--seed also draws the crops, so it
+# is part of the cache key and a changed one meets the "other data or crops" warning)
+DATA_ORDER = ("batch_size", "grad_accum")
 
 
 def _warn_changed_data_order(path: Path, was: dict[str, Any], config: TrainConfig) -> None:
