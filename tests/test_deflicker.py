@@ -145,13 +145,22 @@ def test_decode_video_refuses_bad_deflicker_settings_before_decoding(tmp_path, c
     out = tmp_path / "out.mp4"
     assert main(["decode-video", str(tmp_path / "lat.pt"), "--decoder", str(ckpt), "--out", str(out),
                  "--deflicker-strength", "1"]) == 2
-    assert "(--deflicker-strength) must be in [0, 1), got 1.0" in capsys.readouterr().err
+    assert "(--deflicker-strength) must be in [0, 1) (0 is off; the flag takes (0, 1)), got 1.0" in capsys.readouterr().err
     assert not out.exists() and not list(tmp_path.glob("*.mp4*"))  # nothing, not even a temporary file
     # 0 implied --deflicker and then held nothing (in eval video, NAME+deflicker rows equal to NAME's)
     assert main(["decode-video", str(tmp_path / "lat.pt"), "--decoder", str(ckpt), "--out", str(out),
                  "--deflicker-strength", "0"]) == 2
     assert "--deflicker-strength 0 holds nothing" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_eval_video_refuses_a_deflicker_that_holds_nothing(tmp_path):
+    from fastdec.eval.run import evaluate_video
+
+    with pytest.raises(ValueError, match="deflicker strength 0 holds nothing, so each NAME\\+deflicker row would equal"):
+        evaluate_video(tmp_path / "videos", ["flux2-turbo"], teacher="t.pth", out=tmp_path / "out",
+                       deflicker=DeflickerSettings(strength=0))
+    assert not (tmp_path / "out").exists()
 
 
 def test_eval_video_scores_each_decoder_deflickered_beside_it(tmp_path, taef2_encoder_path, make_decoder,

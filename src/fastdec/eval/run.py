@@ -833,6 +833,9 @@ def evaluate_video(
                          "--clip-frames")
     check_latent_noise(latent_noise)
     steady = as_deflicker_settings(deflicker)
+    if steady is not None and steady.strength == 0:  # NAME+deflicker rows would be NAME's, scored twice
+        raise UsageError("deflicker strength 0 holds nothing, so each NAME+deflicker row would equal NAME's: pass "
+                         "deflicker=None to score without it, or a strength in (0, 1)")
     if tof:  # a missing scikit-image is refused before any decoder is loaded or clip read
         M.optical_flow_ilk()
     base = pick_baseline(decoders, baseline, deflickered=steady is not None)

@@ -55,7 +55,8 @@ class DeflickerSettings:
     def __post_init__(self) -> None:
         # 1 would never let go of the first frame where it matches; the flags named so a CLI user can act on it
         if not (_is_number(self.strength) and 0 <= self.strength < 1):
-            raise UsageError(f"deflicker strength (--deflicker-strength) must be in [0, 1), got {self.strength!r}")
+            raise UsageError(f"deflicker strength (--deflicker-strength) must be in [0, 1) (0 is off; the flag takes "
+                             f"(0, 1)), got {self.strength!r}")
         if not (_is_number(self.threshold) and MIN_THRESHOLD <= self.threshold < math.inf):
             raise UsageError(f"deflicker threshold (--deflicker-threshold) must be a finite change of at least "
                              f"{MIN_THRESHOLD:g} in the [0, 1] pixel range (an 8-bit level is 0.004), got "
