@@ -233,6 +233,19 @@ def test_stats_save_load_and_gather(tmp_path):
         M.FrechetStats().update(np.full((2, 3), np.nan))
 
 
+def test_stats_files_round_trip_empty_and_take_paths_as_save_decoder_does(tmp_path, monkeypatch):
+    # empty statistics were saved as object arrays that load could not read ("write it again" gave the same file)
+    empty = M.FrechetStats.load(M.FrechetStats().save(tmp_path / "empty.npz"))
+    assert empty.count == 0 and empty.mean is None
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    path = _stream(_features(7, 16, dim=4)).save("~/stats/s.npz")  # it made a folder named '~'
+    assert path == tmp_path / "home" / "stats" / "s.npz" and not (tmp_path / "~").exists()
+    assert M.FrechetStats.load("~/stats/s.npz").count == 16
+    with pytest.raises(TypeError, match="FrechetStats.load's path must be a path"):
+        M.FrechetStats.load(5)
+
+
 @pytest.mark.parametrize("damage, problem", [
     ("truncated", "cannot read Frechet statistics from"), ("text", "cannot read Frechet statistics from"),
     ("missing", "cannot read Frechet statistics from"), ("no m2", "cannot read Frechet statistics from"),

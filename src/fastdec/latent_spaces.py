@@ -206,16 +206,16 @@ class LatentSpace:
         return get_latent_space(space)
 
 
-# ----------------------------------------------------------------------------- checking a record
-# what a space fastdec does not know must state itself (the dataclass defaults would silently fill them in)
-_DEFINING_FIELDS = ("channels", "spatial_factor", "scaling_factor")
-# the fields that shape latents: a preset's name with other values is a corrupt record, not a variant
 def _check_layout(x: Any, what: str, layout: str) -> None:
     if not isinstance(x, torch.Tensor) or x.ndim != 4:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise LatentSpaceError(f"{what} takes {layout}, got {shape}")
 
 
+# ----------------------------------------------------------------------------- checking a record
+# what a space fastdec does not know must state itself (the dataclass defaults would silently fill them in)
+_DEFINING_FIELDS = ("channels", "spatial_factor", "scaling_factor")
+# the fields that shape latents: a preset's name with other values is a corrupt record, not a variant
 _SHAPE_FIELDS = ("channels", "spatial_factor", "patch_size", "temporal")
 # what two spaces must share for one's decoder to decode the other's latents (temporal: an image decoder of a
 # space decodes its video latents frame by frame)

@@ -20,7 +20,7 @@ import torch
 
 from ..errors import (DecodeVideoError, LatentFileError, LatentSpaceError, NonFiniteOutputError, UsageError,
                       check_count)
-from ..io.files import check_output_file
+from ..io.files import as_path, check_output_file
 from ..io.latents import LATENT_SUFFIXES, check_latent, read_tensors
 from ..models import LatentDecoder
 from ..models.temporal import CausalTAEDecoder, TemporalTAEDecoder
@@ -42,7 +42,7 @@ def _pick_tensor(tensors: dict[str, torch.Tensor], path: Path) -> torch.Tensor:
 
 def load_clip(path: str | os.PathLike) -> torch.Tensor:
     """Latents of one clip from .safetensors / .pt / .npy as (1, T, C, h, w); accepts (T, C, h, w) too."""
-    path = Path(path)
+    path = as_path(path, "the latents file")
     if not path.is_file():
         raise LatentFileError(f"latents file '{path}' does not exist")
     if path.suffix.lower() not in LATENT_SUFFIXES:

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import EvalError, MetricUnavailable
-from ..io.files import atomic_write
+from ..io.files import as_path, atomic_write
 from ..io.images import check_pixel_range
 
 # SSIM with the settings of Wang et al. and scikit-image's reference (gaussian_weights=True):
@@ -537,11 +537,14 @@ class FrechetStats:
 
     def save(self, path: str | os.PathLike) -> Path:
         state = self.state_dict()
+        if self.mean is None:  # no samples yet: empty arrays, not None (an object array load refuses to unpickle)
+            state = {"count": 0, "mean": np.zeros(0), "m2": np.zeros((0, 0))}
         return atomic_write(path, lambda tmp: np.savez(tmp, count=state["count"], mean=state["mean"], m2=state["m2"]), suffix=".npz")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "FrechetStats":
         """Statistics written by :meth:`save`; a missing, damaged or foreign file is an error naming it."""
+        path = as_path(path, "FrechetStats.load's path")
         try:
             with np.load(path) as f:  # allow_pickle stays False: an .npz of plain arrays only
                 state = {"count": f["count"], "mean": f["mean"], "m2": f["m2"]}

@@ -41,7 +41,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], Any], suffix: s
 
     ``suffix`` ends the temporary name (some writers pick the format from it, e.g. ``.png``).
     """
-    path = Path(path)
+    path = as_path(path, "the output path")  # '~/stats.npz' made a folder named '~'; 5 a bare TypeError
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temps(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f"{TEMP_MARKER}{suffix}")

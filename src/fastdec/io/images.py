@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError, InputTypeError, NonFiniteOutputError, UsageError
-from .files import atomic_write
+from .files import as_path, atomic_write
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 # output formats: name -> (PIL format, file suffix)
@@ -23,7 +23,7 @@ def is_image_file(path: Path) -> bool:
 
 def list_images(folder: str | os.PathLike, recursive: bool = False) -> list[Path]:
     """Image files in ``folder`` (sorted; hidden files left out). An empty list when there are none."""
-    folder = Path(folder)
+    folder = as_path(folder, "the image folder")
     if not folder.is_dir():
         raise DataError(f"'{folder}' is not a folder of images")
     return sorted(p for p in (folder.rglob("*") if recursive else folder.iterdir()) if is_image_file(p))

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ..errors import LatentFileError, UnsafePathError
-from .files import atomic_write, check_name
+from .files import as_path, atomic_write, check_name
 from .pickles import load_weights_only
 
 LATENT_SUFFIXES = (".safetensors", ".pt", ".pth", ".npy")
@@ -46,7 +46,7 @@ def write_latent_shard(path: str | os.PathLike, latents: Mapping[str, torch.Tens
             shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
             raise LatentFileError(f"latent '{key}' must be a (C, h, w) tensor, got {shape}; for a batch use z.unbind(0)")
         tensors[key] = tensor.detach().contiguous().cpu()
-    path = Path(path)
+    path = as_path(path, "the latent shard's path")
     if path.suffix != ".safetensors":
         raise LatentFileError(f"latent shards are .safetensors files, got '{path}'")
     return atomic_write(path, lambda tmp: save_file(tensors, tmp), suffix=".safetensors")
@@ -110,7 +110,7 @@ def _not_a_file(path: Path) -> str:
 
 def index_latent_file(path: str | os.PathLike) -> list[LatentRef]:
     """The latents a file holds (names and shapes), reading headers only where the format allows."""
-    path = Path(path)
+    path = as_path(path, "the latents file")
     source = str(path)
     if not path.is_file():
         raise LatentFileError(_not_a_file(path))
@@ -155,7 +155,7 @@ def index_latent_file(path: str | os.PathLike) -> list[LatentRef]:
 def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Every tensor of a latents file by name, whatever its shape (a video clip is one (T, C, h, w) or
     (1, T, C, h, w) tensor, which :func:`index_latent_file` does not list as latents)."""
-    path = Path(path)
+    path = as_path(path, "the latents file")
     if not path.is_file():
         raise LatentFileError(_not_a_file(path))
     suffix = path.suffix.lower()
@@ -259,7 +259,7 @@ def check_latent(z: torch.Tensor, name: str, channels: int | None = None, hint: 
 def read_latents(path: str | os.PathLike) -> list[tuple[str, torch.Tensor]]:
     """(name, latent (C, h, w)) for every latent in one file, in file order; a stack of one keeps its
     tensor's name, a larger stack gives ``name_i``. Names are safe as file names (checked)."""
-    path = Path(path)
+    path = as_path(path, "the latents file")
     refs = index_latent_file(path)
     reader = LatentReader(cache_size=1)
     stacks: dict[str, int] = {}
