@@ -120,7 +120,9 @@ def test_a_damaged_onnx_file_and_an_onnx_given_as_a_checkpoint_are_named(exporte
 
 
 @pytest.mark.parametrize("key, value", [("latent_space", "{not json"), ("latent_space", '{"channels": 0}'),
-                                        ("config", "[1, 2]"), ("receptive_field", '{"radius": 3}')])
+                                        ("config", "[1, 2]"), ("receptive_field", '{"radius": 3}'),
+                                        ("receptive_field", '{"radius": "x", "is_global": false, "global_layers": [], '
+                                                            '"local_radius_known": true}')])
 def test_edited_onnx_metadata_is_named_with_its_key(exported, tmp_path, key, value):
     """Each came out raw (JSONDecodeError, a TypeError from SimpleNamespace, KeyError 'is_global')."""
     import onnx

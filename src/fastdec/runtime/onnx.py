@@ -298,6 +298,11 @@ def _read_metadata(path: Path, meta: dict[str, str]) -> tuple[LatentSpace, Simpl
         rf = json.loads(meta[key]) if key in meta else None
         field = None if rf is None else ReceptiveField(rf["radius"], rf["is_global"], tuple(rf["global_layers"]),
                                                        rf["local_radius_known"])
+        if field is not None and not (type(field.radius) is int and field.radius >= 0  # sizes every tile's overlap
+                                      and isinstance(field.is_global, bool)
+                                      and isinstance(field.local_radius_known, bool)):
+            raise ValueError(f"radius {field.radius!r}, is_global {field.is_global!r}: expected a whole number >= 0 "
+                             "and True/False")
     except (ValueError, TypeError, KeyError) as e:  # JSONDecodeError is a ValueError; LatentSpaceError too
         raise CheckpointError(f"{path}'s fastdec metadata '{key}' cannot be read ({type(e).__name__}: {e}): "
                               "export the decoder again with `fastdec export onnx`") from e
