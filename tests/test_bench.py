@@ -306,7 +306,7 @@ def test_unwritable_output_fails_before_the_benchmark_runs(mode, flag, tmp_path,
     (["--video", "--no-upcast"], "--video does not read --no-upcast"),
     # it changes only fp16 rows of a force_upcast VAE: with neither the run was the one without it
     (["--no-upcast"], "--no-upcast runs the fp16 rows of force_upcast VAEs (sdxl, svd) in fp16, and --dtype has no fp16"),
-    (["--no-upcast", "--dtype", "fp16", "--baselines", "tiny"], "and --baselines tiny has none"),
+    (["--no-upcast", "--dtype", "fp16", "--baselines", "tiny"], "and --baselines tiny times none"),
     # 'none sdxl' benchmarked sdxl
     (["--baselines", "none", "sdxl"], "--baselines none means no baselines, but sdxl was given too"),
     (["--video", "--baselines", "svd", "none"], "--baselines none means no baselines, but svd was given too"),

@@ -326,7 +326,7 @@ class FastVAE(ModelMixin, AutoencoderMixin, ConfigMixin):
 
     # -- encode ------------------------------------------------------------------------
     @apply_forward_hook
-    def encode(self, x: torch.Tensor, return_dict: bool = True):
+    def encode(self, x: torch.Tensor, return_dict: bool = True) -> Any:
         """The original VAE's ``encode`` (its ``AutoencoderKLOutput`` with ``latent_dist``)."""
         if self.encoder_vae is None:
             raise PipelineStateError(

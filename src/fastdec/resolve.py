@@ -30,6 +30,7 @@ from .errors import CheckpointError, DecoderSpecError, LatentSpaceMismatchError,
 from .latent_spaces import LatentSpace, get_latent_space
 from .models.base import LatentDecoder
 from .models.registry import PRESETS, create_decoder, list_decoders
+from .models.tae import TAEEncoder
 from .pretrained import PRETRAINED, list_pretrained
 
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
@@ -181,7 +182,6 @@ def _decoder_object(decoder: torch.nn.Module, device: Any, dtype: torch.dtype | 
     bf16 left the caller's decoder in bf16, and load_decoder's default device moved a GPU decoder to the CPU)."""
     import copy
 
-    from .models.tae import TAEEncoder
     from .runtime.optimize import OptimizedDecoder
 
     if not isinstance(decoder, (LatentDecoder, OptimizedDecoder)):  # it failed later, far from here
@@ -230,7 +230,7 @@ def load_encoder(
     latent_space: LatentSpace | str | None = None,
     device: torch.device | str = "cpu",
     dtype: torch.dtype | str | None = None,
-):
+) -> TAEEncoder:
     """A TAESD-family encoder from a .pth, an AutoencoderTiny folder/state dict, or a Hub id."""
     from .io.checkpoints import read_encoder
 

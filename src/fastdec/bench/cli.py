@@ -113,7 +113,7 @@ def check_no_upcast(args: argparse.Namespace) -> None:
     chosen = args.baselines if args.baselines is not None else list(DEFAULT_BASELINES)
     upcast = [b for b in chosen if b in BASELINES and BASELINES[b].config.get("force_upcast", False)]
     if "fp16" not in args.dtype or not upcast:
-        why = "--dtype has no fp16" if "fp16" not in args.dtype else f"--baselines {' '.join(chosen)} has none"
+        why = "--dtype has no fp16" if "fp16" not in args.dtype else f"--baselines {' '.join(chosen)} times none"
         raise UsageError(f"--no-upcast runs the fp16 rows of force_upcast VAEs (sdxl, svd) in fp16, and {why}: "
                          "drop --no-upcast, or add fp16 to --dtype and sdxl or svd to --baselines")
 
