@@ -154,6 +154,20 @@ def test_a_missing_input_file_is_the_same_error_in_every_command(command, inputs
     _fails_with(MISSING_INPUT[command](inputs, missing), capsys, command, str(missing))
 
 
+@pytest.mark.parametrize("command", list(MISSING_INPUT))
+def test_an_empty_input_name_is_refused_in_every_command(command, inputs, capsys):
+    # '' was read as the current folder ("folder '.' holds no single decoder checkpoint"), or as not given
+    _fails_with(MISSING_INPUT[command](inputs, ""), capsys, command, "is empty: give a value, or leave it out")
+
+
+def test_an_empty_latent_space_is_no_default(inputs, capsys):
+    # it exported an sdxl-space decoder, exit 0
+    _fails_with(["export", "onnx", "--decoder", "tae-64", "--random-weights", "--latent-space", "",
+                 "--out", str(inputs["out"] / "d.onnx")], capsys, "export onnx", "--latent-space is empty")
+    assert not (inputs["out"] / "d.onnx").exists()
+    _fails_with(["pretrained", "--card", " "], capsys, "pretrained", "--card is empty")  # it printed the list
+
+
 @pytest.mark.parametrize("device, words", [("tpu", "unknown device 'tpu': use cpu, cuda, cuda:N or mps"),
                                            ("cpu:abc", "unknown device 'cpu:abc'"),
                                            ("cuda:3", "device cuda:3 is not available")])

@@ -104,4 +104,4 @@ def test_a_plugin_that_fails_on_import_is_named_with_its_line(tmp_path, capsys, 
     err = capsys.readouterr().err
     assert words.format(path=plugin) in err and "Traceback" not in err and "Fix the plugin" in err
     assert main(["--plugin", "", "pretrained"]) == 2
-    assert "got an empty one" in capsys.readouterr().err
+    assert "--plugin is empty" in capsys.readouterr().err

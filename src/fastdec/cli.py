@@ -10,7 +10,7 @@ import importlib
 import sys
 from typing import Callable
 
-from .errors import FastdecError
+from .errors import FastdecError, UsageError
 from .plugins import load_plugins
 
 # module -> registers one or more subcommands via add_commands(subparsers)
@@ -51,6 +51,29 @@ def _command_names(parser: argparse.ArgumentParser) -> dict[Callable, str]:
     return names
 
 
+def _flag_names(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """dest -> how the user wrote it (``--latent-space``, or a positional's name), over every subcommand."""
+    names: dict[str, str] = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                names.update(_flag_names(sub))
+        else:
+            names.setdefault(action.dest, max(action.option_strings, key=len) if action.option_strings else action.dest)
+    return names
+
+
+def check_no_empty_values(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """No option or argument takes an empty string: `--decoder ''` was read as the current folder, and
+    `--latent-space ''` as no latent space at all (an sdxl decoder was exported)."""
+    names = None
+    for dest, value in vars(args).items():
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if any(isinstance(v, str) and not v.strip() for v in values):
+            names = names or _flag_names(parser)
+            raise UsageError(f"{names.get(dest, dest)} is empty: give a value, or leave it out")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -58,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     try:
+        check_no_empty_values(parser, args)
         load_plugins(args.plugin)
         result = args.func(args)
     except FastdecError as e:
