@@ -222,6 +222,22 @@ def test_a_nan_decoder_is_an_error_never_a_score(tiny_images, latents, tiny_deco
         evaluate_images(tiny_images, [str(nan_decoder)], latents=latents)
 
 
+def test_a_file_name_that_is_not_utf8_is_reported_escaped(tmp_path, taef2_encoder_path, make_decoder, capsys):
+    """The grid's matplotlib title, then the CSV, failed with a traceback on the name's surrogates."""
+    import os
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rgb = (np.random.default_rng(0).random((32, 32, 3)) * 255).astype("uint8")
+    Image.fromarray(rgb).save(os.fsdecode(os.fsencode(folder) + b"/bad\xff.png"))
+    decoder = save_decoder(make_decoder("tae-64", "flux2"), tmp_path / "d.safetensors")
+    out = tmp_path / "out"
+    assert main(["eval", "images", "--data", str(folder), "--teacher", str(taef2_encoder_path),
+                 "--decoder", str(decoder), "--out", str(out)]) == 0, capsys.readouterr().err
+    assert "bad\\xff.png,d," in (out / "per_image.csv").read_text()
+    assert (out / "grid.png").is_file()
+
+
 def test_a_non_finite_output_is_refused_even_from_an_unchecking_decoder(tiny_images, latents):
     """Decoders that do not check themselves (teachers, foreign modules) are checked by the evaluation."""
     from fastdec.eval.run import ImageEvaluation, Notes, run_evaluation

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from ..devices import check_device
 from ..errors import (DataError, EvalError, LatentFileError, MetricUnavailable, NonFiniteOutputError, UsageError,
                       VideoError, check_count)
-from ..io.files import drop_excluded, output_folder
+from ..io.files import display_name, drop_excluded, output_folder
 from ..io.images import IMAGE_SUFFIXES, list_images, load_image
 from ..io.latents import LATENT_SUFFIXES, check_latent, read_latents
 from ..io.video import VIDEO_SUFFIXES, read_video
@@ -373,8 +373,8 @@ class Evaluation:
                               lambda: decode_frames(dec, sample.z, self.batch_size))
 
     def skip(self, item: Path, error: Exception) -> None:
-        print(f"warning: skipping '{item.name}': {error}", file=sys.stderr)
-        self.skipped[item.name] = str(error)
+        print(f"warning: skipping '{display_name(item)}': {error}", file=sys.stderr)
+        self.skipped[display_name(item)] = str(error)
 
     def load(self, item: Path) -> Sample | None:
         raise NotImplementedError
@@ -513,16 +513,16 @@ class ImageEvaluation(Evaluation):
                 original = crop_to_factor(image, self.factor, self.resolution).to(self.device)
             except EvalError as e:  # an image smaller than one latent pixel, or than --resolution
                 return self.skip(path, e)
-            return Sample(path.name, original, self.encode(original, path.name))
+            return Sample(display_name(path), original, self.encode(original, display_name(path)))
         source = find_latent(self.latents, path)
-        z = self.jitter(read_latent(source, self.channels).to(self.device), path.name)
+        z = self.jitter(read_latent(source, self.channels).to(self.device), display_name(path))
         (h, w), f = image.shape[-2:], self.factor
         if tuple(z.shape[-2:]) != (h // f, w // f):  # made from another image, or another size of it
             return self.skip(path, LatentFileError(
                 f"its latents '{source.name}' are {z.shape[-2]}x{z.shape[-1]}, but a {h}x{w} px image encodes to "
                 f"{h // f}x{w // f} at /{f}"))
         original = center_crop(image, h - h % f, w - w % f).to(self.device)
-        return Sample(path.name, original, z)
+        return Sample(display_name(path), original, z)
 
     def score(self, sample, dec, reference, decoded, ref):
         height, width = sample.original.shape[-2:]
@@ -687,7 +687,7 @@ class VideoEvaluation(Evaluation):
         if self.frames and original.shape[0] < self.frames:
             self.notes.add(f"'{item.name}' has {original.shape[0]} frames (< --frames {self.frames}): all of them "
                            "were used")
-        return Sample(item.name, original, self.encode(original, item.name))
+        return Sample(display_name(item), original, self.encode(original, display_name(item)))
 
     def score(self, sample, dec, reference, decoded, ref):
         psnrs, ssims = M.psnr(decoded, ref).tolist(), M.ssim(decoded, ref).tolist()

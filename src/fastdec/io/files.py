@@ -143,6 +143,12 @@ def _write_problem(folder: Path) -> str | None:
     return None
 
 
+def display_name(path: Path) -> str:
+    """``path.name`` as text every report can hold: a name that is not valid UTF-8 (Python keeps its bytes as
+    surrogates) shows them as \\xff escapes, where CSV, JSON and matplotlib failed with a traceback."""
+    return os.fsencode(path.name).decode("utf-8", "backslashreplace")
+
+
 def as_path(value: str | os.PathLike, what: str) -> Path:
     """``value`` as a Path, or an error naming ``what`` (pathlib's own says only "expected str, bytes or
     os.PathLike object, not int", with no word of which argument it was)."""
