@@ -322,6 +322,32 @@ def test_a_latents_file_name_with_control_characters_is_no_output_name(check, as
           "cannot be a file name", "control character")
 
 
+def test_latents_files_whose_names_are_not_utf8_are_read_or_named():
+    """A .pt was called truncated or corrupt (torch hands the name to C++ as UTF-8); a .safetensors too."""
+    import tempfile
+
+    from fastdec.errors import LatentFileError
+    from fastdec.io.latents import read_latents, read_tensors
+
+    with tempfile.TemporaryDirectory() as folder:
+        base = os.fsencode(folder) + b"/z" + bytes([0xfe])
+        torch.save({"z": torch.ones(4, 2, 2)}, os.fsdecode(base + b".pt"))
+        assert [(n, tuple(z.shape)) for n, z in read_latents(os.fsdecode(base + b".pt"))] == [("z", (4, 2, 2))]
+        save_file({"z": torch.ones(4, 2, 2)}, os.path.join(folder, "plain.safetensors"))
+        os.rename(os.path.join(folder, "plain.safetensors"), os.fsdecode(base + b".safetensors"))
+        for read in (read_latents, read_tensors):
+            with pytest.raises(LatentFileError, match=r"z\\xfe.safetensors': its path is not valid UTF-8.*rename"):
+                read(os.fsdecode(base + b".safetensors"))
+
+
+def test_a_latents_file_name_that_is_not_utf8_is_named_as_such(check, assets, tmp_path):
+    # it was called a control character (Python keeps the undecodable bytes as surrogates)
+    latents = tmp_path / f"{os.fsdecode(b'z' + bytes([0xff]))}.npy"
+    np.save(latents, np.zeros((4, 4, 4), np.float32))
+    check(command("decode", assets, assets.decoder("tae-64"), tmp_path / "out", latents=latents), 2,
+          "cannot be a file name", "not valid UTF-8")
+
+
 # ============================================================================= 2. pickled code is never run
 class _Plants:
     """Pickles whose loading would create a marker file, through three different callables."""

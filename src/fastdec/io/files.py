@@ -106,6 +106,8 @@ def check_name(name: str, what: str = "name") -> str:
         problem = "it contains a path separator or is '.'/'..'"
     elif name.startswith("."):
         problem = "it starts with '.' (hidden files and '..' are not allowed)"
+    elif any(unicodedata.category(c) == "Cs" for c in name):  # how Python keeps the bytes of a non-UTF-8 file name
+        problem = "it is not valid UTF-8 (the name came from a file whose name is not)"
     elif any(unicodedata.category(c).startswith("C") for c in name):
         problem = "it contains a control character (a newline, tab or NUL)"
     elif len(name.encode("utf-8")) > MAX_NAME_BYTES:

@@ -116,6 +116,7 @@ def index_latent_file(path: str | os.PathLike) -> list[LatentRef]:
         raise LatentFileError(_not_a_file(path))
     entries: list[tuple[str, tuple[int, ...], Sequence[str] | None]] = []
     suffix = path.suffix.lower()
+    _check_safetensors_name(path)
     try:
         if suffix == ".safetensors":
             from safetensors import safe_open
@@ -152,6 +153,14 @@ def index_latent_file(path: str | os.PathLike) -> list[LatentRef]:
     return refs
 
 
+def _check_safetensors_name(path: Path) -> None:
+    """safetensors opens files by a UTF-8 name only: another name was reported as a corrupt file."""
+    shown = os.fsencode(path).decode("utf-8", "backslashreplace")
+    if path.suffix.lower() == ".safetensors" and shown != os.fspath(path):
+        raise LatentFileError(f"'{shown}': its path is not valid UTF-8, which the safetensors library cannot open: "
+                              "rename the file (or its folder)")
+
+
 def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Every tensor of a latents file by name, whatever its shape (a video clip is one (T, C, h, w) or
     (1, T, C, h, w) tensor, which :func:`index_latent_file` does not list as latents)."""
@@ -161,6 +170,7 @@ def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     suffix = path.suffix.lower()
     if suffix not in LATENT_SUFFIXES:
         raise LatentFileError(f"{path}: unknown latent file type (use {', '.join(LATENT_SUFFIXES)})")
+    _check_safetensors_name(path)
     try:
         if suffix == ".safetensors":
             from safetensors.torch import load_file

@@ -4,6 +4,7 @@ function: what a planted file uses to run code) is refused with a message that s
 asked for, instead of torch's advice on how to allow it."""
 from __future__ import annotations
 
+import os
 import pickle
 import re
 from pathlib import Path
@@ -36,6 +37,9 @@ def load_weights_only(path: str | Path, error: type[FastdecError], what: str, mm
     a file that holds code, or that is no torch pickle at all, is an ``error`` naming it; a missing or
     unreadable file (OSError) propagates to the caller, which names it its own way."""
     try:
+        if not _utf8(path):  # torch hands the name to C++ as UTF-8: a non-UTF-8 file name read as "corrupt"
+            with open(path, "rb") as f:  # a file object cannot be memory-mapped; the bytes are the same
+                return torch.load(f, map_location="cpu", weights_only=True)
         try:
             return torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
         except RuntimeError:
@@ -51,6 +55,14 @@ def load_weights_only(path: str | Path, error: type[FastdecError], what: str, mm
         # torch's own text here advises weights_only=False, which would run whatever the file holds
         raise error(f"'{path}' is not a {what} fastdec can read: {_what_it_is(Path(path))}. fastdec reads "
                     ".safetensors files, and .pt / .pth / .bin files of tensors saved with torch.save") from e
+
+
+def _utf8(path: str | Path) -> bool:
+    try:
+        os.fspath(path).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _what_it_is(path: Path) -> str:
