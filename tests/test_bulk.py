@@ -201,7 +201,7 @@ def test_corrupt_files_are_reported_skipped_and_fail_the_run(workspace, tmp_path
         assert name in err, name
     assert "expects 4 latent channels" in err and "NaN" in err and "must list 3 names" in err
     assert "bytes long" in err  # the too-long name says why
-    assert "7 latent(s) or file(s) FAILED" in err
+    assert "7 latent(s) or file(s) FAILED (the rest were decoded)" in err
     assert "Traceback" not in err
 
 
@@ -216,7 +216,7 @@ def test_nan_decoder_output_is_a_failure_not_a_black_picture(workspace, tmp_path
     assert main(["decode-batch", "--latents", str(tmp_path / "s.safetensors"), "--decoder", str(path),
                  "--out", str(out), "--no-progress"]) == 1
     err = capsys.readouterr().err
-    assert "3 latent(s) or file(s) FAILED" in err and "NaN" in err
+    assert "3 latent(s) or file(s) FAILED (nothing was decoded)" in err and "NaN" in err  # was "the rest were"
     assert _pngs(out) == []
 
 

@@ -418,7 +418,8 @@ def summarize(all_stats: list[RankStats], index_failures: list[Failure], total: 
             "failures": [str(f) for f in failures],
         })
     if failures:
-        print(f"decode-batch: {len(failures)} latent(s) or file(s) FAILED (the rest were decoded):", file=sys.stderr)
+        rest = "the rest were decoded" if images + skipped else "nothing was decoded"  # "the rest" of none misled
+        print(f"decode-batch: {len(failures)} latent(s) or file(s) FAILED ({rest}):", file=sys.stderr)
         for failure in failures:
             print(f"  {failure}", file=sys.stderr)
         return 1
