@@ -118,6 +118,7 @@ BAD_LATENTS = {
     "inf": (lambda: {"a": torch.randn(4, 8, 8), "b": torch.full((4, 8, 8), float("inf"))}, "NaN or inf"),
     "channels": (lambda: {"latents": torch.randn(2, 16, 8, 8)}, "expects 4 latent channels"),
     "integer": (lambda: {"latents": torch.ones(2, 4, 8, 8, dtype=torch.int64)}, "integer dtype"),
+    "boolean": (lambda: {"latents": torch.ones(2, 4, 8, 8, dtype=torch.bool)}, "boolean dtype torch.bool"),
     "batch0": (lambda: {"latents": torch.zeros(0, 4, 8, 8)}, "batch size 0"),
     "zero_dim": (lambda: {"latents": torch.zeros(4, 0, 8)}, "empty dimension"),
     "five_dims": (lambda: {"latents": torch.zeros(1, 2, 4, 8, 8)}, r"\(C, h, w\)"),

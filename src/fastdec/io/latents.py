@@ -251,7 +251,7 @@ def check_latent(z: torch.Tensor, name: str, channels: int | None = None, hint: 
     if not isinstance(z, torch.Tensor):
         raise LatentFileError(f"latent '{name}' is a {type(z).__name__}, not a tensor")
     if not z.is_floating_point():
-        kind = "complex" if z.is_complex() else "integer"
+        kind = "complex" if z.is_complex() else "boolean" if z.dtype == torch.bool else "integer"
         raise LatentFileError(f"latent '{name}' has {kind} dtype {z.dtype}: latents are float tensors "
                               "(was the file written from quantised or index data?)")
     if z.ndim != 3:
