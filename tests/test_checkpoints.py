@@ -191,8 +191,13 @@ def test_wrong_architecture_errors(tmp_path, taef2_encoder_path):
     save_file(load_file(str(path)), str(bad), metadata=meta)
     with pytest.raises(CheckpointError, match="no-such-arch"):
         load_decoder(bad)
-    with pytest.raises(CheckpointError, match="looks like an encoder"):
+    # "use load_encoder" was no advice a command-line user could follow
+    with pytest.raises(CheckpointError, match=r"looks like an encoder, not a decoder: give it where an encoder goes "
+                                              r"\(--teacher; load_encoder in Python\)"):
         load_decoder(taef2_encoder_path)
+    with pytest.raises(CheckpointError, match=r"looks like a decoder, not an encoder: give it where a decoder goes "
+                                              r"\(--decoder, --teacher-decoder"):
+        load_encoder(str(taef2_encoder_path).replace("encoder", "decoder"))
 
 
 def test_a_preset_given_to_load_decoder_names_calls_that_take_it():

@@ -361,7 +361,8 @@ def read_decoder(source: str | os.PathLike, latent_space: LatentSpace | str | No
     elif "1.weight" in state:
         decoder = _decoder_from_taesd_state(state, path, latent_space)
     elif any(k.startswith("layers.") for k in state) or "0.weight" in state:
-        raise CheckpointError(f"'{path}' looks like an encoder, not a decoder: use load_encoder")
+        raise CheckpointError(f"'{path}' looks like an encoder, not a decoder: give it where an encoder goes "
+                              "(--teacher; load_encoder in Python), and a decoder file here (e.g. *_decoder.pth)")
     else:
         raise CheckpointError(
             f"'{path}' is not a decoder checkpoint fastdec knows (fastdec safetensors, TAESD .pth, AutoencoderTiny)"
@@ -398,7 +399,9 @@ def read_encoder(source: str | os.PathLike, latent_space: LatentSpace | str | No
     if any(k.startswith("encoder.layers.") for k in state):
         state = _prefixed(state, "encoder.layers.")
     elif "1.weight" in state and "0.weight" not in state:
-        raise CheckpointError(f"'{path}' looks like a decoder, not an encoder: use load_decoder")
+        raise CheckpointError(f"'{path}' looks like a decoder, not an encoder: give it where a decoder goes "
+                              "(--decoder, --teacher-decoder; load_decoder in Python), and an encoder file here "
+                              "(e.g. *_encoder.pth)")
     config = _taesd_encoder_config(state, path)
     factor = 2 ** (len(config.stage_blocks) + (2 if config.stem_width else 0))
     space = get_latent_space(latent_space) if latent_space else _guess_space(config.latent_channels, factor, path.name)
