@@ -30,8 +30,8 @@ class LatentSpaceMismatchError(DecoderSpecError):
     """A decoder (a file, a pretrained name, an object) for other latents than the space asked for.
 
     ``what`` names the decoder, ``have`` and ``want`` the two spaces, ``differences`` the fields that differ;
-    ``fix`` ends the message. The default fix fits a space the caller named; a command whose space comes from
-    elsewhere (train's teacher) words its own with :meth:`with_fix`."""
+    ``fix`` ends the message. The default fix fits a space the caller named; where the space comes from
+    elsewhere (a teacher, a pipeline) :func:`fastdec.resolve.resolve_in_space` words its own."""
 
     def __init__(self, what: str, have: str, want: str, differences: list[str], fix: str | None = None):
         self.what, self.have, self.want, self.differences = what, have, want, differences
@@ -40,9 +40,6 @@ class LatentSpaceMismatchError(DecoderSpecError):
     def _message(self, fix: str) -> str:
         return (f"{self.what} decodes '{self.have}' latents, not '{self.want}' ({', '.join(self.differences)}): "
                 f"pick a decoder for '{self.want}' (a preset is built in any space), {fix}")
-
-    def with_fix(self, fix: str) -> str:
-        return self._message(fix)
 
 
 class LatentFileError(FastdecError, ValueError):

@@ -204,7 +204,7 @@ def _check_space(decoder: LatentDecoder, latent_space: LatentSpace | str, what: 
         raise LatentSpaceMismatchError(what, have.name, want.name, differences)
 
 
-def resolve_in_space(spec: Any, latent_space: LatentSpace | str, fix: str, **kwargs: Any) -> LatentDecoder:
+def resolve_in_space(spec: Any, latent_space: LatentSpace | str | None, fix: str, **kwargs: Any) -> LatentDecoder:
     """:func:`resolve_decoder` in a space the user did not name (a teacher's, a pipeline's): a decoder for other
     latents is the same :class:`LatentSpaceMismatchError`, ending in ``fix`` ("or a --teacher of that space")
     instead of advice to leave out a latent space nobody gave."""

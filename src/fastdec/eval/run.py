@@ -28,7 +28,7 @@ from ..io.images import IMAGE_SUFFIXES, list_images, load_image
 from ..io.latents import LATENT_SUFFIXES, check_latent, read_latents
 from ..io.video import VIDEO_SUFFIXES, read_video
 from ..latent_spaces import get_latent_space
-from ..resolve import resolve_decoder, resolve_in_space
+from ..resolve import resolve_in_space
 from ..runtime.deflickering import DeflickerSettings, as_deflicker_settings, deflicker
 from . import metrics as M
 from .metrics import IMAGE_METRICS, REFERENCES, VIDEO_METRICS, summarize
@@ -121,8 +121,7 @@ def _teacher_decoder(teacher, name: str = TEACHER_NAME) -> EvalDecoder:
 
 
 def _student_decoder(name: str, source: str, space, factor: int | None, device: str) -> EvalDecoder:
-    decoder = resolve_in_space(source, space, "or a --teacher of that space", device=device).eval() \
-        if space is not None else resolve_decoder(source, device=device).eval()
+    decoder = resolve_in_space(source, space, "or a --teacher of that space", device=device).eval()
     if factor is not None and decoder.upsample_factor != factor:
         raise EvalError(f"decoder '{source}' upsamples x{decoder.upsample_factor} but the teacher's latents are "
                         f"/{factor}: evaluate it with a teacher of its own latent space")

@@ -145,10 +145,16 @@ def _write_problem(folder: Path) -> str | None:
     return None
 
 
+def printable(path: str | os.PathLike) -> str:
+    """``path`` as text every report and library can hold: a path that is not valid UTF-8 (Python keeps its
+    bytes as surrogates) shows them as \\xff escapes, where CSV, JSON and matplotlib failed with a traceback.
+    Equal to ``os.fspath(path)`` exactly when the path is valid UTF-8."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 def display_name(path: Path) -> str:
-    """``path.name`` as text every report can hold: a name that is not valid UTF-8 (Python keeps its bytes as
-    surrogates) shows them as \\xff escapes, where CSV, JSON and matplotlib failed with a traceback."""
-    return os.fsencode(path.name).decode("utf-8", "backslashreplace")
+    """``path.name``, :func:`printable`."""
+    return printable(path.name)
 
 
 def as_path(value: str | os.PathLike, what: str) -> Path:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ..errors import LatentFileError, UnsafePathError
-from .files import as_path, atomic_write, check_name
+from .files import as_path, atomic_write, check_name, printable
 from .pickles import load_weights_only
 
 LATENT_SUFFIXES = (".safetensors", ".pt", ".pth", ".npy")
@@ -155,7 +155,7 @@ def index_latent_file(path: str | os.PathLike) -> list[LatentRef]:
 
 def _check_safetensors_name(path: Path) -> None:
     """safetensors opens files by a UTF-8 name only: another name was reported as a corrupt file."""
-    shown = os.fsencode(path).decode("utf-8", "backslashreplace")
+    shown = printable(path)
     if path.suffix.lower() == ".safetensors" and shown != os.fspath(path):
         raise LatentFileError(f"'{shown}': its path is not valid UTF-8, which the safetensors library cannot open: "
                               "rename the file (or its folder)")

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from ..errors import FastdecError
+from .files import printable
 
 _GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
 
@@ -37,7 +38,7 @@ def load_weights_only(path: str | Path, error: type[FastdecError], what: str, mm
     a file that holds code, or that is no torch pickle at all, is an ``error`` naming it; a missing or
     unreadable file (OSError) propagates to the caller, which names it its own way."""
     try:
-        if not _utf8(path):  # torch hands the name to C++ as UTF-8: a non-UTF-8 file name read as "corrupt"
+        if printable(path) != os.fspath(path):  # torch hands the name to C++ as UTF-8: another read as "corrupt"
             with open(path, "rb") as f:  # a file object cannot be memory-mapped; the bytes are the same
                 return torch.load(f, map_location="cpu", weights_only=True)
         try:
@@ -55,14 +56,6 @@ def load_weights_only(path: str | Path, error: type[FastdecError], what: str, mm
         # torch's own text here advises weights_only=False, which would run whatever the file holds
         raise error(f"'{path}' is not a {what} fastdec can read: {_what_it_is(Path(path))}. fastdec reads "
                     ".safetensors files, and .pt / .pth / .bin files of tensors saved with torch.save") from e
-
-
-def _utf8(path: str | Path) -> bool:
-    try:
-        os.fspath(path).encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _what_it_is(path: Path) -> str:
