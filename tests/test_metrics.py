@@ -233,6 +233,24 @@ def test_stats_save_load_and_gather(tmp_path):
         M.FrechetStats().update(np.full((2, 3), np.nan))
 
 
+def test_metrics_on_no_pixels_no_images_and_odd_values():
+    # PSNR and flicker of 0x0 images were NaN; SSIM of an empty batch an IndexError inside torchmetrics
+    with pytest.raises(EvalError, match=r"images shaped \(1, 3, 0, 0\) have no pixels"):
+        M.psnr(torch.rand(1, 3, 0, 0), torch.rand(1, 3, 0, 0))
+    with pytest.raises(EvalError, match="have no pixels"):
+        M.flicker_score(torch.rand(3, 3, 0, 4), torch.rand(3, 3, 0, 4))
+    assert M.ssim(torch.rand(0, 3, 16, 16), torch.rand(0, 3, 16, 16)).shape == (0,)
+    # mean_ci: values that are no numbers named (raw numpy errors), a tensor that requires grad averaged
+    for values in (["a"], [[1.0, 2.0], [3.0]], {"a": 1}):
+        with pytest.raises(EvalError, match="mean_ci takes a sequence of numbers"):
+            M.mean_ci(values)
+    assert M.mean_ci(torch.tensor([1.0, 2.0, 3.0], requires_grad=True)).mean == pytest.approx(2.0)
+    # numpy scalars are numbers (np.float32 is no float subclass: "must be ... got np.float32(0.9)")
+    assert M.mean_ci([1.0, 2.0, 3.0], confidence=np.float32(0.9)).confidence == pytest.approx(0.9)
+    assert M.psnr(torch.full((1, 3, 4, 4), 0.5), torch.full((1, 3, 4, 4), 0.25), data_range=np.float32(1.0)).item() \
+        == pytest.approx(12.04, abs=0.01)
+
+
 def test_stats_files_round_trip_empty_and_take_paths_as_save_decoder_does(tmp_path, monkeypatch):
     # empty statistics were saved as object arrays that load could not read ("write it again" gave the same file)
     empty = M.FrechetStats.load(M.FrechetStats().save(tmp_path / "empty.npz"))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import warnings
 import zipfile
@@ -51,7 +52,7 @@ VIF_NOISE_VARIANCE = 2.0
 
 # ----------------------------------------------------------------------------- per-image metrics
 def _check_pair(pred: torch.Tensor, target: torch.Tensor, data_range: float = 1.0, metric: str = "the metric") -> None:
-    if isinstance(data_range, bool) or not isinstance(data_range, (int, float)) or not 0 < data_range < math.inf:
+    if isinstance(data_range, bool) or not isinstance(data_range, numbers.Real) or not 0 < data_range < math.inf:
         raise EvalError(f"data_range is the pixels' full scale (1.0 for [0, 1], 255 for 8-bit), got {data_range!r}")
     for images in (pred, target):  # 0-255 or [-1, 1] images scored against data_range 1 gave wrong numbers
         check_pixel_range(images, metric, data_range)
@@ -62,6 +63,8 @@ def _check_pair(pred: torch.Tensor, target: torch.Tensor, data_range: float = 1.
         )
     if pred.ndim != 4 or pred.shape[1] != 3:
         raise EvalError(f"expected RGB images shaped (N, 3, H, W), got {tuple(pred.shape)}")
+    if 0 in pred.shape[-2:]:  # PSNR of no pixels was NaN, a score with nothing behind it
+        raise EvalError(f"images shaped {tuple(pred.shape)} have no pixels to compare")
 
 
 def psnr(pred: torch.Tensor, target: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
@@ -85,6 +88,8 @@ def ssim(pred: torch.Tensor, target: torch.Tensor, data_range: float = 1.0) -> t
     from torchmetrics.functional.image import structural_similarity_index_measure
 
     _check_pair(pred, target, data_range, "SSIM")
+    if pred.shape[0] == 0:  # as psnr: no images, no scores (torchmetrics raised IndexError)
+        return torch.zeros(0)
     pad = (SSIM_KERNEL - 1) // 2
     if min(pred.shape[-2:]) <= 2 * pad:
         raise EvalError(f"SSIM needs images larger than {2 * pad} px per side, got {tuple(pred.shape[-2:])}")
@@ -269,10 +274,15 @@ def mean_ci(values: Any, confidence: float = 0.95) -> MeanCI:
     """
     from scipy import stats
 
-    if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not 0 < confidence < 1:
+    if isinstance(confidence, bool) or not isinstance(confidence, numbers.Real) or not 0 < confidence < 1:
         # 95 (a percentage) gave a NaN interval that printed as none at all
         raise EvalError(f"confidence must be a fraction between 0 and 1 (0.95 for 95%), got {confidence!r}")
-    x = np.asarray(values, dtype=np.float64).ravel()
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu()
+    try:
+        x = np.asarray(values, dtype=np.float64).ravel()
+    except (TypeError, ValueError) as e:  # ["a"], a ragged list, a dict
+        raise EvalError(f"mean_ci takes a sequence of numbers, got {type(values).__name__} ({e})") from e
     if x.size == 0:
         raise EvalError("no values to average")
     if not np.isfinite(x).all():
@@ -359,6 +369,8 @@ def _check_clips(decoded: torch.Tensor, original: torch.Tensor, metric: str) -> 
         raise EvalError(f"expected two clips shaped (T, 3, H, W), got {tuple(decoded.shape)} and {tuple(original.shape)}")
     if decoded.shape[0] < 2:
         raise EvalError(f"{metric} needs at least 2 frames")
+    if 0 in decoded.shape[-2:]:  # the mean over no pixels was NaN
+        raise EvalError(f"{metric}: frames shaped {tuple(decoded.shape[1:])} have no pixels")
 
 
 def frame_diff(decoded: torch.Tensor, original: torch.Tensor) -> list[float]:
