@@ -262,12 +262,23 @@ def test_stats_files_round_trip_empty_and_take_paths_as_save_decoder_does(tmp_pa
     assert M.FrechetStats.load("~/stats/s.npz").count == 16
     with pytest.raises(TypeError, match="FrechetStats.load's path must be a path"):
         M.FrechetStats.load(5)
+    assert M.FrechetStats.load(M.FrechetStats(3).save(tmp_path / "d3.npz")).dim == 3  # it came back with None
+    # numpy's and AttributeError's messages before
+    for bad in (-1, "3", 2.5, True):
+        with pytest.raises(EvalError, match="dim is the feature count"):
+            M.FrechetStats(bad)
+    with pytest.raises(EvalError, match="features must be an \\(N, D\\) array of numbers, got str"):
+        M.FrechetStats().update("abc")
+    for call in ("merge", "frechet_distance"):
+        with pytest.raises(EvalError, match=f"FrechetStats.{call} takes another FrechetStats, got NoneType"):
+            getattr(M.FrechetStats(), call)(None)
 
 
 @pytest.mark.parametrize("damage, problem", [
     ("truncated", "cannot read Frechet statistics from"), ("text", "cannot read Frechet statistics from"),
     ("missing", "cannot read Frechet statistics from"), ("no m2", "cannot read Frechet statistics from"),
     ("m2 not square", "holds no Frechet statistics"), ("float count", "holds no Frechet statistics"),
+    ("nan mean", "holds no Frechet statistics"),  # loaded, and every distance from it was NaN
 ])
 def test_damaged_stats_files_are_named(tmp_path, damage, problem):
     path = _stream(_features(7, 16, dim=4)).save(tmp_path / "stats.npz")
@@ -281,6 +292,8 @@ def test_damaged_stats_files_are_named(tmp_path, damage, problem):
         np.savez(path, count=16, mean=np.zeros(4))
     elif damage == "m2 not square":  # loaded, then failed in sqrtm far from the file
         np.savez(path, count=16, mean=np.zeros(4), m2=np.zeros((4, 3)))
+    elif damage == "nan mean":
+        np.savez(path, count=16, mean=np.array([np.nan, 0, 0, 0]), m2=np.eye(4))
     else:
         np.savez(path, count=16.5, mean=np.zeros(4), m2=np.zeros((4, 4)))
     with pytest.raises(EvalError, match=problem) as info:

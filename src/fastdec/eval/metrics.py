@@ -485,6 +485,8 @@ class FrechetStats:
     """
 
     def __init__(self, dim: int | None = None):
+        if dim is not None and (isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or dim < 1):
+            raise EvalError(f"FrechetStats' dim is the feature count, a whole number >= 1 (or None), got {dim!r}")
         self.count = 0
         self.mean: np.ndarray | None = None if dim is None else np.zeros(dim)
         self.m2: np.ndarray | None = None if dim is None else np.zeros((dim, dim))
@@ -511,7 +513,11 @@ class FrechetStats:
 
     def update(self, features: torch.Tensor | np.ndarray) -> "FrechetStats":
         """Add a batch of features (N, D)."""
-        x = features.detach().cpu().double().numpy() if isinstance(features, torch.Tensor) else np.asarray(features, np.float64)
+        try:
+            x = features.detach().cpu().double().numpy() if isinstance(features, torch.Tensor) \
+                else np.asarray(features, np.float64)
+        except (TypeError, ValueError) as e:  # "abc", ragged lists
+            raise EvalError(f"features must be an (N, D) array of numbers, got {type(features).__name__} ({e})") from e
         if x.ndim != 2:
             raise EvalError(f"features must be (N, D), got shape {x.shape}")
         if not np.isfinite(x).all():
@@ -524,6 +530,7 @@ class FrechetStats:
 
     def merge(self, other: "FrechetStats") -> "FrechetStats":
         """Fold another shard's statistics into these (in place); returns self."""
+        _check_stats(other, "merge")
         if other.count:
             self._combine(other.count, other.mean, other.m2)
         return self
@@ -535,6 +542,7 @@ class FrechetStats:
         return self.m2 / (self.count - 1)
 
     def frechet_distance(self, other: "FrechetStats", eps: float = 1e-6) -> float:
+        _check_stats(other, "frechet_distance")
         return frechet_distance(self.mean, self.covariance, other.mean, other.covariance, eps=eps)
 
     def state_dict(self) -> dict[str, Any]:
@@ -542,7 +550,8 @@ class FrechetStats:
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> "FrechetStats":
-        stats = cls()
+        mean = state.get("mean")
+        stats = cls(len(mean)) if mean is not None and len(mean) else cls()  # FrechetStats(3) comes back with dim 3
         if state["count"]:
             stats._combine(int(state["count"]), np.asarray(state["mean"], np.float64), np.asarray(state["m2"], np.float64))
         return stats
@@ -565,9 +574,11 @@ class FrechetStats:
                             "FrechetStats.save wrote (count, mean, m2); write it again") from e
         count, mean, m2 = state["count"], state["mean"], state["m2"]
         if count.shape != () or not np.issubdtype(count.dtype, np.integer) or count < 0 \
-                or mean.ndim != 1 or m2.shape != (mean.size, mean.size):
+                or mean.ndim != 1 or m2.shape != (mean.size, mean.size) \
+                or not (np.issubdtype(mean.dtype, np.floating) and np.isfinite(mean).all() and np.isfinite(m2).all()):
             raise EvalError(f"'{path}' holds no Frechet statistics: count {count.shape} {count.dtype}, mean "
-                            f"{mean.shape}, m2 {m2.shape} (expected a count, a (D,) mean and a (D, D) m2)")
+                            f"{mean.shape} {mean.dtype}, m2 {m2.shape} (expected a count, a finite (D,) mean and "
+                            "(D, D) m2)")
         return cls.from_state_dict({"count": int(count), "mean": mean, "m2": m2})
 
     def gather(self, accelerator: Any) -> "FrechetStats":
@@ -579,6 +590,11 @@ class FrechetStats:
         for shard in shards:
             total.merge(FrechetStats.from_state_dict(shard))
         return total
+
+
+def _check_stats(other: Any, doing: str) -> None:
+    if not isinstance(other, FrechetStats):  # an AttributeError on .count before
+        raise EvalError(f"FrechetStats.{doing} takes another FrechetStats, got {type(other).__name__}")
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6) -> float:
