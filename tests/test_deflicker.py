@@ -160,6 +160,9 @@ def test_eval_video_refuses_a_deflicker_that_holds_nothing(tmp_path):
     with pytest.raises(ValueError, match="deflicker strength 0 holds nothing, so each NAME\\+deflicker row would equal"):
         evaluate_video(tmp_path / "videos", ["flux2-turbo"], teacher="t.pth", out=tmp_path / "out",
                        deflicker=DeflickerSettings(strength=0))
+    # "no" is truthy: tOF was computed, and the report said tof_enabled 'no'
+    with pytest.raises(TypeError, match="evaluate_video's tof must be True or False, got 'no'"):
+        evaluate_video(tmp_path / "videos", ["flux2-turbo"], teacher="t.pth", out=tmp_path / "out", tof="no")
     assert not (tmp_path / "out").exists()
 
 

@@ -423,6 +423,15 @@ def test_tiling_decodes_like_decode_tiled(sd_fast):
     with torch.no_grad():
         expected = decode_tiled(sd_fast.decoder, raw * 0.18215, tile=8, overlap=2) * 2 - 1
     torch.testing.assert_close(tiled, expected, atol=1e-5, rtol=0)
+    # int("abc") raised, 64.9 was cut to 64, 0 failed at the first decode
+    for tile_size in ("abc", None, 64.9, 0):
+        with pytest.raises(ValueError, match="tile_size must be a whole number >= 1"):
+            sd_fast.enable_tiling(tile_size=tile_size)
+    with pytest.raises(ValueError, match="overlap must be a whole number >= 0"):
+        sd_fast.enable_tiling(tile_size=8, overlap=-1)
+    assert not sd_fast.use_tiling
+    with pytest.raises(TypeError, match="FastVAE.encode takes images as a torch.Tensor"):  # AttributeError before
+        sd_fast.encode(np.zeros((1, 3, 32, 32), np.float32))
 
 
 @pytest.mark.parametrize(

@@ -29,7 +29,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.autoencoders.vae import DecoderOutput
 from diffusers.utils.accelerate_utils import apply_forward_hook
 
-from .errors import InputTypeError, PipelineError, PipelineStateError, check_count, check_flags
+from .errors import InputTypeError, PipelineError, PipelineStateError, UsageError, check_count, check_flags
 from .io.files import atomic_write, prepare_output_dir
 from .io.images import to_uint8
 from .resolve import resolve_decoder, resolve_in_space
@@ -302,8 +302,12 @@ class FastVAE(ModelMixin, AutoencoderMixin, ConfigMixin):
             raise PipelineError(
                 "tiling is for image decoders; a video decoder decodes whole frames: lower decode_chunk_size instead"
             )
+        if tile_size is None:  # check_count reads None as "not given"; a tile needs a size
+            raise UsageError("tile_size must be a whole number >= 1, got None")
+        check_count("tile_size", tile_size)  # int("abc") raised, 64.9 became 64, and 0 failed at the first decode
+        check_count("overlap", overlap, minimum=0)
         self.use_tiling = True
-        self.tile_size = int(tile_size)
+        self.tile_size = tile_size
         self.tile_overlap = overlap
 
     def enable_slicing(self) -> None:
@@ -333,6 +337,8 @@ class FastVAE(ModelMixin, AutoencoderMixin, ConfigMixin):
                 "this FastVAE has no encoder (made with keep_encoder=False), but the pipeline needs vae.encode "
                 "(img2img, inpainting, SVD image conditioning): swap with keep_encoder=True"
             )
+        if not isinstance(x, torch.Tensor):  # an AttributeError on .to before
+            raise InputTypeError(f"FastVAE.encode takes images as a torch.Tensor (N, 3, H, W), got {type(x).__name__}")
         reference = next(iter(self.encoder_vae.parameters()))
         return self.encoder_vae.encode(x.to(device=reference.device, dtype=reference.dtype), return_dict=return_dict)
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from ..devices import check_device
 from ..errors import (DataError, EvalError, LatentFileError, MetricUnavailable, NonFiniteOutputError, UsageError,
-                      VideoError, check_count)
+                      VideoError, check_count, check_flags)
 from ..io.files import display_name, drop_excluded, output_folder
 from ..io.images import IMAGE_SUFFIXES, list_images, load_image
 from ..io.latents import LATENT_SUFFIXES, check_latent, read_latents
@@ -827,6 +827,7 @@ def evaluate_video(
     ``exclude``: names of videos or frame folders under ``data`` to leave out (e.g. the training clips).
     """
     _check_video_options(teacher, frames, resolution, limit, clip_frames, batch_size)
+    check_flags("evaluate_video", tof=tof)  # "no" is truthy: tOF was computed and the report said tof_enabled 'no'
     if clip_frames is not None and not fvd_extractor:  # it was dropped with no note: only FVD cuts clips
         raise UsageError("--clip-frames sets the FVD window, and no --fvd-extractor is given: add one, or drop "
                          "--clip-frames")
