@@ -97,8 +97,11 @@ def test_parse_dtype_is_the_one_vocabulary():
     assert parse_dtype("fp16") is torch.float16 and parse_dtype("bf16") is torch.bfloat16 and parse_dtype(None) is None
     with pytest.raises(UsageError, match="fp32, fp16, bf16"):
         parse_dtype("fp8")
+    decoder = tiny_decoder("tae-64", "sdxl").train()
     with pytest.raises(UsageError, match="fp8"):
-        optimize(tiny_decoder("tae-64", "sdxl"), compile=False, dtype="fp8")
+        optimize(decoder, compile=False, dtype="fp8")
+    # refused before any change: the decoder was left frozen in eval mode
+    assert decoder.training and all(p.requires_grad for p in decoder.parameters())
 
 
 class _CountingCompile:

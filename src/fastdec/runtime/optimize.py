@@ -219,8 +219,8 @@ def optimize(
         raise UsageError("an OnnxDecoder already runs in onnxruntime: optimize the torch decoder it was exported from")
     check_flags("optimize", channels_last=channels_last, compile=compile)
     _check_compile_kwargs(compile, compile_kwargs)
+    torch_dtype = parse_dtype(dtype)  # before any change: 'fp8' failed with the decoder already frozen in eval mode
     decoder.eval().requires_grad_(False)
-    torch_dtype = parse_dtype(dtype)
     if torch_dtype is not None:
         decoder.to(torch_dtype)
     if channels_last:
