@@ -97,6 +97,21 @@ def test_an_onnx_decoder_is_not_exported_or_optimized_again(exported, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_dtype_and_device_moves_are_refused_not_ignored(exported):
+    """.half() and .to(bfloat16) changed nothing (no parameters to convert): the output stayed fp32, no word."""
+    import fastdec
+
+    onnx_decoder = OnnxDecoder(exported[1])
+    assert onnx_decoder.to("cpu") is onnx_decoder and onnx_decoder.float() is onnx_decoder
+    for move in (onnx_decoder.half, onnx_decoder.bfloat16, lambda: onnx_decoder.to(torch.float16),
+                 lambda: fastdec.resolve_decoder(onnx_decoder, dtype="fp16")):
+        with pytest.raises(UsageError, match="graph runs in float32, fixed at export, not"):
+            move()
+    with pytest.raises(UsageError, match="runs where its onnxruntime providers run"):
+        onnx_decoder.to("meta")
+    assert onnx_decoder.dtype == torch.float32
+
+
 def test_one_provider_may_be_named_as_a_string(exported):
     # list("CPUExecutionProvider") asked onnxruntime for providers 'C', 'P', 'U', ...
     assert OnnxDecoder(exported[1], providers="CPUExecutionProvider").providers == ["CPUExecutionProvider"]

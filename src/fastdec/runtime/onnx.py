@@ -358,6 +358,34 @@ class OnnxDecoder(LatentDecoder):
     def config_dict(self) -> dict:
         return dict(vars(self.config))
 
+    # the graph's dtype was fixed at export and it has no parameters to convert: .half() and .to(bf16) changed
+    # nothing, and the output stayed fp32 with no word
+    def to(self, *args: Any, **kwargs: Any) -> "OnnxDecoder":
+        device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
+        self._refuse_move(dtype, device)
+        return self
+
+    def half(self) -> "OnnxDecoder":
+        return self.to(torch.float16)
+
+    def bfloat16(self) -> "OnnxDecoder":
+        return self.to(torch.bfloat16)
+
+    def float(self) -> "OnnxDecoder":
+        return self.to(torch.float32)
+
+    def double(self) -> "OnnxDecoder":
+        return self.to(torch.float64)
+
+    def _refuse_move(self, dtype: torch.dtype | None, device: torch.device | None) -> None:
+        if dtype is not None and dtype != self._dtype:
+            raise UsageError(f"this OnnxDecoder's graph runs in {str(self._dtype).removeprefix('torch.')}, fixed "
+                             f"at export, not {str(dtype).removeprefix('torch.')}: export the torch decoder in the "
+                             "dtype to run (fp32 or fp16)")
+        if device is not None and torch.device(device).type != "cpu":
+            raise UsageError("an OnnxDecoder runs where its onnxruntime providers run (providers=[...]), not on a "
+                             f"torch device: got {device}")
+
     def decode_layers(self, z: torch.Tensor) -> torch.Tensor:
         (images,) = self.session.run(None, {self.input_name: z.detach().contiguous().numpy()})
         return torch.from_numpy(images)
