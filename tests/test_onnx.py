@@ -112,6 +112,16 @@ def test_dtype_and_device_moves_are_refused_not_ignored(exported):
     assert onnx_decoder.dtype == torch.float32
 
 
+def test_session_settings_are_checked(exported):
+    # pybind's TypeError for "x" and 2.5, -1 taken, and providers=5 called the model file truncated or corrupt
+    for threads in ("x", 2.5, -1, 0):
+        with pytest.raises(UsageError, match="intra_op_threads must be a whole number >= 1"):
+            OnnxDecoder(exported[1], intra_op_threads=threads)
+    for providers in (5, [5], ["CPUExecutionProvider", None]):
+        with pytest.raises(TypeError, match="providers is a list of onnxruntime provider names"):
+            OnnxDecoder(exported[1], providers=providers)
+
+
 def test_one_provider_may_be_named_as_a_string(exported):
     # list("CPUExecutionProvider") asked onnxruntime for providers 'C', 'P', 'U', ...
     assert OnnxDecoder(exported[1], providers="CPUExecutionProvider").providers == ["CPUExecutionProvider"]

@@ -32,7 +32,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn as nn
 
-from ..errors import CheckpointError, InputTypeError, OnnxExportError, UsageError
+from ..errors import CheckpointError, InputTypeError, OnnxExportError, UsageError, check_count
 from ..io.files import as_path, atomic_write, check_output_file
 from ..latent_spaces import LatentSpace
 from ..models.base import LatentDecoder
@@ -265,6 +265,12 @@ def _default_providers() -> list[str]:
 def _session(path: Path, providers: Sequence[str] | None, intra_op_threads: int | None) -> Any:
     import onnxruntime as ort
 
+    check_count("intra_op_threads", intra_op_threads)  # "x" and 2.5 met pybind's TypeError, -1 was taken
+    if isinstance(providers, str):  # list("CPUExecutionProvider") asked for providers 'C', 'P', 'U', ...
+        providers = [providers]
+    if providers is not None and not (isinstance(providers, Sequence) and all(isinstance(p, str) for p in providers)):
+        raise InputTypeError(f"providers is a list of onnxruntime provider names (e.g. ['CPUExecutionProvider']), "
+                             f"got {providers!r}")  # it was called a truncated or corrupt model
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     # same thread count torch uses (respects OMP_NUM_THREADS / torch.set_num_threads); one op at a time
@@ -273,8 +279,6 @@ def _session(path: Path, providers: Sequence[str] | None, intra_op_threads: int 
     # idle workers sleep instead of spinning: spinning threads starve torch and other processes on shared CPUs
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
-        if isinstance(providers, str):  # list("CPUExecutionProvider") asked for providers 'C', 'P', 'U', ...
-            providers = [providers]
         return ort.InferenceSession(str(path), options, providers=list(providers or _default_providers()))
     except Exception as e:  # onnxruntime's own error types (InvalidProtobuf, InvalidArgument, ...)
         if "provider" in str(e).lower():
