@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -42,12 +43,22 @@ def test_latents_mean_std_from_vae_config():
     assert torch.allclose(space.vae_to_decoder(space.decoder_to_vae(z)), z, atol=1e-5)
 
 
+def test_vae_config_statistics_may_be_arrays_and_numpy_numbers():
+    space = get_latent_space("sdxl").with_vae_config(
+        {"latents_mean": np.zeros(4), "latents_std": torch.ones(4), "scaling_factor": np.float32(0.5)})
+    assert space.latents_mean == (0.0,) * 4 and space.latents_std == (1.0,) * 4 and space.scaling_factor == 0.5
+    assert type(space.scaling_factor) is float
+
+
 @pytest.mark.parametrize("config, problem", [
-    ({"scaling_factor": 0}, "'scaling_factor' is 0.0: it must be > 0"),
+    ({"scaling_factor": 0}, "'scaling_factor' is 0: it must be > 0"),
     ({"scaling_factor": float("nan")}, "'scaling_factor' is nan"),
     ({"latents_mean": [0.0] * 3, "latents_std": [1.0] * 3}, "one number per channel \\(4\\)"),
     ({"latents_mean": [0.0] * 4, "latents_std": [1.0, 1.0, 0.0, 1.0]}, "standard deviations are > 0"),
-    ({"shift_factor": "abc"}, "could not convert"),
+    ({"shift_factor": "abc"}, "'shift_factor' is 'abc': it must be a finite number"),
+    # float() read these as numbers: True as 1.0, the string "1234" as the statistics (1, 2, 3, 4)
+    ({"scaling_factor": True}, "'scaling_factor' is True: it must be a finite number"),
+    ({"latents_mean": "1234", "latents_std": "1111"}, "'latents_mean' is '1234': it must list one number per channel"),
 ])
 def test_a_vae_config_that_describes_no_usable_latents_is_refused(config, problem):
     # taken as given, a scaling factor of 0 divided latents by zero and 3 statistics broadcast wrongly

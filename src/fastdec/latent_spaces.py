@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -150,16 +151,15 @@ class LatentSpace:
             raise LatentSpaceError(f"the VAE config does not describe usable '{self.name}' latents: {e}") from e
 
     def _with_vae_values(self, config: Mapping[str, Any]) -> "LatentSpace":
-        changes: dict[str, Any] = {}
+        # the values go in as given, for __post_init__'s checks: float() read True as 1.0 and the string "1234"
+        # as the statistics (1, 2, 3, 4)
+        keys = ("latents_mean", "latents_std", "batch_norm_eps")
         if self.name != "flux2":  # FLUX.2 decoders take raw latents: its scaling_factor is not applied
-            for key in ("scaling_factor", "shift_factor"):
-                if config.get(key) is not None:
-                    changes[key] = float(config[key])
+            keys = ("scaling_factor", "shift_factor", *keys)
+        changes = {key: config[key] for key in keys if config.get(key) is not None}
         for key in ("latents_mean", "latents_std"):
-            if config.get(key) is not None:
-                changes[key] = tuple(float(v) for v in config[key])
-        if config.get("batch_norm_eps") is not None:
-            changes["batch_norm_eps"] = float(config["batch_norm_eps"])
+            if hasattr(changes.get(key), "tolist"):  # a numpy array or tensor of statistics
+                changes[key] = changes[key].tolist()
         return dataclasses.replace(self, **changes) if changes else self
 
     def to_dict(self) -> dict:
@@ -238,7 +238,7 @@ def _check_space_name(name: Any) -> str:
 
 def _number(key: str, value: Any, condition: str = "") -> float:
     """``value`` as a finite float (ints accepted, bools and text refused), naming ``key``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise LatentSpaceError(f"latent space field '{key}' is {value!r}: it must be a finite number{condition}")
     return float(value)
 
@@ -257,10 +257,10 @@ def _statistics(key: str, value: Any, channels: Any) -> tuple[float, ...] | None
         raise LatentSpaceError(f"latent space field '{key}' is {value!r}: it must list one number per channel "
                                f"({channels}), or be null")
     positive = key == "latents_std"
-    numbers = tuple(_number(f"{key}[{i}]", v, " > 0" if positive else "") for i, v in enumerate(value))
-    if positive and any(v <= 0 for v in numbers):
-        raise LatentSpaceError(f"latent space field '{key}' holds {min(numbers)}: standard deviations are > 0")
-    return numbers
+    stats = tuple(_number(f"{key}[{i}]", v, " > 0" if positive else "") for i, v in enumerate(value))
+    if positive and any(v <= 0 for v in stats):
+        raise LatentSpaceError(f"latent space field '{key}' holds {min(stats)}: standard deviations are > 0")
+    return stats
 
 
 def _positive(key: str, value: Any) -> float:
