@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -152,6 +153,14 @@ def test_decode_video_refuses_bad_deflicker_settings_before_decoding(tmp_path, c
                  "--deflicker-strength", "0"]) == 2
     assert "--deflicker-strength 0 holds nothing" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_settings_take_numpy_numbers_as_plain_floats():
+    # np.float32(0.5) is no float subclass: "must be in [0, 1) ... got np.float32(0.5)"
+    settings = DeflickerSettings(strength=np.float32(0.5), threshold=np.float64(0.05))
+    assert type(settings.strength) is float and settings.strength == 0.5 and type(settings.threshold) is float
+    frames = torch.rand(3, 3, 8, 8)
+    torch.testing.assert_close(deflicker(frames, settings), deflicker(frames, DeflickerSettings(0.5, 0.05)))
 
 
 def test_eval_video_refuses_a_deflicker_that_holds_nothing(tmp_path):

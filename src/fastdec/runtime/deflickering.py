@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -40,7 +41,8 @@ MIN_THRESHOLD = 1e-6
 
 
 def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    # numbers.Real: np.float32(0.5) is no float subclass, and was refused as out of range
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,9 @@ class DeflickerSettings:
         if not (isinstance(self.window, int) and not isinstance(self.window, bool) and self.window >= 1
                 and self.window % 2 == 1):
             raise UsageError(f"deflicker window must be an odd number of pixels, got {self.window!r}")
+        # plain floats: a numpy scalar times a tensor is a numpy object, and report.json could not hold one
+        object.__setattr__(self, "strength", float(self.strength))
+        object.__setattr__(self, "threshold", float(self.threshold))
 
 
 class Deflicker:
