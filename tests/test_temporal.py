@@ -136,6 +136,23 @@ def test_stream_state_is_one_frame_per_block_and_resets():
         assert torch.equal(stream.push(z[:, :1]), first)
 
 
+def test_a_stream_follows_its_decoder_to_another_dtype():
+    """A .bfloat16() between pushes met the fp32 features: torch's "expected scalar type" error."""
+    torch.manual_seed(0)
+    decoder = _randomise_memory(_tiny_causal(), 0.05)
+    z = torch.randn(1, 4, 4, 3, 4)
+    with torch.no_grad():
+        reference = decoder(z)
+        stream = decoder.stream()
+        first = stream.push(z[:, :2])
+        rest = decoder.bfloat16() and stream.push(z[:, 2:])
+    assert rest.dtype == torch.bfloat16 and all(s.dtype == torch.bfloat16 for s in stream.state)
+    # bf16 keeps 8 bits of mantissa (~0.4% per rounding); a few layers of it on [0, 1] RGB stay within 0.05,
+    # while a stream that lost its features is far further off (test_streaming_equals_parallel)
+    torch.testing.assert_close(rest.float(), reference[:, 2:], atol=0.05, rtol=0)
+    torch.testing.assert_close(first, reference[:, :2], atol=FP32_ATOL, rtol=0)
+
+
 def test_stream_rejects_bad_pushes():
     stream = _tiny_causal().stream()
     with torch.no_grad():

@@ -152,6 +152,10 @@ class CausalStream:
         self._check_continues(z)
         if self.decoder.is_empty(z):  # no frames (or no clips): nothing to decode, the state stays as it is
             return self.decoder.empty_output(z)
+        if self.state and (self.state[0].dtype, self.state[0].device) != (z.dtype, z.device):
+            # the decoder was moved (.half(), .to(device)) mid-stream: the features held move with it (the conv
+            # met fp32 features with fp16 weights and failed; .double() mixed dtypes silently)
+            self.state = [s.to(device=z.device, dtype=z.dtype) for s in self.state]
         out, self.state = self._run_frames(z, self.state)
         self._clips, self._frame_size = z.shape[0], z.shape[-2:]
         self.frames_decoded += z.shape[1]
