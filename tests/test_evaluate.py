@@ -19,6 +19,7 @@ from fastdec.eval import metrics as M
 from fastdec.eval.run import EvalDecoder, decode_frames, evaluate_images, evaluate_video
 from fastdec.io.checkpoints import save_decoder
 from fastdec.resolve import load_decoder, load_encoder
+from fastdec.models import create_decoder
 
 
 @pytest.fixture(scope="module")
@@ -220,6 +221,18 @@ def test_a_nan_decoder_is_an_error_never_a_score(tiny_images, latents, tiny_deco
     assert not any(out.glob("*")), "no report (nor part of one) is written"
     with pytest.raises(NonFiniteOutputError, match="broken"):
         evaluate_images(tiny_images, [str(nan_decoder)], latents=latents)
+
+
+def test_one_decoder_or_exclude_may_be_given_as_a_string(tiny_images, tiny_decoder, latents):
+    # the string's letters were the decoders ("'f' is not a decoder file") and the names left out
+    one = evaluate_images(tiny_images, str(tiny_decoder), latents=latents, grid=0)
+    assert list(one["decoders"]) == ["tiny"]
+    assert evaluate_images(tiny_images, [tiny_decoder], latents=latents, grid=0, limit=1)["count"] == 1  # a Path
+    for bad in (None, [create_decoder("tae-64", "sd15")], 5):
+        with pytest.raises(TypeError, match="decoders is a list of specs"):
+            evaluate_images(tiny_images, bad, latents=latents)
+    with pytest.raises(DataError, match="--exclude names clip1, which is not in"):  # its letters: "1, c, i, l, p"
+        evaluate_video(tiny_images, [str(tiny_decoder)], teacher="t.pth", exclude="clip1")
 
 
 def test_a_file_name_that_is_not_utf8_is_reported_escaped(tmp_path, taef2_encoder_path, make_decoder, capsys):

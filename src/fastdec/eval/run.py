@@ -9,6 +9,7 @@ how an input becomes (original, latents), what one score row holds, the Fréchet
 from __future__ import annotations
 
 import math
+import os
 import sys
 import zlib
 from dataclasses import asdict, dataclass, field
@@ -21,8 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from ..devices import check_device
-from ..errors import (DataError, EvalError, LatentFileError, MetricUnavailable, NonFiniteOutputError, UsageError,
-                      VideoError, check_count, check_flags)
+from ..errors import (DataError, EvalError, InputTypeError, LatentFileError, MetricUnavailable, NonFiniteOutputError,
+                      UsageError, VideoError, check_count, check_flags)
 from ..io.files import display_name, drop_excluded, output_folder
 from ..io.images import IMAGE_SUFFIXES, list_images, load_image
 from ..io.latents import LATENT_SUFFIXES, check_latent, read_latents
@@ -77,6 +78,17 @@ class EvalDecoder:
 
 
 DEFLICKER_SUFFIX = "+deflicker"  # report name of a decoder's deflickered decode (--deflicker)
+
+
+def decoder_specs(decoders: Any) -> list[str]:
+    """The decoders to evaluate as a list of specs: one spec alone is a list of one ("flux2-turbo" was read as the
+    decoders 'f', 'l', 'u', ...), paths become strings, anything else is named."""
+    if isinstance(decoders, (str, os.PathLike)):
+        decoders = [decoders]
+    if not isinstance(decoders, (list, tuple)) or not all(isinstance(d, (str, os.PathLike)) for d in decoders):
+        raise InputTypeError(f"decoders is a list of specs (pretrained names, checkpoint paths, Hub ids or "
+                             f"'teacher'), got {decoders!r}")
+    return [os.fspath(d) for d in decoders]
 
 
 def decoder_names(sources: Sequence[str]) -> list[str]:
@@ -634,6 +646,7 @@ def evaluate_images(
     ``vs_baseline``: paired per-image differences against it.
     """
     _check_image_options(teacher, latents, resolution, limit, grid)
+    decoders = decoder_specs(decoders)
     if lpips_weights and not Path(lpips_weights).expanduser().is_file():  # a typo: an error, not an omitted metric
         raise EvalError(f"--lpips-weights '{lpips_weights}' is not a file: pass a local torchvision {lpips_net} "
                         "state dict")
@@ -827,6 +840,7 @@ def evaluate_video(
     ``exclude``: names of videos or frame folders under ``data`` to leave out (e.g. the training clips).
     """
     _check_video_options(teacher, frames, resolution, limit, clip_frames, batch_size)
+    decoders = decoder_specs(decoders)
     check_flags("evaluate_video", tof=tof)  # "no" is truthy: tOF was computed and the report said tof_enabled 'no'
     if clip_frames is not None and not fvd_extractor:  # it was dropped with no note: only FVD cuts clips
         raise UsageError("--clip-frames sets the FVD window, and no --fvd-extractor is given: add one, or drop "

@@ -222,7 +222,10 @@ def check_output_file(path: str | os.PathLike, what: str = "output file") -> Pat
 def drop_excluded(candidates: list[Path], root: Path, exclude: Iterable[str]) -> list[Path]:
     """``candidates`` without the files or frame folders named in ``exclude`` (a name, or a path relative to
     ``root``): how held-out clips stay out of a training folder that also holds them. A name that matches
-    nothing is an error, so a typo cannot silently train on the held-out set."""
+    nothing is an error, so a typo cannot silently train on the held-out set. One string is a comma-separated
+    list, as ``--exclude`` takes it (its letters were the names: "--exclude names 1, c, i, l, p")."""
+    if isinstance(exclude, str):
+        exclude = exclude.split(",")
     exclude = {_relative_name(e.strip(), root) for e in exclude if e.strip()}
     if not exclude:
         return candidates
