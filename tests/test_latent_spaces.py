@@ -127,6 +127,20 @@ def test_patchify_names_shapes_that_do_not_fit():
         space.unpatchify([1.0])
 
 
+def test_conversions_name_latents_and_statistics_that_do_not_fit():
+    """Each was a raw broadcasting or view error (from PreviewCallback too, given the wrong latents)."""
+    flux2 = get_latent_space("flux2")
+    with pytest.raises(LatentSpaceError, match="running_mean holds one value per patchified channel \\(128.*got 64"):
+        flux2.bn_denormalize(torch.randn(1, 128, 2, 2), torch.zeros(64), torch.ones(128))
+    with pytest.raises(LatentSpaceError, match="running_var holds .* got ndarray"):
+        flux2.bn_normalize(torch.randn(1, 32, 4, 4), torch.zeros(128), np.ones(128))
+    with pytest.raises(LatentSpaceError, match="pipeline latents have 128 patchified channels, got 100"):
+        flux2.bn_denormalize(torch.randn(1, 100, 2, 2), torch.zeros(128), torch.ones(128))
+    sdxl = get_latent_space("sdxl").with_vae_config({"latents_mean": [0.0] * 4, "latents_std": [1.0] * 4})
+    with pytest.raises(LatentSpaceError, match="expects 4 latent channels \\(sdxl\\), got 16"):
+        sdxl.vae_to_decoder(torch.randn(1, 16, 2, 2))
+
+
 def test_serialisation_and_unknown_names():
     space = get_latent_space("sdxl").with_vae_config({"latents_mean": [0.0] * 4, "latents_std": [1.0] * 4})
     assert LatentSpace.from_dict(space.to_dict()) == space

@@ -62,6 +62,11 @@ class LatentSpace:
     def _stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         if self.latents_mean is None or self.latents_std is None:
             return None
+        if not isinstance(like, torch.Tensor) or like.ndim < 3 or like.shape[-3] != self.channels:
+            # the per-channel statistics met another channel count as a raw broadcasting error
+            got = like.shape[-3] if isinstance(like, torch.Tensor) and like.ndim >= 3 else like
+            raise LatentSpaceError(self.channel_mismatch_message(got) if isinstance(got, int) else
+                                   f"'{self.name}' converts latent tensors (..., C, h, w), got {type(like).__name__}")
         shape = [1] * like.ndim
         shape[-3] = self.channels
         dtype = like.dtype if like.is_floating_point() else torch.float32  # int latents truncated the statistics
@@ -112,11 +117,21 @@ class LatentSpace:
     def _bn_mean_std(self, like: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor):
         if self.batch_norm_eps is None:
             raise LatentSpaceError(f"latent space '{self.name}' has no batch-norm statistics")
+        packed = self.channels * self.patch_size ** 2
+        for name, stat in (("running_mean", running_mean), ("running_var", running_var)):
+            if not isinstance(stat, torch.Tensor) or stat.numel() != packed:  # a raw view/size error before
+                size = stat.numel() if isinstance(stat, torch.Tensor) else type(stat).__name__
+                raise LatentSpaceError(f"'{self.name}' batch-norm {name} holds one value per patchified channel "
+                                       f"({packed}, as the VAE's bn.{name}), got {size}")
         mean = running_mean.view(1, -1, 1, 1).to(like)
         return mean, torch.sqrt(running_var.view(1, -1, 1, 1).to(like) + self.batch_norm_eps)
 
     def bn_denormalize(self, x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor) -> torch.Tensor:
         """Pipeline-space FLUX.2 latents (patchified, normalised) -> raw VAE latents."""
+        _check_layout(x, "bn_denormalize", "(N, C*p*p, h, w) patchified latents")
+        if x.shape[1] != self.channels * self.patch_size ** 2:
+            raise LatentSpaceError(f"'{self.name}' pipeline latents have {self.channels * self.patch_size ** 2} "
+                                   f"patchified channels, got {x.shape[1]}")
         mean, std = self._bn_mean_std(x, running_mean, running_var)
         return self.unpatchify(x * std + mean)
 
