@@ -165,6 +165,9 @@ def test_other_refusals():
         grow(source_decoder(), "effvit-paper")
     with pytest.raises(InputTypeError, match="needs a TAE image decoder"):
         grow(fastdec.create_decoder("tae-causal-64", "sdxl"), "tae-64")
+    # an optimize()d TAE decoder reads as architecture 'tae': the refusal seemed to be of a TAE decoder
+    with pytest.raises(InputTypeError, match="got OptimizedDecoder 'tae'.*grow the torch decoder first"):
+        grow(fastdec.optimize(source_decoder(), compile=False), dict(width=8, stage_blocks=(1, 2, 1)))
     with pytest.raises(FastdecError, match=r"unknown fields \['bogus'\]; TAEConfig's are"):  # not TypeError
         grow(source_decoder(), dict(width=8, bogus=1))
 

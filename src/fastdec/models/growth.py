@@ -218,9 +218,13 @@ def _target_decoder(source: TAEDecoder, target: Any) -> TAEDecoder:
 
 def _check_source(decoder: Any) -> TAEDecoder:
     if type(decoder) is not TAEDecoder:
-        name = getattr(decoder, "architecture", None) or type(decoder).__name__
-        raise InputTypeError(f"grow needs a TAE image decoder (tae-64, TAEF2, a tae-* checkpoint), got '{name}'; "
-                             "for a video decoder, grow its image decoder and use from_image_decoder")
+        architecture = getattr(decoder, "architecture", None)
+        name = f"{type(decoder).__name__} '{architecture}'" if architecture else type(decoder).__name__
+        # an optimize()d or exported TAE decoder reads as architecture 'tae', which grow seemed to refuse
+        wrapped = "; an optimize()d or ONNX decoder: grow the torch decoder first, then optimize or export it" \
+            if type(decoder).__name__ in ("OptimizedDecoder", "OnnxDecoder") else ""
+        raise InputTypeError(f"grow needs a TAE image decoder (tae-64, TAEF2, a tae-* checkpoint), got {name}; "
+                             f"for a video decoder, grow its image decoder and use from_image_decoder{wrapped}")
     return decoder
 
 
