@@ -498,6 +498,22 @@ def test_preview_every_k_writes_pngs_and_leaves_sampling_alone(swapped, tmp_path
     assert files == ["step_0001_0.png", "step_0003_0.png"]
 
 
+def test_a_video_decoder_previews_an_image_pipeline_frame_by_frame():
+    """It failed at the first preview with "add a time dimension, e.g. z[None]", no advice inside a callback."""
+    from fastdec.models.causal import CausalTAEDecoder
+
+    image_decoder = pf.tiny_decoder("sd15", seed=3)
+    video_decoder = CausalTAEDecoder.from_image_decoder(image_decoder)  # starts equal to it
+    got = {}
+    z = torch.randn(2, 4, 4, 4)
+    for name, decoder in (("image", image_decoder), ("video", video_decoder)):
+        PreviewCallback(decoder, on_preview=lambda step, images, n=name: got.setdefault(n, images))(
+            None, 0, 0, {"latents": z})
+    assert len(got["video"]) == 2
+    for a, b in zip(got["image"], got["video"]):  # the same weights on the same latents, one frame per clip
+        assert np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).max() <= 1  # 8-bit rounding
+
+
 def test_preview_packed_latents_need_size_when_not_square(swapped):
     pipe, decoder, _ = swapped("flux1")
     previews = []

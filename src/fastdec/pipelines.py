@@ -628,7 +628,10 @@ class PreviewCallback:
             raise PipelineError(
                 "PreviewCallback needs the latents: pass callback_on_step_end_tensor_inputs=['latents'] to the pipeline"
             )
-        rgb = self.decoder(self.decoder_latents(pipe, latents))
+        z = self.decoder_latents(pipe, latents)
+        if self.decoder.is_video and z.ndim == 4:  # an image pipeline previewed by a video decoder: one-frame clips
+            z = z[:, None]  # (the decoder's "add a time dimension" was no advice inside a callback)
+        rgb = self.decoder(z)
         if rgb.ndim == 5:
             rgb = rgb.flatten(0, 1)
         images = _to_pil(rgb)
