@@ -9,6 +9,8 @@ that caught those keeps working.
 """
 from __future__ import annotations
 
+import numbers
+
 
 class FastdecError(Exception):
     """Root of every error fastdec raises on purpose."""
@@ -135,6 +137,12 @@ def check_flags(where: str, **flags: object) -> None:
     for name, value in flags.items():
         if not isinstance(value, bool):
             raise InputTypeError(f"{where}'s {name} must be True or False, got {value!r}")
+
+
+def is_number(value: object) -> bool:
+    """A real number that is no bool: numpy scalars count (np.float32 is no float subclass, and was refused as
+    out of range), True does not."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def check_count(flag: str, value: int | None, minimum: int = 1) -> None:

@@ -15,13 +15,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import numbers
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import torch
 
-from .errors import LatentSpaceError, UnknownNameError
+from .errors import LatentSpaceError, UnknownNameError, is_number
 
 
 @dataclass(frozen=True)
@@ -91,6 +90,11 @@ class LatentSpace:
         return z / self.scaling_factor + self.shift_factor
 
     # -- FLUX.2 batch-norm view ------------------------------------------------------
+    @property
+    def patchified_channels(self) -> int:
+        """Channels of the patchified layout (C * p * p): what FLUX.2's bn statistics and pipeline latents hold."""
+        return self.channels * self.patch_size ** 2
+
     def patchify(self, raw: torch.Tensor) -> torch.Tensor:
         """(N, C, h, w) -> (N, C*p*p, h/p, w/p), the layout FLUX.2's bn statistics refer to."""
         p = self.patch_size
@@ -108,7 +112,7 @@ class LatentSpace:
         n, cpp, h, w = x.shape
         if cpp % (p * p):
             raise LatentSpaceError(f"'{self.name}' unpatchifies {p}x{p} patches: {cpp} channels are not a multiple "
-                                   f"of {p * p}; pass the pipeline's patchified latents ({self.channels * p * p} "
+                                   f"of {p * p}; pass the pipeline's patchified latents ({self.patchified_channels} "
                                    "channels for this space)")
         c = cpp // (p * p)
         x = x.view(n, c, p, p, h, w).permute(0, 1, 4, 2, 5, 3)
@@ -117,7 +121,7 @@ class LatentSpace:
     def _bn_mean_std(self, like: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor):
         if self.batch_norm_eps is None:
             raise LatentSpaceError(f"latent space '{self.name}' has no batch-norm statistics")
-        packed = self.channels * self.patch_size ** 2
+        packed = self.patchified_channels
         for name, stat in (("running_mean", running_mean), ("running_var", running_var)):
             if not isinstance(stat, torch.Tensor) or stat.numel() != packed:  # a raw view/size error before
                 size = stat.numel() if isinstance(stat, torch.Tensor) else type(stat).__name__
@@ -129,9 +133,9 @@ class LatentSpace:
     def bn_denormalize(self, x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor) -> torch.Tensor:
         """Pipeline-space FLUX.2 latents (patchified, normalised) -> raw VAE latents."""
         _check_layout(x, "bn_denormalize", "(N, C*p*p, h, w) patchified latents")
-        if x.shape[1] != self.channels * self.patch_size ** 2:
-            raise LatentSpaceError(f"'{self.name}' pipeline latents have {self.channels * self.patch_size ** 2} "
-                                   f"patchified channels, got {x.shape[1]}")
+        if x.shape[1] != self.patchified_channels:
+            raise LatentSpaceError(f"'{self.name}' pipeline latents have {self.patchified_channels} patchified "
+                                   f"channels, got {x.shape[1]}")
         mean, std = self._bn_mean_std(x, running_mean, running_var)
         return self.unpatchify(x * std + mean)
 
@@ -253,7 +257,7 @@ def _check_space_name(name: Any) -> str:
 
 def _number(key: str, value: Any, condition: str = "") -> float:
     """``value`` as a finite float (ints accepted, bools and text refused), naming ``key``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+    if not is_number(value) or not math.isfinite(value):
         raise LatentSpaceError(f"latent space field '{key}' is {value!r}: it must be a finite number{condition}")
     return float(value)
 

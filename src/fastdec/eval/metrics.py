@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import EvalError, MetricUnavailable
+from ..errors import EvalError, MetricUnavailable, is_number
 from ..io.files import as_path, atomic_write
 from ..io.images import check_pixel_range
 
@@ -52,7 +52,7 @@ VIF_NOISE_VARIANCE = 2.0
 
 # ----------------------------------------------------------------------------- per-image metrics
 def _check_pair(pred: torch.Tensor, target: torch.Tensor, data_range: float = 1.0, metric: str = "the metric") -> None:
-    if isinstance(data_range, bool) or not isinstance(data_range, numbers.Real) or not 0 < data_range < math.inf:
+    if not is_number(data_range) or not 0 < data_range < math.inf:
         raise EvalError(f"data_range is the pixels' full scale (1.0 for [0, 1], 255 for 8-bit), got {data_range!r}")
     for images in (pred, target):  # 0-255 or [-1, 1] images scored against data_range 1 gave wrong numbers
         check_pixel_range(images, metric, data_range)
@@ -274,7 +274,7 @@ def mean_ci(values: Any, confidence: float = 0.95) -> MeanCI:
     """
     from scipy import stats
 
-    if isinstance(confidence, bool) or not isinstance(confidence, numbers.Real) or not 0 < confidence < 1:
+    if not is_number(confidence) or not 0 < confidence < 1:
         # 95 (a percentage) gave a NaN interval that printed as none at all
         raise EvalError(f"confidence must be a fraction between 0 and 1 (0.95 for 95%), got {confidence!r}")
     if isinstance(values, torch.Tensor):

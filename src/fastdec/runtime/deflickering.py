@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import argparse
 import math
-import numbers
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from ..errors import InputTypeError, NonFiniteOutputError, UsageError
+from ..errors import InputTypeError, NonFiniteOutputError, UsageError, is_number
 from ..io.images import check_pixel_range
 
 __all__ = ["DEFAULT_STRENGTH", "DEFAULT_THRESHOLD", "Deflicker", "DeflickerSettings", "add_deflicker_arguments",
@@ -38,11 +37,6 @@ DEFAULT_THRESHOLD = 0.02
 # Below this a threshold holds only pixels that did not change at all, and far below it fp32 rounds it to 0,
 # where an unchanged pixel's 0/0 would be NaN: refused rather than met as a "decoder produced NaN" later.
 MIN_THRESHOLD = 1e-6
-
-
-def _is_number(value: object) -> bool:
-    # numbers.Real: np.float32(0.5) is no float subclass, and was refused as out of range
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -56,10 +50,10 @@ class DeflickerSettings:
 
     def __post_init__(self) -> None:
         # 1 would never let go of the first frame where it matches; the flags named so a CLI user can act on it
-        if not (_is_number(self.strength) and 0 <= self.strength < 1):
+        if not (is_number(self.strength) and 0 <= self.strength < 1):
             raise UsageError(f"deflicker strength (--deflicker-strength) must be in [0, 1) (0 is off; the flag takes "
                              f"(0, 1)), got {self.strength!r}")
-        if not (_is_number(self.threshold) and MIN_THRESHOLD <= self.threshold < math.inf):
+        if not (is_number(self.threshold) and MIN_THRESHOLD <= self.threshold < math.inf):
             raise UsageError(f"deflicker threshold (--deflicker-threshold) must be a finite change of at least "
                              f"{MIN_THRESHOLD:g} in the [0, 1] pixel range (an 8-bit level is 0.004), got "
                              f"{self.threshold!r}")
