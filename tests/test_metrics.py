@@ -96,6 +96,20 @@ def test_summarize_counts_exact_matches_and_leaves_out_unmeasured():
     assert "n_infinite" not in M.summarize([1.0, 2.0])
 
 
+@pytest.mark.parametrize("bad", [None, "30,31", {"a": 30.0}, 30.0, [30.0, "31"], [30.0, True]])
+def test_summarize_names_what_is_no_sequence_of_scores(bad):
+    # None raised "'NoneType' object is not iterable", a string was split into letters for math.isnan
+    with pytest.raises(EvalError, match="summarize takes"):
+        M.summarize(bad)
+    with pytest.raises(EvalError, match="paired_differences takes"):
+        M.summarize_paired([30.0, 31.0], bad)
+
+
+def test_summarize_takes_numpy_scalars_and_tensors():
+    assert M.summarize([np.float32(30.0), np.int64(32), None])["mean"] == pytest.approx(31.0)
+    assert M.summarize(torch.tensor([30.0, 32.0]))["mean"] == pytest.approx(31.0)
+
+
 @pytest.mark.parametrize("bad", [float("nan"), -float("inf")])
 def test_undefined_scores_are_refused_not_counted_as_exact_matches(bad):
     # NaN (VIF of a flat image) and -inf were counted in n_infinite, read as perfect reconstructions

@@ -295,6 +295,20 @@ def mean_ci(values: Any, confidence: float = 0.95) -> MeanCI:
     return MeanCI(mean, mean - half, mean + half, int(x.size), confidence)
 
 
+def _measured(values: Any, what: str) -> list[float | None]:
+    """``values`` as a list of numbers and Nones; anything else (None itself, a string, a dict of scores) is named."""
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu().tolist()
+    if values is None or isinstance(values, (str, bytes, dict)) or not isinstance(values, Iterable):
+        raise EvalError(f"{what} takes a sequence of scores (numbers, None where not measured), "
+                        f"got {type(values).__name__}")
+    values = list(values)
+    bad = [v for v in values if v is not None and not is_number(v)]
+    if bad:
+        raise EvalError(f"{what} takes numbers (None where not measured), got {bad[0]!r}")
+    return [None if v is None else float(v) for v in values]
+
+
 def _refuse_undefined(values: Sequence[float]) -> None:
     # only +inf has a meaning (an exact match); NaN (a metric undefined on a flat image) and -inf were counted
     # as exact matches, so a broken score read as a perfect one
@@ -308,7 +322,7 @@ def summarize(values: Iterable[float | None], confidence: float = 0.95) -> dict[
     """Mean and t-interval of the finite values (``None``: not measured, left out). Exact matches
     (PSNR = inf) are counted as ``n_infinite``, not averaged; only inf values give a mean of inf.
     NaN or -inf (no exact match, an undefined score) is an :class:`EvalError`."""
-    measured = [v for v in values if v is not None]
+    measured = [v for v in _measured(values, "summarize") if v is not None]
     _refuse_undefined(measured)
     finite = [v for v in measured if math.isfinite(v)]
     if not finite:
@@ -327,6 +341,7 @@ def paired_differences(values: Sequence[float | None], baseline: Sequence[float 
     NaN and ``finite - inf`` a meaningless -inf, so such a pair is marked for :func:`summarize` to count as
     ``n_infinite`` rather than average.
     """
+    values, baseline = _measured(values, "paired_differences"), _measured(baseline, "paired_differences")
     if len(values) != len(baseline):
         raise EvalError(f"paired differences need the same samples: {len(values)} values vs {len(baseline)} baseline")
     _refuse_undefined([v for v in (*values, *baseline) if v is not None])
