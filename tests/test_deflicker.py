@@ -75,6 +75,8 @@ def test_it_keeps_the_frames_dtype():
     # fp32 rounds 1e-300 to 0, where an unchanged pixel would be 0/0 = NaN, blamed on the decoder
     ({"threshold": 1e-300}, "at least 1e-06"), ({"threshold": True}, "--deflicker-threshold"),
     ({"strength": False}, "--deflicker-strength"), ({"window": True}, "window must be an odd"),
+    ({"strength": torch.tensor([0.5])}, "--deflicker-strength"), ({"strength": torch.tensor(True)}, "strength"),
+    ({"threshold": torch.tensor(0.0)}, "--deflicker-threshold"),
 ])
 def test_bad_settings_are_refused_naming_the_flag(settings, flag):
     with pytest.raises(UsageError, match=flag):
@@ -155,10 +157,12 @@ def test_decode_video_refuses_bad_deflicker_settings_before_decoding(tmp_path, c
     assert not out.exists()
 
 
-def test_settings_take_numpy_numbers_as_plain_floats():
+def test_settings_take_numpy_numbers_and_torch_scalars_as_plain_floats():
     # np.float32(0.5) is no float subclass: "must be in [0, 1) ... got np.float32(0.5)"
     settings = DeflickerSettings(strength=np.float32(0.5), threshold=np.float64(0.05))
     assert type(settings.strength) is float and settings.strength == 0.5 and type(settings.threshold) is float
+    # a strength computed in torch is a 0-dim tensor: it was refused as "must be in [0, 1)"
+    assert DeflickerSettings(strength=torch.tensor(0.5), threshold=torch.tensor(0.05, dtype=torch.float64)) == settings
     frames = torch.rand(3, 3, 8, 8)
     torch.testing.assert_close(deflicker(frames, settings), deflicker(frames, DeflickerSettings(0.5, 0.05)))
 

@@ -49,6 +49,11 @@ class DeflickerSettings:
     window: int = 5
 
     def __post_init__(self) -> None:
+        for name in ("strength", "threshold"):  # a 0-dim tensor (a strength computed in torch) is its number
+            value = getattr(self, name)
+            if isinstance(value, torch.Tensor) and value.ndim == 0 and value.dtype != torch.bool \
+                    and not value.is_complex():
+                object.__setattr__(self, name, value.item())
         # 1 would never let go of the first frame where it matches; the flags named so a CLI user can act on it
         if not (is_number(self.strength) and 0 <= self.strength < 1):
             raise UsageError(f"deflicker strength (--deflicker-strength) must be in [0, 1) (0 is off; the flag takes "
