@@ -335,6 +335,25 @@ def test_two_processes_see_different_data_and_only_rank0_writes(tiny_setup, tmp_
     assert sum(len(e["wrote"]) for e in logs[0]) == 2
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000002.pt", "step_00000004.pt"]
     assert (out / "decoder.safetensors").exists()
+    # resumed by one process: each rank had its slice of every global batch, so the batches change
+    with pytest.warns(UserWarning, match="trained with 2 processes there, 1 here: training continues from its step"):
+        _run(**tiny_setup, steps=5, out=str(out), resume=True)
+
+
+def test_a_resumed_rank_gets_its_saved_rng_state_and_a_new_rank_its_own_stream():
+    from fastdec.train.loop import restore_rng
+    from fastdec.train.state import rng_state
+
+    torch.manual_seed(1)
+    saved = [rng_state()]
+    expected = torch.rand(4)
+    restore_rng(saved, 0, seed=5)
+    torch.testing.assert_close(torch.rand(4), expected, rtol=0, atol=0)  # the same stream, bit for bit
+    restore_rng(saved, 1, seed=5)  # a rank the run did not have: rank 0's state repeated rank 0's noise
+    new_rank = torch.rand(4)
+    assert not torch.equal(new_rank, expected)
+    restore_rng(saved, 2, seed=5)
+    assert not torch.equal(torch.rand(4), new_rank)
 
 
 def test_validation_refuses_a_diverged_decoder(make_decoder, tmp_path):

@@ -317,23 +317,38 @@ def restore(run: Run, path: Path, state: dict[str, Any]) -> None:
         warnings.warn(f"{path} was trained on other data or crops (latent cache {state.get('cache_key')}, "
                       f"now {run.cache.key}): weights and optimizer resume, the data order starts afresh", stacklevel=2)
     else:
-        _warn_changed_data_order(path, state.get("config") or {}, run.config)
-    rng = state["rng"]
-    set_rng_state(rng[run.rank] if run.rank < len(rng) else rng[0])
+        # every rank's RNG state is saved, so their count is the world size the run had (old checkpoints too)
+        _warn_changed_data_order(path, state.get("config") or {}, run.config, len(state["rng"]), run.world)
+    restore_rng(state["rng"], run.rank, run.config.seed + run.step)
     run.rows = read_csv(run.out / "metrics.csv", run.step)
     if run.is_main:
         print(f"resumed from {path} at step {run.step}")
 
 
+def restore_rng(states: list[dict[str, Any]], rank: int, seed: int) -> None:
+    """This rank's saved RNG state; a rank the saved run did not have (more processes now) gets a stream of its
+    own from ``seed`` and the rank, where rank 0's state would have repeated rank 0's --latent-noise."""
+    if rank < len(states):
+        set_rng_state(states[rank])
+    else:
+        from accelerate.utils import set_seed
+
+        set_seed(seed + rank)
+
+
 # what the batches from a step on are drawn from (GlobalBatches): changed on --resume, the run goes on from the
 # same step but not through the batches an uninterrupted run would have seen (--seed also draws the crops, so it
-# is part of the cache key and a changed one meets the "other data or crops" warning)
+# is part of the cache key and a changed one meets the "other data or crops" warning); so is the number of
+# processes, each of which takes its slice of every global batch
 DATA_ORDER = ("batch_size", "grad_accum")
 
 
-def _warn_changed_data_order(path: Path, was: dict[str, Any], config: TrainConfig) -> None:
+def _warn_changed_data_order(path: Path, was: dict[str, Any], config: TrainConfig, world_was: int,
+                             world: int) -> None:
     changed = [f"{flag(k)} {was[k]!r} there, {getattr(config, k)!r} here" for k in DATA_ORDER
                if k in was and was[k] != getattr(config, k)]
+    if world_was != world:
+        changed.append(f"{world_was} process{'es' * (world_was != 1)} there, {world} here")
     if changed:
         warnings.warn(f"{path} was trained with {'; '.join(changed)}: training continues from its step, but on other "
                       "batches than an uninterrupted run would have had", stacklevel=3)
