@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -92,3 +93,14 @@ def test_pipeline_bench_refuses_real_configs_on_cpu(capsys):
 def test_pipeline_bench_bad_requests(argv, message, capsys):
     assert main(["bench", "--pipeline", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_pipeline_bench_without_transformers_names_the_extra(tmp_path, capsys, monkeypatch):
+    # a wheel install without [pipelines] printed transformers' ModuleNotFoundError traceback
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    out = tmp_path / "pipe.json"
+    assert main(["bench", "--pipeline", "--sizes", "64", "--steps", "1", "--decoders", "tae-64", "--json",
+                 str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "bench --pipeline" in err and "needs transformers" in err and 'pip install "fastdec[pipelines]"' in err
+    assert "Traceback" not in err and not out.exists()

@@ -1,6 +1,8 @@
 """fastdec.metrics against reference implementations (scikit-image, numpy/scipy two-pass statistics)."""
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -395,6 +397,19 @@ def test_videomae_extractor_from_a_local_folder(tmp_path):
     with pytest.raises(EvalError, match="4-frame clips"):
         extractor(torch.rand(1, 8, 3, 32, 32))
     assert isinstance(M.load_feature_extractor(f"videomae:{tmp_path / 'videomae'}"), M.VideoMAEExtractor)
+
+
+def test_fvd_without_transformers_and_tof_without_scikit_image_name_the_extra(tmp_path, monkeypatch):
+    from fastdec.errors import MissingDependencyError
+
+    folder = _tiny_videomae(tmp_path / "videomae")
+    monkeypatch.setitem(sys.modules, "transformers", None)  # a base install, without the [metrics] extra
+    with pytest.raises(MissingDependencyError, match=r'FVD \(its VideoMAE features\) needs transformers.*'
+                                                     r'pip install "fastdec\[metrics\]"'):
+        M.VideoMAEExtractor(folder)
+    monkeypatch.setitem(sys.modules, "skimage.registration", None)
+    with pytest.raises(M.MetricUnavailable, match=r'tOF \(--tof\) needs scikit-image.*fastdec\[metrics\]'):
+        M.optical_flow_ilk()
 
 
 def test_videomae_loader_errors_name_the_problem(tmp_path):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -12,7 +13,8 @@ from factories import tiny_decoder  # noqa: E402
 
 from fastdec import load_decoder  # noqa: E402
 from fastdec.cli import main  # noqa: E402
-from fastdec.errors import CheckpointError, NonFiniteOutputError, OnnxExportError, UsageError  # noqa: E402
+from fastdec.errors import (CheckpointError, MissingDependencyError, NonFiniteOutputError, OnnxExportError,  # noqa: E402
+                            UsageError)
 from fastdec.io.checkpoints import save_decoder  # noqa: E402
 from fastdec.runtime import onnx as runtime_onnx  # noqa: E402
 from fastdec.runtime.onnx import OnnxDecoder, export_checked, export_onnx  # noqa: E402
@@ -258,3 +260,33 @@ def test_a_wrong_graph_fails_the_real_comparison(tmp_path, make_decoder, monkeyp
 def test_out_that_is_a_folder_is_refused_before_export(checkpoint, tmp_path, capsys):
     assert main(["export", "onnx", "--decoder", str(checkpoint), "--out", str(tmp_path)]) == 2
     assert "is a folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("missing, extra_words", [
+    ("onnx", "ONNX export needs onnx"), ("onnxruntime", "checking the export against the torch decoder needs onnxruntime"),
+])
+def test_a_missing_onnx_extra_is_named_before_any_work(checkpoint, tmp_path, capsys, monkeypatch, missing, extra_words):
+    # a wheel install without [onnx] printed a ModuleNotFoundError traceback from inside the export
+    monkeypatch.setitem(sys.modules, missing, None)  # what `import onnx` meets where it is not installed
+    out = tmp_path / "out.onnx"
+    assert main(["export", "onnx", "--decoder", str(checkpoint), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "fastdec export onnx: error:" in err and extra_words in err and 'pip install "fastdec[onnx]"' in err
+    assert "Traceback" not in err and list(tmp_path.iterdir()) == [checkpoint]
+
+
+def test_running_an_onnx_decoder_without_onnxruntime_names_the_extra(exported, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    with pytest.raises(MissingDependencyError, match=r'running an ONNX decoder needs onnxruntime.*fastdec\[onnx\]'):
+        OnnxDecoder(exported[1])
+
+
+def test_the_dynamo_exporter_on_a_torch_too_old_for_it_is_named(tmp_path, make_decoder, monkeypatch):
+    # torch 2.4's export takes dynamo= but not dynamic_shapes= or optimize=: a TypeError after tracing
+    def old_export(model, args, f=None, *, dynamo=False, opset_version=None, input_names=None, output_names=None):
+        raise AssertionError("not to be called")
+
+    monkeypatch.setattr(torch.onnx, "export", old_export)
+    with pytest.raises(OnnxExportError, match=r"needs a newer torch.*no dynamic_shapes, optimize.*torchscript"):
+        export_onnx(make_decoder(), tmp_path / "x.onnx", exporter="dynamo")
+    assert list(tmp_path.iterdir()) == []

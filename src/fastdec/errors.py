@@ -9,7 +9,9 @@ that caught those keeps working.
 """
 from __future__ import annotations
 
+import importlib
 import numbers
+from types import ModuleType
 
 
 class FastdecError(Exception):
@@ -102,6 +104,21 @@ class OnnxExportError(FastdecError, RuntimeError):
 
 class MetricUnavailable(FastdecError, RuntimeError):
     """A metric whose extra dependency or weights are not installed."""
+
+
+class MissingDependencyError(FastdecError, ImportError):
+    """An optional package a command needs is not installed (the message names the extra that has it)."""
+
+
+def import_optional(module: str, extra: str, feature: str) -> ModuleType:
+    """``module``, or a :class:`MissingDependencyError` that says ``feature`` needs it and how to install it: a
+    bare ModuleNotFoundError's traceback was what a wheel install without the extra printed."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        package = module.split(".")[0]
+        raise MissingDependencyError(f"{feature} needs {package}, which could not be imported ({e}): "
+                                     f'pip install "fastdec[{extra}]"') from e
 
 
 class UnsafePathError(FastdecError, ValueError):

@@ -28,7 +28,7 @@ import torch
 
 from ..devices import check_device
 from ..dtypes import DTYPES, dtype_name
-from ..errors import BenchError
+from ..errors import BenchError, import_optional
 from .baselines import SDXL_VAE_CONFIG, named_decoders
 from .measure import synchronize, system_info
 from .report import console_out, print_pipeline_report, write_json
@@ -278,6 +278,7 @@ def run_pipeline_bench(cfg: PipelineBenchConfig, console: Any = None) -> dict[st
     """Original VAE decoder vs each fast decoder, whole pipeline runs; returns the payload."""
     console = console or console_out(width=140)
     cfg = validate_pipeline_config(cfg)
+    import_optional("transformers", "pipelines", "bench --pipeline (its SDXL pipeline's text encoders)")
     dtype = DTYPES[cfg.dtypes[0]]
     specs = DEFAULT_PIPELINE_DECODERS if cfg.decoders is None else cfg.decoders
     decoders = named_decoders(specs, "sdxl", cfg.seed, video=False)

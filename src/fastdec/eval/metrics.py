@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import EvalError, MetricUnavailable, is_number
+from ..errors import EvalError, MetricUnavailable, import_optional, is_number
 from ..io.files import as_path, atomic_write
 from ..io.images import check_pixel_range
 
@@ -458,7 +458,7 @@ def optical_flow_ilk() -> Any:
     except ImportError as e:
         raise MetricUnavailable(
             f"tOF (--tof) needs scikit-image's optical flow (skimage.registration.optical_flow_ilk), which "
-            f"could not be imported ({e}): pip install scikit-image (it is in fastdec's test extras)") from e
+            f'could not be imported ({e}): pip install "fastdec[metrics]"') from e
     return ilk
 
 
@@ -684,8 +684,7 @@ class VideoMAEExtractor:
         config = json.loads((folder / "config.json").read_text())
         if config.get("model_type") != "videomae":
             raise EvalError(f"'{folder}/config.json' has model_type={config.get('model_type')!r}, expected 'videomae'")
-        from transformers import VideoMAEModel
-
+        VideoMAEModel = import_optional("transformers", "metrics", "FVD (its VideoMAE features)").VideoMAEModel
         try:
             self.model = VideoMAEModel.from_pretrained(str(folder), local_files_only=True, torch_dtype=dtype)
         except (OSError, ValueError, RuntimeError) as e:

@@ -20,6 +20,7 @@ match is never left behind (the temporary file is removed and
 """
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -32,7 +33,8 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn as nn
 
-from ..errors import CheckpointError, InputTypeError, OnnxExportError, UsageError, check_count
+from ..errors import (CheckpointError, InputTypeError, MissingDependencyError, OnnxExportError, UsageError, check_count,
+                      import_optional)
 from ..io.files import as_path, atomic_write, check_output_file
 from ..latent_spaces import LatentSpace
 from ..models.base import LatentDecoder
@@ -125,7 +127,7 @@ def _export_graph(decoder: LatentDecoder, tmp_path: str, opset: int, exporter: s
 
 def _write_model(decoder: LatentDecoder, tmp: str, opset: int, exporter: str, meta: dict[str, str]) -> None:
     """Export the graph to ``tmp``, add the metadata and run ``onnx.checker`` on it."""
-    import onnx
+    onnx = import_optional("onnx", "onnx", "ONNX export")
 
     try:
         _export_graph(decoder, tmp, opset, exporter)
@@ -161,6 +163,16 @@ def _export(decoder: Any, path: str | os.PathLike, opset: int | None, exporter: 
         raise UsageError(f"unknown exporter '{exporter}'; choose one of {', '.join(EXPORTERS)}")
     decoder = _as_image_decoder(decoder)
     check_export_target(path, opset)
+    import_optional("onnx", "onnx", "ONNX export")  # each extra the export needs is named before any work
+    if exporter != "torchscript":
+        import_optional("onnxscript", "onnx", "the dynamo ONNX exporter")
+        missing = {"dynamo", "dynamic_shapes", "optimize"} - set(inspect.signature(torch.onnx.export).parameters)
+        if missing:  # torch 2.4's export has dynamo= but not the others: a TypeError after the graph was traced
+            raise OnnxExportError(f"the dynamo exporter needs a newer torch: this torch {torch.__version__}'s "
+                                  f"torch.onnx.export takes no {', '.join(sorted(missing))}; upgrade torch, or use "
+                                  "the torchscript exporter")
+    if check is not None:
+        import_optional("onnxruntime", "onnx", "checking the export against the torch decoder")
     opset = opset or DEFAULT_OPSET
     was_training = decoder.training
     decoder.eval()
@@ -199,8 +211,8 @@ def onnx_torch_difference(decoder: LatentDecoder, onnx_path: str | os.PathLike,
     try:
         onnx_decoder = OnnxDecoder(onnx_path, providers=["CPUExecutionProvider"])
         images = onnx_decoder.decode_layers(z.to(onnx_decoder.dtype))
-    except ImportError as e:
-        raise OnnxExportError(f"checking the export needs onnxruntime ({e}): pip install onnxruntime") from e
+    except MissingDependencyError:
+        raise
     except Exception as e:  # onnxruntime raises its own exception types when it cannot load or run a graph
         raise OnnxExportError(f"onnxruntime cannot run the exported model: {e}") from e
     return float((images.float() - reference).abs().max())
@@ -256,14 +268,14 @@ def _check_shape(decoder: LatentDecoder) -> tuple[int, ...]:
 
 # ----------------------------------------------------------------------------- runtime
 def _default_providers() -> list[str]:
-    import onnxruntime as ort
+    ort = import_optional("onnxruntime", "onnx", "running an ONNX decoder")
 
     available = ort.get_available_providers()
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
 
 
 def _session(path: Path, providers: Sequence[str] | None, intra_op_threads: int | None) -> Any:
-    import onnxruntime as ort
+    ort = import_optional("onnxruntime", "onnx", "running an ONNX decoder")
 
     check_count("intra_op_threads", intra_op_threads)  # "x" and 2.5 met pybind's TypeError, -1 was taken
     if isinstance(providers, str):  # list("CPUExecutionProvider") asked for providers 'C', 'P', 'U', ...
