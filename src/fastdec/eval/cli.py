@@ -60,7 +60,7 @@ def _add_images(kinds) -> None:
                                           "originals and the teacher's decode: PSNR, SSIM, MS-SSIM, VIF (VIF-P, "
                                           "torchmetrics, in 8-bit units), the gradient-energy ratio (Sobel; < 1 = "
                                           "blurrier than the reference), LPIPS and FID when their weights are given. "
-                                          "Means with 95%% t-intervals. Unreadable images are skipped with a "
+                                          "Means with 95% t-intervals. Unreadable images are skipped with a "
                                           "warning and counted.")
     _common_arguments(images)
     images.add_argument("--latents", help="folder of precomputed decoder-space latents named like the images "
@@ -80,7 +80,7 @@ def _add_video(kinds) -> None:
                                          "each --decoder (video decoders: the whole clip), compare with the originals: "
                                          "PSNR, SSIM, per-frame frame-difference error, and per clip flicker, "
                                          "temporal energy (decoded / original frame-to-frame change), excess motion, "
-                                         "optionally TecoGAN's tOF and FVD. Means with 95%% t-intervals.")
+                                         "optionally TecoGAN's tOF and FVD. Means with 95% t-intervals.")
     _common_arguments(video)
     video.add_argument("--frames", type=int, default=32, help="first N frames of each video, at least 2 (default 32)")
     video.add_argument("--resolution", type=int,
