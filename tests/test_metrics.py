@@ -399,7 +399,7 @@ def test_videomae_extractor_from_a_local_folder(tmp_path):
     assert isinstance(M.load_feature_extractor(f"videomae:{tmp_path / 'videomae'}"), M.VideoMAEExtractor)
 
 
-def test_fvd_without_transformers_and_tof_without_scikit_image_name_the_extra(tmp_path, monkeypatch):
+def test_fvd_without_transformers_names_the_extra(tmp_path, monkeypatch):
     from fastdec.errors import MissingDependencyError
 
     folder = _tiny_videomae(tmp_path / "videomae")
@@ -407,9 +407,6 @@ def test_fvd_without_transformers_and_tof_without_scikit_image_name_the_extra(tm
     with pytest.raises(MissingDependencyError, match=r'FVD \(its VideoMAE features\) needs transformers.*'
                                                      r'pip install "fastdec\[metrics\]"'):
         M.VideoMAEExtractor(folder)
-    monkeypatch.setitem(sys.modules, "skimage.registration", None)
-    with pytest.raises(M.MetricUnavailable, match=r'tOF \(--tof\) needs scikit-image.*fastdec\[metrics\]'):
-        M.optical_flow_ilk()
 
 
 def test_videomae_loader_errors_name_the_problem(tmp_path):

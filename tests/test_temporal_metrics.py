@@ -143,13 +143,13 @@ def _without_skimage(monkeypatch) -> None:
 
 def test_tof_without_scikit_image_names_the_install(monkeypatch, tmp_path, capsys):
     _without_skimage(monkeypatch)
-    with pytest.raises(MetricUnavailable, match="pip install scikit-image"):
+    with pytest.raises(MetricUnavailable, match=r'pip install "fastdec\[metrics\]"'):
         M.clip_flows(_moving())
     # refused before the teacher is loaded or a clip read: neither exists here
     assert main(["eval", "video", "--data", str(tmp_path / "none"), "--teacher", str(tmp_path / "none.pth"),
                  "--decoder", "teacher", "--tof"]) == 2
     err = capsys.readouterr().err
-    assert "fastdec eval video: error:" in err and "--tof" in err and "pip install scikit-image" in err
+    assert "fastdec eval video: error:" in err and "--tof" in err and 'pip install "fastdec[metrics]"' in err
 
 
 # ----------------------------------------------------------------------------- fastdec eval video
