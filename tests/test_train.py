@@ -99,6 +99,24 @@ def test_truncated_latest_checkpoint_falls_back_to_the_previous_one(tiny_setup, 
     assert not (tmp_path / "unused").exists()
 
 
+def test_a_fresh_run_into_a_folder_of_checkpoints_is_refused_and_resume_before_any_starts_fresh(tiny_setup, tmp_path,
+                                                                                                capsys):
+    out = tmp_path / "run"
+    _run(**tiny_setup, steps=4, stop_at=2, ckpt_every=1, out=str(out))
+    said = capsys.readouterr().out
+    assert "stopped at step 2 of 4 (--stop-at)" in said and "step_00000002.pt: run the same command with --resume" in said
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "checkpoints").iterdir()}
+    # without --resume it overwrote step 1, kept step 2, and a later --resume continued the old run
+    with pytest.raises(TrainError, match=r"holds an earlier run's checkpoints \(newest step_00000002\.pt\): pass "
+                                         r"--resume to continue it, or another --out"):
+        _run(**tiny_setup, steps=4, stop_at=1, out=str(out))
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "checkpoints").iterdir()} == before
+    # a requeued job that always passes --resume, stopped before its first checkpoint: it starts at step 0
+    fresh = tmp_path / "fresh"
+    _run(**tiny_setup, steps=2, out=str(fresh), resume=True)
+    assert "no checkpoint in" in capsys.readouterr().out and (fresh / "decoder.safetensors").is_file()
+
+
 def test_resume_with_another_decoder_is_refused_before_any_encoding(tiny_setup, tmp_path, capsys):
     """A run resumed with another --decoder met load_state_dict's traceback, after a new latent cache was
     encoded (a teacher of another space did the same): now an error naming the options it was trained with."""

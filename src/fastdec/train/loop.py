@@ -40,7 +40,7 @@ from .config import TrainConfig, flag, validate_config
 from .data import GlobalBatches, add_latent_noise, open_folder
 from .losses import DistillLoss, LossWeights, PatchDiscriminator, hinge_d_loss, hinge_g_loss
 from .precision import Precision, resolve_precision
-from .state import (checkpoint_path, load_resume_state, read_csv, rng_state, save_checkpoint_file,
+from .state import (checkpoint_path, latest_checkpoint, load_resume_state, read_csv, rng_state, save_checkpoint_file,
                     set_rng_state, write_csv)
 from .student import TrainView, build_student, check_setup, ema_decay, update_ema
 from .validation import prepare_val_set, teacher_scores, validate
@@ -139,7 +139,7 @@ def build_run(config: TrainConfig) -> Run:
     run = Run(config, make_accelerator(precision, config), Path(config.out), precision)
     set_seed(config.seed)
     decoder = build_models(run)
-    resume = load_resume_state(run.out) if config.resume else None
+    resume = _resume_state(run)
     if resume is not None:
         check_resumable(*resume, decoder, config)  # before the latent cache is encoded
     build_data(run)
@@ -297,6 +297,23 @@ def check_resumable(path: Path, state: dict[str, Any], decoder: LatentDecoder, c
         f"--resume: {path} holds another decoder's weights ({first}). It was trained with --decoder "
         f"{was.get('decoder')} --teacher {was.get('teacher')}; this command builds --decoder {config.decoder} for "
         f"--teacher {config.teacher}. Resume with the options it was trained with, or train into a new --out")
+
+
+def _resume_state(run: Run) -> tuple[Path, dict[str, Any]] | None:
+    """The checkpoint to continue from, or None for a fresh run. A fresh run into a folder that holds another run's
+    checkpoints is refused: it overwrote the first ones and kept the rest, and a later --resume continued from
+    the old run's newest with a metrics.csv of both."""
+    newest = latest_checkpoint(run.out)
+    if not run.config.resume:
+        if newest is not None:
+            raise TrainError(f"'{run.out}' holds an earlier run's checkpoints (newest {newest.name}): pass --resume "
+                             "to continue it, or another --out to start a new run (or delete the folder)")
+        return None
+    if newest is None:  # a requeued job stopped before its first checkpoint passes --resume all the same
+        if run.is_main:
+            print(f"--resume: no checkpoint in '{run.out / 'checkpoints'}' yet: starting from step 0")
+        return None
+    return load_resume_state(run.out)
 
 
 def restore(run: Run, path: Path, state: dict[str, Any]) -> None:
@@ -554,5 +571,8 @@ def export(run: Run) -> Path:
         result = save_decoder(run.ema.cpu(), run.out / "decoder.safetensors",
                               extra_metadata={"trained_steps": str(run.step), "teacher": str(run.config.teacher)})
         print(f"exported {result} (EMA weights, {run.step} steps)")
+    elif run.is_main:  # --stop-at: it ended with the progress bar and said nothing of what to do next
+        print(f"stopped at step {run.step} of {run.config.steps} (--stop-at), checkpoint "
+              f"{checkpoint_path(run.out, run.step)}: run the same command with --resume to continue")
     run.accelerator.end_training()
     return result
