@@ -164,6 +164,18 @@ def test_failed_writes_leave_no_file(tmp_path):
         write_video(frames, tmp_path / "x.avi")
 
 
+def test_a_killed_writes_partial_video_is_removed_by_the_next_write(tmp_path):
+    # a SIGTERM'd decode-video left .out.mp4.*.fastdec-tmp.mp4, and a successful rerun to the same --out kept it
+    stale = tmp_path / ".out.mp4.k1ll3d.fastdec-tmp.mp4"
+    stale.write_bytes(b"partial H.264")
+    other = tmp_path / ".other.mp4.k1ll3d.fastdec-tmp.mp4"  # another output's: not this write's to remove
+    other.write_bytes(b"partial")
+    write_video(torch.rand(2, 3, 16, 16), tmp_path / "out.mp4")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [other.name, "out.mp4"]
+    with pytest.raises(TypeError, match="the video output must be a path"):
+        VideoWriter(3)
+
+
 # ----------------------------------------------------------------------------- decode-video CLI
 def _tiny(kind: str):
     from factories import tiny_decoder

@@ -32,6 +32,16 @@ def _remove_stale_temps(path: Path) -> None:
         stale.unlink(missing_ok=True)
 
 
+def temp_file_for(path: Path, suffix: str = "") -> Path:
+    """A new hidden temporary file beside ``path`` (its folder made) for a write that is renamed to ``path`` when
+    done; the temporary files an interrupted write to ``path`` left are removed first."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f"{TEMP_MARKER}{suffix}")
+    os.close(fd)
+    return Path(tmp)
+
+
 def glob_escape(name: str) -> str:
     return "".join(f"[{c}]" if c in "*?[" else c for c in name)
 
@@ -42,10 +52,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], Any], suffix: s
     ``suffix`` ends the temporary name (some writers pick the format from it, e.g. ``.png``).
     """
     path = as_path(path, "the output path")  # '~/stats.npz' made a folder named '~'; 5 a bare TypeError
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f"{TEMP_MARKER}{suffix}")
-    os.close(fd)
+    tmp = str(temp_file_for(path, suffix))
     try:
         write(tmp)
         with open(tmp, "rb+") as f:  # data on disk before the rename makes it visible

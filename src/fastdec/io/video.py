@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from fractions import Fraction
@@ -21,7 +20,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError, InputTypeError, UsageError, VideoError
-from .files import _UMASK, TEMP_MARKER
+from .files import _UMASK, as_path, temp_file_for
 from .images import IMAGE_SUFFIXES, as_rgb
 
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".mkv", ".avi", ".gif")
@@ -262,15 +261,12 @@ class VideoWriter:
     """
 
     def __init__(self, path: str | os.PathLike, fps: float = 24.0, crf: int = 18):
-        self.path = Path(path)
+        self.path = as_path(path, "the video output")
         self.suffix = self.path.suffix.lower()
         if self.suffix not in WRITE_SUFFIXES:
             raise VideoError(f"cannot write '{self.path}': choose an .mp4 or .gif output")
         self.fps, self.crf = check_fps(fps, self.suffix), int(crf)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=f"{TEMP_MARKER}{self.suffix}")
-        os.close(fd)
-        self._tmp = Path(tmp)
+        self._tmp = temp_file_for(self.path, self.suffix)  # a killed run's partial video is removed first
         self._container = None
         self._stream = None
         self._gif_frames: list = []
