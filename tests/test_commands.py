@@ -200,3 +200,33 @@ def test_every_help_text_prints_as_written():
     for parser in parsers:
         text = parser.format_help()
         assert "%%" not in text and "%(" not in text, parser.prog
+
+
+def test_sigterm_cleans_up_like_ctrl_c(tmp_path, monkeypatch, capsys):
+    # what a job scheduler sends: the process died on the spot, leaving its temporary files behind
+    import os
+    import signal
+    import time
+
+    import fastdec.runtime.cli
+    from fastdec.cli import main
+    from fastdec.io.files import atomic_write
+
+    out = tmp_path / "out" / "model.onnx"
+
+    def killed_mid_write(args):
+        def write(tmp):
+            Path(tmp).write_bytes(b"half a model")
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(10)  # the handler raises here, as it would in the middle of any work
+
+        atomic_write(out, write)
+
+    monkeypatch.setattr(fastdec.runtime.cli, "_cmd_export_onnx", killed_mid_write)
+    before = signal.getsignal(signal.SIGTERM)
+    started = time.perf_counter()
+    assert main(["export", "onnx", "--decoder", "x", "--out", str(out)]) == 128 + signal.SIGTERM
+    assert time.perf_counter() - started < 5
+    assert capsys.readouterr().err.strip() == "fastdec export onnx: terminated"
+    assert list(out.parent.iterdir()) == []  # the temporary file was removed, no model.onnx
+    assert signal.getsignal(signal.SIGTERM) == before  # the handler is the command's only

@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
-from typing import Callable
+import threading
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 from .errors import FastdecError, UsageError
 from .plugins import load_plugins
@@ -74,6 +77,27 @@ def check_no_empty_values(parser: argparse.ArgumentParser, args: argparse.Namesp
             raise UsageError(f"{names.get(dest, dest)} is empty: give a value, or leave it out")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what a job scheduler or ``kill`` sends) raised where the command is, as Ctrl-C is: the same
+    cleanup runs (temporary files removed, no half-written output). Unhandled, the process died on the spot."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -81,15 +105,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     try:
-        check_no_empty_values(parser, args)
-        load_plugins(args.plugin)
-        result = args.func(args)
+        with _sigterm_as_interrupt():
+            check_no_empty_values(parser, args)
+            load_plugins(args.plugin)
+            result = args.func(args)
     except FastdecError as e:
         print(f"{_command_names(parser).get(args.func, 'fastdec')}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # Ctrl-C is the user's choice, not a crash: no traceback; 128 + SIGINT, as shells do
-        print(f"{_command_names(parser).get(args.func, 'fastdec')}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # the user's (or scheduler's) choice, not a crash: no traceback; 128 + the
+        terminated = isinstance(e, Terminated)  # signal's number, as shells do
+        print(f"{_command_names(parser).get(args.func, 'fastdec')}: {'terminated' if terminated else 'interrupted'}",
+              file=sys.stderr)
+        return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
     return int(result or 0)
 
 
