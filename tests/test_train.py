@@ -117,6 +117,18 @@ def test_a_fresh_run_into_a_folder_of_checkpoints_is_refused_and_resume_before_a
     assert "no checkpoint in" in capsys.readouterr().out and (fresh / "decoder.safetensors").is_file()
 
 
+def test_keep_checkpoints_deletes_all_but_the_newest_and_resume_continues(tiny_setup, tmp_path):
+    # every checkpoint holds model, EMA and optimizer: --ckpt-every 1 over a long run filled the disk
+    out = tmp_path / "run"
+    _run(**tiny_setup, steps=5, stop_at=4, ckpt_every=1, keep_checkpoints=2, out=str(out))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000003.pt", "step_00000004.pt"]
+    _run(**tiny_setup, steps=5, ckpt_every=1, keep_checkpoints=2, out=str(out), resume=True)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000004.pt", "step_00000005.pt"]
+    assert (out / "decoder.safetensors").is_file()
+    with pytest.raises(UsageError, match="--keep-checkpoints must be a finite number greater than 0"):
+        _run(**tiny_setup, steps=5, keep_checkpoints=0, out=str(tmp_path / "none"))
+
+
 def test_resume_with_another_decoder_is_refused_before_any_encoding(tiny_setup, tmp_path, capsys):
     """A run resumed with another --decoder met load_state_dict's traceback, after a new latent cache was
     encoded (a teacher of another space did the same): now an error naming the options it was trained with."""

@@ -61,6 +61,7 @@ class TrainConfig:
     val_every: int = 500
     val_count: int = 16
     ckpt_every: int = 1000
+    keep_checkpoints: int | None = None     # the newest N checkpoints are kept (default: all)
     log_every: int = 10
     seed: int = 0
     mixed_precision: str = "auto"           # auto | no (= fp32) | fp32 | fp16 | bf16 (see train/precision.py)
@@ -120,6 +121,8 @@ HELP = {
     "channels_last": "channels_last (NHWC) for the student, discriminator and teacher decoder: auto (on with bf16 "
                      "on a CPU) | on | off",
     "workers": "DataLoader worker processes",
+    "keep_checkpoints": "keep only the newest N checkpoints, deleting older ones as new ones are written (each holds "
+                        "the model, EMA and optimizer state; default: keep all)",
     "resume": "continue from the latest checkpoint in --out",
     "stop_at": "stop with a checkpoint at this step (time-limited jobs); continue with --resume",
     "log_samples": "debug: log the sample ids each rank trained on to OUT/samples/",
@@ -130,7 +133,7 @@ REQUIRED = ("teacher", "data", "out")
 # numbers that must be > 0: each is a count, a period or a size the loop divides by or iterates over
 POSITIVE = ("steps", "batch_size", "grad_accum", "ckpt_every", "log_every", "val_every", "resolution", "lr",
             "crops_per_image", "val_count", "device_batch_encode", "disc_lr", "frames", "stop_at",
-            "max_frame_stride", "temporal_lr", "short_side")
+            "max_frame_stride", "temporal_lr", "short_side", "keep_checkpoints")
 NON_NEGATIVE = ("warmup", "weight_decay", "clip_grad", "l1", "mse", "ms_ssim", "lpips", "teacher_weight", "temporal",
                 "latent_noise", "adversarial", "adv_start", "workers", "seed")
 FRACTIONS = {"ema": (0.0, 1.0, "in [0, 1)"), "min_lr_ratio": (0.0, 1.0, "in [0, 1]")}

@@ -40,8 +40,8 @@ from .config import TrainConfig, flag, validate_config
 from .data import GlobalBatches, add_latent_noise, open_folder
 from .losses import DistillLoss, LossWeights, PatchDiscriminator, hinge_d_loss, hinge_g_loss
 from .precision import Precision, resolve_precision
-from .state import (checkpoint_path, latest_checkpoint, load_resume_state, read_csv, rng_state, save_checkpoint_file,
-                    set_rng_state, write_csv)
+from .state import (checkpoint_path, latest_checkpoint, load_resume_state, prune_checkpoints, read_csv, rng_state,
+                    save_checkpoint_file, set_rng_state, write_csv)
 from .student import TrainView, build_student, check_setup, ema_decay, update_ema
 from .validation import prepare_val_set, teacher_scores, validate
 
@@ -543,7 +543,10 @@ def save_checkpoint(run: Run) -> list[str]:
     if run.discriminator is not None:
         state["discriminator"] = run.accelerator.unwrap_model(run.discriminator).state_dict()
         state["disc_optimizer"] = run.disc_optimizer.state_dict()
-    return [str(save_checkpoint_file(checkpoint_path(run.out, run.step), state))]
+    written = save_checkpoint_file(checkpoint_path(run.out, run.step), state)
+    if run.config.keep_checkpoints is not None:
+        prune_checkpoints(run.out, run.config.keep_checkpoints)
+    return [str(written)]
 
 
 def checkpoint(run: Run, result: StepResult) -> None:

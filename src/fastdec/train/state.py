@@ -63,6 +63,14 @@ def list_checkpoints(out: Path) -> list[Path]:
     return sorted((Path(out) / "checkpoints").glob("step_*.pt"))
 
 
+def prune_checkpoints(out: Path, keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` checkpoints (each is complete: written atomically); returns the deleted."""
+    old = list_checkpoints(out)[:-keep]
+    for path in old:
+        path.unlink(missing_ok=True)
+    return old
+
+
 def latest_checkpoint(out: Path) -> Path | None:
     checkpoints = list_checkpoints(out)
     return checkpoints[-1] if checkpoints else None
