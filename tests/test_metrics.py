@@ -101,15 +101,23 @@ def test_summarize_counts_exact_matches_and_leaves_out_unmeasured():
 @pytest.mark.parametrize("bad", [None, "30,31", {"a": 30.0}, 30.0, [30.0, "31"], [30.0, True]])
 def test_summarize_names_what_is_no_sequence_of_scores(bad):
     # None raised "'NoneType' object is not iterable", a string was split into letters for math.isnan
-    with pytest.raises(EvalError, match="summarize takes"):
+    from fastdec.errors import InputTypeError
+
+    with pytest.raises(InputTypeError, match="summarize takes"):  # a TypeError, as the raw error was
         M.summarize(bad)
-    with pytest.raises(EvalError, match="paired_differences takes"):
+    with pytest.raises(InputTypeError, match="paired_differences takes"):
         M.summarize_paired([30.0, 31.0], bad)
+    with pytest.raises(InputTypeError, match="got Tensor"):  # one score is no sequence of them
+        M.summarize(torch.tensor(30.0))
 
 
 def test_summarize_takes_numpy_scalars_and_tensors():
     assert M.summarize([np.float32(30.0), np.int64(32), None])["mean"] == pytest.approx(31.0)
     assert M.summarize(torch.tensor([30.0, 32.0]))["mean"] == pytest.approx(31.0)
+    # per-image scores collected one by one are 0-dim tensors: they were averaged before, and still are
+    scores = [M.psnr(torch.full((1, 3, 8, 8), 0.5), torch.full((1, 3, 8, 8), v))[0] for v in (0.4, 0.6)]
+    assert M.summarize(scores)["mean"] == pytest.approx(20.0, abs=1e-4)
+    assert M.summarize_paired(scores, [np.array(19.0), np.array(19.0)])["mean"] == pytest.approx(1.0, abs=1e-4)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), -float("inf")])

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import EvalError, MetricUnavailable, import_optional, is_number
+from ..errors import EvalError, InputTypeError, MetricUnavailable, import_optional, is_number
 from ..io.files import as_path, atomic_write
 from ..io.images import check_pixel_range
 
@@ -295,17 +295,25 @@ def mean_ci(values: Any, confidence: float = 0.95) -> MeanCI:
     return MeanCI(mean, mean - half, mean + half, int(x.size), confidence)
 
 
+def _score(value: Any) -> Any:
+    """A 0-dim tensor or array (``psnr(a, b)[0]``) as its number; anything else as it is."""
+    if isinstance(value, (torch.Tensor, np.ndarray)) and value.ndim == 0 and value.dtype not in (torch.bool, np.bool_):
+        return value.item()
+    return value
+
+
 def _measured(values: Any, what: str) -> list[float | None]:
     """``values`` as a list of numbers and Nones; anything else (None itself, a string, a dict of scores) is named."""
-    if isinstance(values, torch.Tensor):
+    given = type(values).__name__
+    if isinstance(values, torch.Tensor) and values.ndim:
         values = values.detach().cpu().tolist()
-    if values is None or isinstance(values, (str, bytes, dict)) or not isinstance(values, Iterable):
-        raise EvalError(f"{what} takes a sequence of scores (numbers, None where not measured), "
-                        f"got {type(values).__name__}")
-    values = list(values)
+    if values is None or isinstance(values, (str, bytes, dict)) or not isinstance(values, Iterable) or \
+            getattr(values, "ndim", 1) == 0:
+        raise InputTypeError(f"{what} takes a sequence of scores (numbers, None where not measured), got {given}")
+    values = [_score(v) for v in values]
     bad = [v for v in values if v is not None and not is_number(v)]
     if bad:
-        raise EvalError(f"{what} takes numbers (None where not measured), got {bad[0]!r}")
+        raise InputTypeError(f"{what} takes numbers (None where not measured), got {bad[0]!r}")
     return [None if v is None else float(v) for v in values]
 
 
