@@ -223,10 +223,29 @@ def test_sigterm_cleans_up_like_ctrl_c(tmp_path, monkeypatch, capsys):
         atomic_write(out, write)
 
     monkeypatch.setattr(fastdec.runtime.cli, "_cmd_export_onnx", killed_mid_write)
-    before = signal.getsignal(signal.SIGTERM)
-    started = time.perf_counter()
-    assert main(["export", "onnx", "--decoder", "x", "--out", str(out)]) == 128 + signal.SIGTERM
-    assert time.perf_counter() - started < 5
+    # a stand-in for the default action: without the command's handler SIGTERM would end pytest itself
+    fallback = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    try:
+        before = signal.getsignal(signal.SIGTERM)
+        started = time.perf_counter()
+        assert main(["export", "onnx", "--decoder", "x", "--out", str(out)]) == 128 + signal.SIGTERM
+        assert time.perf_counter() - started < 5
+        assert signal.getsignal(signal.SIGTERM) is before  # the handler is the command's only
+    finally:
+        signal.signal(signal.SIGTERM, fallback)
     assert capsys.readouterr().err.strip() == "fastdec export onnx: terminated"
     assert list(out.parent.iterdir()) == []  # the temporary file was removed, no model.onnx
-    assert signal.getsignal(signal.SIGTERM) == before  # the handler is the command's only
+
+
+def test_a_second_sigterm_during_cleanup_falls_back_to_the_default_action():
+    import signal
+
+    from fastdec.cli import Terminated, _raise_terminated
+
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(Terminated):
+            _raise_terminated(signal.SIGTERM, None)
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGTERM, previous)

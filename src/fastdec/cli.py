@@ -83,6 +83,9 @@ class Terminated(KeyboardInterrupt):
 
 
 def _raise_terminated(signum: int, frame: object) -> None:
+    # a second SIGTERM during the cleanup, or one a process stuck in native code never got to handle (the handler
+    # runs between bytecodes), kills it as before
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     raise Terminated()
 
 
@@ -95,7 +98,8 @@ def _sigterm_as_interrupt() -> Iterator[None]:
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if previous is not None:  # None: a handler set outside Python, which cannot be put back from here
+            signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv: list[str] | None = None) -> int:
