@@ -3,6 +3,7 @@ helpers. An editable install reads src/ directly, so a file the patterns miss is
 from __future__ import annotations
 
 import fnmatch
+import re
 import tomllib
 from pathlib import Path
 
@@ -39,11 +40,15 @@ def test_the_licences_are_shipped_and_the_weights_carry_taesds_notice():
     assert "TAEF2" in notice and "Copyright (c) 2023 Ollin Boer Bohan" in notice
 
 
-def test_the_sdist_carries_the_tests_helpers():
-    # setuptools puts only test*.py in an sdist: conftest.py, factories.py, ... were missing, and 16 test
-    # files failed to import there
-    includes = [line.split()[1:] for line in (ROOT / "MANIFEST.in").read_text().splitlines()
-                if line.startswith("include ")]
-    patterns = [pattern for line in includes for pattern in line]
+def test_the_sdist_carries_what_the_tests_read():
+    # setuptools puts only test*.py in an sdist: conftest.py, factories.py, ... were missing (16 test files failed to
+    # import), and so were the scripts in benchmarks/ and tools/ that other tests run
+    lines = [line.split() for line in (ROOT / "MANIFEST.in").read_text().splitlines() if line and line[0] != "#"]
+    patterns = [p for words in lines if words[0] == "include" for p in words[1:]]
+    grafted = {p for words in lines if words[0] == "graft" for p in words[1:]}
     helpers = [p.relative_to(ROOT).as_posix() for p in (ROOT / "tests").glob("*.py")]
     assert [h for h in helpers if not any(fnmatch.fnmatch(h, pat) for pat in patterns)] == []
+    folders = {p.name for p in ROOT.iterdir() if p.is_dir() and p.name not in ("src", "tests") and p.name[0] != "."}
+    tests_text = "\n".join(p.read_text() for p in (ROOT / "tests").glob("*.py"))
+    read = {f for f in folders if re.search(rf"[\"']{f}[\"'/]", tests_text)}
+    assert read and read <= grafted, f"graft these in MANIFEST.in: {sorted(read - grafted)}"
