@@ -304,6 +304,13 @@ def _resume_state(run: Run) -> tuple[Path, dict[str, Any]] | None:
     checkpoints is refused: it overwrote the first ones and kept the rest, and a later --resume continued from
     the old run's newest with a metrics.csv of both."""
     newest = latest_checkpoint(run.out)
+    if run.world > 1:  # an --out one rank cannot see (node-local) would start it at step 0 while the others resume
+        from accelerate.utils import gather_object
+
+        seen = gather_object([newest.name if newest else None])
+        if len(set(seen)) > 1:
+            raise TrainError(f"the processes see different checkpoints in '{run.out}' (newest per rank: "
+                             f"{', '.join(str(n) for n in seen)}): --out must be one folder every process shares")
     if not run.config.resume:
         if newest is not None:
             raise TrainError(f"'{run.out}' holds an earlier run's checkpoints (newest {newest.name}): pass --resume "
