@@ -352,6 +352,7 @@ def test_missing_onnx_runtime_skips_its_rows(monkeypatch):
     assert payload["rows"][0]["speedup"] is None  # no baseline in the run: no speed-up, not a made-up one
     (skip,) = payload["skipped"]
     assert skip["backend"] == "onnx" and "onnxruntime" in skip["reason"]
+    assert skip["reason"].endswith('pip install "fastdec[onnx]"')  # the extra that has it
     # only that backend asked for: nothing can be timed, an error (it was exit 0 with an empty table)
     with pytest.raises(BenchError, match="nothing can be timed.*--backends onnx: the onnx backend needs onnxruntime"):
         run_bench(BenchConfig(sizes=[64], decoders=["tae-64"], baselines=["none"], backends=["onnx"], repeats=1,

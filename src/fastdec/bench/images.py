@@ -293,7 +293,8 @@ def _backend_unavailable(backend: str) -> str | None:
         try:
             importlib.import_module(package)
         except Exception as e:  # missing or broken optional dependency: skip the backend's rows, keep the run
-            return f"the {backend} backend needs {package}, which cannot be imported ({type(e).__name__}: {e})"
+            return (f"the {backend} backend needs {package}, which cannot be imported ({type(e).__name__}: {e}): "
+                    f'pip install "fastdec[{backend}]"')
     return None
 
 

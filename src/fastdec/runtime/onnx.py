@@ -203,7 +203,7 @@ def onnx_torch_difference(decoder: LatentDecoder, onnx_path: str | os.PathLike,
     """Max |onnxruntime - torch| on [0, 1] RGB for random latents (batch, h, w) = ``shape``, on CPU.
 
     NaN when the graph outputs NaN where torch does not (the graph's raw output is compared, so a broken
-    export reads as a difference, not as bad weights)."""
+    export reads as a difference, not as bad weights). Without onnxruntime: :class:`MissingDependencyError`."""
     batch, height, width = shape
     z = torch.randn(batch, decoder.latent_channels, height, width, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
