@@ -2,7 +2,6 @@
 (``fastdec <command>: error: <message>`` on stderr, exit status 2, nothing on stdout)."""
 from __future__ import annotations
 
-import argparse
 import re
 from pathlib import Path
 
@@ -183,19 +182,11 @@ def test_resolve_decoder_names_a_device_it_cannot_use(device, words):
         resolve_decoder("flux2-turbo", device=device)
 
 
-def _parsers(parser: argparse.ArgumentParser):
-    yield parser
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for sub in action.choices.values():
-                yield from _parsers(sub)
-
-
 def test_every_help_text_prints_as_written():
     # argparse %-formats help= strings but not description=: "95%%" was printed in eval's descriptions
-    from fastdec.cli import build_parser
+    from fastdec.cli import build_parser, iter_parsers
 
-    parsers = list(_parsers(build_parser()))
+    parsers = list(iter_parsers(build_parser()))
     assert len(parsers) > 10  # every command and subcommand
     for parser in parsers:
         text = parser.format_help()

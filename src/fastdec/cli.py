@@ -41,17 +41,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _command_names(parser: argparse.ArgumentParser) -> dict[Callable, str]:
-    """Each command's function -> its full name ("fastdec eval images"), for error prefixes."""
-    names: dict[Callable, str] = {}
+def iter_parsers(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
+    """``parser`` and every subcommand's parser below it, each before its subcommands."""
+    yield parser
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             for sub in action.choices.values():
-                func = sub._defaults.get("func")
-                if func is not None:
-                    names[func] = sub.prog
-                names.update(_command_names(sub))
-    return names
+                yield from iter_parsers(sub)
+
+
+def _command_names(parser: argparse.ArgumentParser) -> dict[Callable, str]:
+    """Each command's function -> its full name ("fastdec eval images"), for error prefixes."""
+    return {sub._defaults["func"]: sub.prog for sub in iter_parsers(parser)
+            if sub is not parser and sub._defaults.get("func") is not None}
 
 
 def _flag_names(parser: argparse.ArgumentParser) -> dict[str, str]:
