@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from fastdec import load_decoder
 from fastdec.cli import main as cli_main
-from fastdec.errors import DataError, NonFiniteOutputError, UsageError
+from fastdec.errors import DataError, NonFiniteOutputError, UnsafePathError, UsageError
 from fastdec.train import GlobalBatches, TrainConfig, TrainError, lr_factor, make_config, train
 from fastdec.train.losses import (LossConfigError, PatchDiscriminator, hinge_d_loss, hinge_g_loss, load_lpips,
                                   ms_ssim_loss, ms_ssim_scales, temporal_loss)
@@ -127,6 +127,40 @@ def test_keep_checkpoints_deletes_all_but_the_newest_and_resume_continues(tiny_s
     assert (out / "decoder.safetensors").is_file()
     with pytest.raises(UsageError, match="--keep-checkpoints must be a finite number greater than 0"):
         _run(**tiny_setup, steps=5, keep_checkpoints=0, out=str(tmp_path / "none"))
+
+
+@pytest.mark.parametrize("link, options", [
+    ("checkpoints", {"ckpt_every": 1}), ("grids", {"val_every": 1}), ("samples", {"log_samples": True}),
+    ("samples/rank0.jsonl", {"log_samples": True}),
+])
+def test_a_link_inside_the_run_folder_is_refused_and_nothing_outside_changes(tiny_setup, tmp_path, link, options):
+    # a link in --out to a folder elsewhere got checkpoints and grids written there, and --keep-checkpoints
+    # deleted that folder's files; a linked sample log was appended to
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    victim = outside / "step_00000001.pt"
+    victim.write_bytes(b"someone else's file")
+    out = tmp_path / "run"
+    (out / Path(link).parent).mkdir(parents=True, exist_ok=True)
+    (out / link).symlink_to(victim if link.endswith(".jsonl") else outside)
+    with pytest.raises(UnsafePathError, match="outside|is a link to"):
+        _run(**{**tiny_setup, "val_every": 100, **options}, steps=2, keep_checkpoints=1, out=str(out))
+    assert sorted(p.name for p in outside.iterdir()) == ["step_00000001.pt"]
+    assert victim.read_bytes() == b"someone else's file"
+
+
+def test_a_linked_latent_cache_folder_is_refused(tiny_setup, tmp_path):
+    _run(**tiny_setup, steps=1, out=str(tmp_path / "first"))
+    cache = Path(tiny_setup["cache_dir"])
+    (entry,) = [p for p in cache.iterdir() if p.is_dir()]
+    outside = tmp_path / "outside"
+    entry.rename(outside)
+    entry.symlink_to(outside)
+    before = sorted(p.name for p in outside.iterdir())
+    (outside / "index.json").unlink()  # so the run would build the cache again, through the link
+    with pytest.raises(UnsafePathError, match="is a link to"):
+        _run(**tiny_setup, steps=1, out=str(tmp_path / "second"))
+    assert sorted(p.name for p in outside.iterdir()) == [n for n in before if n != "index.json"]
 
 
 def test_resume_with_another_decoder_is_refused_before_any_encoding(tiny_setup, tmp_path, capsys):

@@ -138,6 +138,21 @@ def output_path(folder: str | os.PathLike, name: str, what: str = "output name")
     return path
 
 
+def output_subfolder(folder: str | os.PathLike, name: str, what: str = "output folder") -> Path:
+    """``folder / name`` made a folder if it is not one yet, refused when it is a link or otherwise lands outside
+    ``folder``: files written into it (and checkpoints pruned from it) must stay in the output folder."""
+    check_name(name, what)
+    folder = Path(folder)
+    path = folder / name
+    if path.is_symlink() or (path.exists() and path.resolve().parent != folder.resolve()):
+        raise UnsafePathError(f"{what} '{path}' is a link to '{path.resolve()}': fastdec writes only inside "
+                              f"'{folder}'; remove the link (or choose another output folder)")
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{what} '{path}' is a file, where fastdec keeps a folder: move the file away")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def _write_problem(folder: Path) -> str | None:
     """Why a file cannot be created in ``folder`` (None when it can), found by creating one: permission bits
     do not tell (root passes every check, and /proc or a read-only mount refuse anyway)."""

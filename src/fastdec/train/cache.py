@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from ..errors import DataError
-from ..io.files import atomic_write, prepare_output_dir, write_json
+from ..io.files import atomic_write, output_subfolder, prepare_output_dir, write_json
 from .data import Crop
 
 INDEX = "index.json"
@@ -227,7 +227,8 @@ def build_cache(
     """Encode ``per_file`` random crops of every file of ``dataset`` with ``teacher`` (or reuse/resume)."""
     key = cache_key(dataset, teacher, per_file, seed)
     cache_root = prepare_output_dir(cache_root, "latent cache folder (--cache-dir)")
-    folder = cache_root / f"{teacher.latent_space.name}-{dataset.resolution}px-{key}"
+    folder = output_subfolder(cache_root, f"{teacher.latent_space.name}-{dataset.resolution}px-{key}",
+                              "the latent cache's folder")
     if (folder / INDEX).is_file():
         index = read_index(folder)
         if index.get("complete"):

@@ -32,7 +32,7 @@ import torch.nn as nn
 from ..devices import check_launch_environment
 from ..errors import TrainError
 from ..io.checkpoints import save_decoder
-from ..io.files import prepare_output_dir, write_json
+from ..io.files import output_path, output_subfolder, prepare_output_dir, write_json
 from ..models.base import LatentDecoder
 from ..runtime.optimize import to_channels_last
 from .cache import CachedCrops, LatentCache, build_cache
@@ -411,12 +411,13 @@ def open_logs(run: Run) -> None:
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            run.tensorboard = SummaryWriter(str(run.out / "tensorboard"))
+            run.tensorboard = SummaryWriter(str(output_subfolder(run.out, "tensorboard", "the TensorBoard folder")))
         except ImportError:
             pass
     if run.config.log_samples:
-        (run.out / "samples").mkdir(parents=True, exist_ok=True)
-        run.sample_log = open(run.out / "samples" / f"rank{run.rank}.jsonl", "a")
+        samples = output_subfolder(run.out, "samples", "the sample-log folder")
+        # appended to, not replaced: a link in its place would add lines to a file outside --out
+        run.sample_log = open(output_path(samples, f"rank{run.rank}.jsonl", "sample log"), "a")
 
 
 # ----------------------------------------------------------------------------- 2. one train step
@@ -487,7 +488,7 @@ def run_validation(run: Run) -> dict[str, float]:
     """The EMA decoder on the validation crops, with a grid for this step (rank 0; empty without --val)."""
     if not run.val:
         return {}
-    grid = run.out / "grids" / f"step_{run.step:08d}.png"
+    grid = output_subfolder(run.out, "grids", "the validation-grid folder") / f"step_{run.step:08d}.png"
     return validate(run.ema, run.val, grid, run.config.device_batch_encode)
 
 

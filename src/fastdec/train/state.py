@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError, TrainError
-from ..io.files import atomic_write, write_csv as write_csv_rows
+from ..io.files import atomic_write, output_subfolder, write_csv as write_csv_rows
 
 CHECKPOINT_KEYS = ("model", "ema", "optimizer", "scheduler", "step", "rng")
 
@@ -55,12 +55,16 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 # ----------------------------------------------------------------------------- checkpoints
 def checkpoint_path(out: Path, step: int) -> Path:
-    return Path(out) / "checkpoints" / f"step_{step:08d}.pt"
+    """Where step ``step``'s checkpoint is saved (the checkpoints folder made, and refused if a link leads out)."""
+    return output_subfolder(out, "checkpoints", "the checkpoints folder") / f"step_{step:08d}.pt"
 
 
 def list_checkpoints(out: Path) -> list[Path]:
     """The run folder's checkpoints, oldest first (the step is zero-padded, so names sort by step)."""
-    return sorted((Path(out) / "checkpoints").glob("step_*.pt"))
+    folder = Path(out) / "checkpoints"
+    if folder.is_symlink():  # pruning would delete another folder's files, and resume read them
+        output_subfolder(out, "checkpoints", "the checkpoints folder")
+    return sorted(folder.glob("step_*.pt"))
 
 
 def prune_checkpoints(out: Path, keep: int) -> list[Path]:
