@@ -9,6 +9,7 @@ import torch
 from scipy import linalg, stats
 from skimage import data, filters
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+from safetensors.torch import load_file
 
 from fastdec.errors import EvalError
 from fastdec.eval import metrics as M
@@ -172,6 +173,22 @@ def test_lpips_loads_a_local_backbone(tmp_path, monkeypatch):
     torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "other.pth")
     with pytest.raises(M.MetricUnavailable, match="not a torchvision alex state dict"):
         M.LPIPS(tmp_path / "other.pth")
+    (tmp_path / "cut.pth").write_bytes((tmp_path / "alexnet.pth").read_bytes()[:300])
+    torch.save({"features.0.weight": _Marker(tmp_path / "ran")}, tmp_path / "code.pth")
+    for bad in ("cut.pth", "code.pth"):  # a traceback before; the pickle is refused, not run
+        with pytest.raises(M.MetricUnavailable, match=f"cannot read LPIPS backbone weights .*{bad}"):
+            M.LPIPS(tmp_path / bad)
+    assert not (tmp_path / "ran").exists()
+
+
+class _Marker:
+    """A pickle whose loading would create ``path``."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (str(self.path), "w")
 
 
 # ----------------------------------------------------------------------------- Fréchet statistics
@@ -415,6 +432,16 @@ def test_fvd_without_transformers_names_the_extra(tmp_path, monkeypatch):
     with pytest.raises(MissingDependencyError, match=r'FVD \(its VideoMAE features\) needs transformers.*'
                                                      r'pip install "fastdec\[metrics\]"'):
         M.VideoMAEExtractor(folder)
+
+
+def test_videomae_weights_with_pickled_code_are_refused_not_run(tmp_path):
+    folder = _tiny_videomae(tmp_path / "videomae")
+    state = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    torch.save({**state, "extra": _Marker(tmp_path / "ran")}, folder / "pytorch_model.bin")
+    with pytest.raises(EvalError, match="not plain tensors .*model.safetensors"):  # an UnpicklingError traceback
+        M.VideoMAEExtractor(folder)
+    assert not (tmp_path / "ran").exists()
 
 
 def test_videomae_loader_errors_name_the_problem(tmp_path):

@@ -69,7 +69,8 @@ def _add_images(kinds) -> None:
                         help="centre crop R x R (default: full frame cropped to multiples of the factor)")
     images.add_argument("--lpips-weights", help="local torchvision backbone state dict for LPIPS (alexnet-owt-7be5be79.pth)")
     images.add_argument("--lpips-net", default="alex", choices=["alex", "vgg"])
-    images.add_argument("--fid-weights", help="local TorchScript Inception (inception-2015-12-05.pt) to compute FID")
+    images.add_argument("--fid-weights", help="local TorchScript Inception (inception-2015-12-05.pt) to compute FID; TorchScript "
+                        "runs as code, so pass only the released file or one you trust")
     images.add_argument("--grid", type=int, default=4, help="images in grid.png (0: none)")
     images.set_defaults(func=_cmd_images)
 
@@ -86,7 +87,8 @@ def _add_video(kinds) -> None:
     video.add_argument("--resolution", type=int,
                        help="resize so the short side is R px (antialiased), then centre crop R x R "
                             "(default: full frames cropped to multiples of the factor)")
-    video.add_argument("--fvd-extractor", help="features for FVD: videomae:DIR (VideoMAEModel folder), i3d:FILE.pt")
+    video.add_argument("--fvd-extractor", help="features for FVD: videomae:DIR (VideoMAEModel folder), i3d:FILE.pt (TorchScript, "
+                       "which runs as code: pass only the released file or one you trust)")
     video.add_argument("--clip-frames", type=int, help="frames per FVD clip (default: the extractor's, else 16)")
     video.add_argument("--batch-size", type=int, default=4, help="frames per encode/decode call")
     video.add_argument("--tof", action="store_true",

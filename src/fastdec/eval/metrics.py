@@ -14,6 +14,7 @@ import json
 import math
 import numbers
 import os
+import pickle
 import warnings
 import zipfile
 from dataclasses import dataclass
@@ -221,7 +222,14 @@ class LPIPS:
                 f"LPIPS needs torchvision for its backbone ({e}): pip install torchvision (the build matching your torch)"
             ) from e
         model = _LPIPS(pretrained=True, net=net, pnet_rand=True)  # random backbone, replaced just below
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+        except (OSError, RuntimeError, pickle.UnpicklingError) as e:  # truncated, or pickled code refused
+            raise MetricUnavailable(f"cannot read LPIPS backbone weights '{path}' as a plain tensor state dict "
+                                    f"({str(e).splitlines()[0]}): pass torchvision's {net} weights file") from e
+        if not isinstance(state, dict):
+            raise MetricUnavailable(f"'{path}' is not a torchvision {net} state dict (it holds a "
+                                    f"{type(state).__name__})")
         features = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
         if not features:
             raise MetricUnavailable(f"'{path}' is not a torchvision {net} state dict (no 'features.*' entries)")
@@ -695,6 +703,9 @@ class VideoMAEExtractor:
         VideoMAEModel = import_optional("transformers", "metrics", "FVD (its VideoMAE features)").VideoMAEModel
         try:
             self.model = VideoMAEModel.from_pretrained(str(folder), local_files_only=True, torch_dtype=dtype)
+        except pickle.UnpicklingError as e:  # a pytorch_model.bin holding more than tensors: never run
+            raise EvalError(f"'{folder}' holds weights that are not plain tensors (a pickle with code), and fastdec "
+                            "loads none: save the model as model.safetensors (save_pretrained's default)") from e
         except (OSError, ValueError, RuntimeError) as e:
             raise EvalError(f"cannot load VideoMAE weights from '{folder}': {e}") from e
         self.model = self.model.eval().to(device)
@@ -725,6 +736,10 @@ class TorchScriptExtractor:
     (N, 3, T, H, W) in [0, 255] with ``rescale=True, resize=True, return_features=True`` (400-d).
     ``kind="inception"``: ``inception-2015-12-05.pt`` (the FID network), called on uint8
     (N, 3, H, W) with ``return_features=True`` (2048-d); clips are flattened to frames.
+
+    A TorchScript file is a program, not only weights: its code runs when it is called (it can read and write
+    files). The reference networks exist only in this form, so pass only the files from their releases (or
+    ones you made), never one from an unknown source.
     """
 
     def __init__(self, path: str | os.PathLike, kind: str = "i3d", device: str | torch.device = "cpu"):
