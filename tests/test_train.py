@@ -491,6 +491,16 @@ def test_adversarial_and_ms_ssim_training_runs(tiny_setup, tmp_path):
     torch.save({"weights": torch.zeros(2)}, not_a_state)
     with pytest.raises(TrainError, match="not a fastdec training checkpoint"):
         read_checkpoint(not_a_state)
+    # the right keys with other values met a TypeError deep in --resume; each is named now
+    for key, value, problem in [("model", 1, "'model' is of type int, not a dict of tensors"),
+                                ("ema", {"w": "text"}, "'ema' is of type dict, not a dict of tensors"),
+                                ("optimizer", [1], "'optimizer' is of type list, not a dict"),
+                                ("step", "7", "'step' is '7', not a step number"),
+                                ("step", -1, "'step' is -1"), ("rng", 6, "'rng' is not a list of RNG states"),
+                                ("disc_optimizer", 3, "'disc_optimizer' is of type int")]:
+        torch.save({**state, key: value}, not_a_state)
+        with pytest.raises(TrainError, match=f"not a fastdec training checkpoint \\({problem}"):
+            read_checkpoint(not_a_state)
 
 
 def test_video_decoder_trains_on_clips(tiny_setup, tmp_path):

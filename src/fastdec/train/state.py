@@ -113,10 +113,29 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint '{path}' cannot be read ({type(e).__name__}: {e}): it is truncated or "
                               "corrupt") from e
     missing = [key for key in CHECKPOINT_KEYS if not isinstance(state, dict) or key not in state]
-    if missing:
-        raise TrainError(f"'{path}' is not a fastdec training checkpoint (missing {', '.join(missing)}): "
+    problem = f"missing {', '.join(missing)}" if missing else _layout_problem(state)
+    if problem:
+        raise TrainError(f"'{path}' is not a fastdec training checkpoint ({problem}): "
                          "delete it or move it out of the checkpoints folder")
     return state
+
+
+def _layout_problem(state: dict[str, Any]) -> str | None:
+    """What in a checkpoint's entries is not what fastdec train writes (None when all is): the resume reads
+    them as such, and a file with the right keys but other values met a TypeError deep inside it."""
+    for key in ("model", "ema"):
+        if not isinstance(state[key], dict) or not all(isinstance(v, torch.Tensor) for v in state[key].values()):
+            return f"'{key}' is of type {type(state[key]).__name__}, not a dict of tensors"
+    for key in ("optimizer", "scheduler", "config", "discriminator", "disc_optimizer"):
+        if key in state and not isinstance(state[key], dict) and not (key == "config" and state[key] is None):
+            return f"'{key}' is of type {type(state[key]).__name__}, not a dict"
+    step = state["step"]
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        return f"'step' is {step!r}, not a step number"
+    rng = state["rng"]
+    if not isinstance(rng, (list, tuple)) or not rng or not all(isinstance(r, dict) for r in rng):
+        return "'rng' is not a list of RNG states"
+    return None
 
 
 def load_resume_state(out: Path) -> tuple[Path, dict[str, Any]]:
