@@ -322,6 +322,28 @@ def test_other_decoder_or_settings_refused_unless_overwrite(workspace, tmp_path,
     assert manifest["decoder"]["source"] == str(workspace["b"]) and len(manifest["images"]) == 5
 
 
+@pytest.mark.parametrize("edit, problem", [
+    (lambda m: [1, 2], "it holds a JSON list, not an object"),
+    (lambda m: {**m, "images": {**m["images"], "zz": 5}}, "image 'zz' has no file name"),
+    (lambda m: {**m, "images": {"k0": {"file": "../../k0.png"}}}, "image 'k0': its file '../../k0.png'"),
+    (lambda m: {**m, "decoder": "a"}, "its 'decoder' or 'images' is not an object"),
+])
+def test_a_manifest_of_another_layout_is_named_not_a_traceback(workspace, tmp_path, capsys, edit, problem):
+    latents = tmp_path / "latents"
+    write_latent_shard(latents / "s.safetensors", {f"k{i}": torch.randn(4, 8, 8) for i in range(2)})
+    out = tmp_path / "out"
+    args = ["decode-batch", "--latents", str(latents), "--out", str(out), "--decoder", str(workspace["a"]),
+            "--no-progress"]
+    assert main(args) == 0
+    (out / MANIFEST_NAME).write_text(json.dumps(edit(json.loads((out / MANIFEST_NAME).read_text()))))
+    capsys.readouterr()
+    assert main(args) == 2  # an AttributeError or TypeError traceback before, one after the images were written
+    err = capsys.readouterr().err
+    assert f"is not one decode-batch writes ({problem}" in err and "--overwrite" in err
+    assert _hidden(out) == []
+    assert main([*args, "--overwrite"]) == 0 and len(json.loads((out / MANIFEST_NAME).read_text())["images"]) == 2
+
+
 def test_vae_space_latents_are_converted(workspace, tmp_path):
     decoder = load_decoder(workspace["a"]).eval()
     g = torch.Generator().manual_seed(5)

@@ -50,7 +50,8 @@ from ..errors import (
     UnsafePathError,
     UsageError,
 )
-from ..io.files import TEMP_MARKER, check_output_file, output_folder, output_path, write_json, write_text
+from ..io.files import (TEMP_MARKER, check_name, check_output_file, output_folder, output_path, write_json,
+                        write_text)
 from ..io.images import IMAGE_FORMATS, save_image, to_uint8
 from ..io.latents import LatentReader, LatentRef, check_key, check_latent, find_latent_files, index_latent_file
 from ..resolve import check_random_weights, locate, resolve_decoder
@@ -188,11 +189,32 @@ def describe_difference(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
 # ----------------------------------------------------------------------------- manifest
 def _read_json(path: Path) -> dict | None:
     try:
-        return json.loads(path.read_text())
+        manifest = json.loads(path.read_text())
     except FileNotFoundError:
         return None
     except (json.JSONDecodeError, OSError, UnicodeDecodeError) as e:
         raise ManifestMismatchError(f"manifest '{path}' is unreadable ({e}); delete it or pass --overwrite") from e
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise ManifestMismatchError(f"manifest '{path}' is not one decode-batch writes ({problem}); delete it or "
+                                    "pass --overwrite")
+    return manifest
+
+
+def _manifest_problem(manifest: Any) -> str | None:
+    """What is wrong with a manifest's layout (None when nothing is): resume and merge read its records."""
+    if not isinstance(manifest, dict):
+        return f"it holds a JSON {type(manifest).__name__}, not an object"
+    if not isinstance(manifest.get("decoder", {}), dict) or not isinstance(manifest.get("images", {}), dict):
+        return "its 'decoder' or 'images' is not an object"
+    for key, record in manifest.get("images", {}).items():
+        if not isinstance(record, dict) or not isinstance(record.get("file"), str):
+            return f"image {key!r} has no file name"
+        try:
+            check_name(record["file"], "its file")
+        except UnsafePathError as e:
+            return f"image {key!r}: {e}"
+    return None
 
 
 def existing_manifests(out: Path) -> list[tuple[Path, dict]]:
