@@ -1198,3 +1198,35 @@ def test_metrics_refuse_a_data_range_that_is_no_scale():
         with pytest.raises(ValueError, match="data_range is the pixels' full scale"):
             M.psnr(x, x, data_range=data_range)
     assert torch.isfinite(M.psnr(x * 255, (x * 255).round(), data_range=255.0)).all()  # 8-bit scale is taken
+
+
+# ============================================================================= 13. config files of another make
+@pytest.mark.parametrize("content, problem", [
+    (b"\xff\xfe{}", r"is not UTF-8 text \(byte 0\): save it as UTF-8"),
+    (b"[1, 2]", "holds a JSON list, not an object"),
+    (b"{", "is not valid JSON"),
+])
+def test_json_configs_that_are_not_utf8_or_no_object_are_named(tmp_path, content, problem):
+    """A config.json in a latin-1 file met a UnicodeDecodeError traceback, a JSON list an AttributeError."""
+    from fastdec.errors import CheckpointError, EvalError, TeacherError
+    from fastdec.eval.metrics import VideoMAEExtractor
+    from fastdec.io.checkpoints import read_decoder
+    from fastdec.teachers import load_teacher
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_bytes(content)
+    for load, error, what in [(read_decoder, CheckpointError, "decoder config"),
+                              (load_teacher, TeacherError, "VAE config"),
+                              (VideoMAEExtractor, EvalError, "VideoMAE config")]:
+        with pytest.raises(error, match=f"{what} '.*config.json' {problem}"):
+            load(folder)
+
+
+def test_a_train_config_file_that_is_not_utf8_is_named(tmp_path, capsys):
+    from fastdec.cli import main
+
+    config = tmp_path / "run.yaml"
+    config.write_bytes(b"steps: 2\n# caf\xe9\n")  # latin-1
+    assert main(["train", "--config", str(config)]) == 2
+    assert f"config file '{config}' is not UTF-8 text (byte 14): save it as UTF-8" in capsys.readouterr().err

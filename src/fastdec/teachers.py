@@ -15,7 +15,6 @@ Two kinds:
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from .errors import CheckpointError, DecoderSpecError, LatentSpaceMismatchError,
 from .latent_spaces import PRESETS as SPACES, LatentSpace, get_latent_space
 from .models.base import LatentDecoder
 from .resolve import load_encoder, locate, resolve_in_space
+from .io.files import read_json_object
 
 VAE_CLASSES = ("AutoencoderKL", "AutoencoderKLTemporalDecoder", "AutoencoderDC", "AutoencoderKLFlux2")
 _NOT_A_TEACHER = ("a diffusers VAE (folder with config.json, or a vae/ subfolder; single-file .safetensors) "
@@ -191,18 +191,15 @@ def _vae_folder(path: Path) -> Path | None:
     for folder in (path, path / "vae"):
         config = folder / "config.json"
         if config.is_file():
-            try:
-                if json.loads(config.read_text()).get("_class_name") in VAE_CLASSES:
-                    return folder
-            except json.JSONDecodeError as e:
-                raise TeacherError(f"'{config}' is not valid JSON: {e}") from e
+            if read_json_object(config, TeacherError, "VAE config").get("_class_name") in VAE_CLASSES:
+                return folder
     return None
 
 
 def _load_vae_folder(folder: Path, dtype: torch.dtype | None) -> tuple[torch.nn.Module, str, dict]:
     import diffusers
 
-    config = json.loads((folder / "config.json").read_text())
+    config = read_json_object(folder / "config.json", TeacherError, "VAE config")
     class_name = config["_class_name"]
     cls = getattr(diffusers, class_name, None)
     if cls is None:
@@ -351,7 +348,7 @@ def _load_hub_teacher(repo_id: str, space, device, dtype, sample) -> Teacher:
         except Exception as e:  # offline, missing file: all mean "not here"
             errors.append(f"{subfolder or '.'}: {type(e).__name__}")
             continue
-        config = json.loads(Path(config_path).read_text())
+        config = read_json_object(Path(config_path), TeacherError, "VAE config")
         class_name = config.get("_class_name")
         if class_name not in VAE_CLASSES:
             continue

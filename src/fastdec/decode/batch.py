@@ -189,7 +189,7 @@ def describe_difference(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
 # ----------------------------------------------------------------------------- manifest
 def _read_json(path: Path) -> dict | None:
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return None
     except (json.JSONDecodeError, OSError, UnicodeDecodeError) as e:

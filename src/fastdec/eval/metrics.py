@@ -10,7 +10,6 @@ raises :class:`~fastdec.errors.MetricUnavailable` with the fix.
 """
 from __future__ import annotations
 
-import json
 import math
 import numbers
 import os
@@ -26,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import EvalError, InputTypeError, MetricUnavailable, import_optional, is_number
-from ..io.files import as_path, atomic_write
+from ..io.files import as_path, atomic_write, read_json_object
 from ..io.images import check_pixel_range
 
 # SSIM with the settings of Wang et al. and scikit-image's reference (gaussian_weights=True):
@@ -697,7 +696,7 @@ class VideoMAEExtractor:
                 f"'{folder}' is not a VideoMAE checkpoint folder: expected a directory with config.json and "
                 "model.safetensors / pytorch_model.bin (from VideoMAEModel.save_pretrained)"
             )
-        config = json.loads((folder / "config.json").read_text())
+        config = read_json_object(folder / "config.json", EvalError, "VideoMAE config")
         if config.get("model_type") != "videomae":
             raise EvalError(f"'{folder}/config.json' has model_type={config.get('model_type')!r}, expected 'videomae'")
         VideoMAEModel = import_optional("transformers", "metrics", "FVD (its VideoMAE features)").VideoMAEModel

@@ -24,7 +24,7 @@ from ..latent_spaces import PRESETS as SPACES, LatentSpace, get_latent_space
 from ..models.base import LatentDecoder
 from ..models.registry import ARCHITECTURES, build_decoder
 from ..models.tae import TAEConfig, TAEDecoder, TAEEncoder, TAEEncoderConfig, tae_factor
-from .files import as_path, atomic_write, check_output_file
+from .files import as_path, atomic_write, check_output_file, read_json_object
 from .pickles import load_weights_only
 
 FORMAT = "fastdec"
@@ -307,10 +307,7 @@ def _tiny_config(folder: Path) -> dict:
     config_file = folder / "config.json"
     if not config_file.exists():
         return {}
-    try:
-        return json.loads(config_file.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"'{config_file}' is not valid JSON: {e}") from e
+    return read_json_object(config_file, CheckpointError, "decoder config")
 
 
 def _weights_in(folder: Path, kind: str) -> Path:

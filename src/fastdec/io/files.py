@@ -179,6 +179,28 @@ def display_name(path: Path) -> str:
     return printable(path.name)
 
 
+def read_text_file(path: Path, error: type[Exception], what: str) -> str:
+    """``path``'s UTF-8 text, or ``error`` naming ``what`` and the problem (an unreadable file, or bytes that
+    are not UTF-8, met a bare OSError or UnicodeDecodeError)."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise error(f"{what} '{path}' is not UTF-8 text (byte {e.start}): save it as UTF-8") from e
+    except OSError as e:
+        raise error(f"cannot read {what} '{path}': {e.strerror or e}") from e
+
+
+def read_json_object(path: Path, error: type[Exception], what: str) -> dict[str, Any]:
+    """The JSON object in ``path``, or ``error`` naming ``what``: not readable, not JSON, or not an object."""
+    try:
+        value = json.loads(read_text_file(path, error, what))
+    except json.JSONDecodeError as e:
+        raise error(f"{what} '{path}' is not valid JSON: {e}") from e
+    if not isinstance(value, dict):
+        raise error(f"{what} '{path}' holds a JSON {type(value).__name__}, not an object")
+    return value
+
+
 def as_path(value: str | os.PathLike, what: str) -> Path:
     """``value`` as a Path, or an error naming ``what`` (pathlib's own says only "expected str, bytes or
     os.PathLike object, not int", with no word of which argument it was)."""

@@ -65,7 +65,7 @@ def _damaged(folder: Path, problem: str) -> DataError:
 def read_index(folder: Path) -> dict[str, Any]:
     """A cache folder's index, or an error naming the folder when it is not valid JSON."""
     try:
-        index = json.loads((folder / INDEX).read_text())
+        index = json.loads((folder / INDEX).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise _damaged(folder, f"{INDEX} is unreadable: {e}") from e
     if not isinstance(index, dict) or not {"plan", "shards", "next"} <= set(index):

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import TrainError, UsageError
+from ..io.files import read_text_file
 from .data import check_short_side
 from .precision import CHANNELS_LAST
 
@@ -176,11 +177,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if path.suffix not in (".yaml", ".yml", ".toml"):
         raise TrainError(f"config file '{path}' must be .yaml, .yml or .toml")
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise TrainError(f"cannot read config file '{path}': {e.strerror or e}") from e
-    values = _parse_config_text(text, path)
+    values = _parse_config_text(read_text_file(path, TrainError, "config file"), path)
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     spelled: dict[str, str] = {}
     for key in map(str, values):
