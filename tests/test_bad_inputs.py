@@ -340,6 +340,16 @@ def test_latents_files_whose_names_are_not_utf8_are_read_or_named():
                 read(os.fsdecode(base + b".safetensors"))
 
 
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_two_latents_of_one_name_are_refused_before_any_image(check, assets, tmp_path, suffix):
+    # the stack 'a' of two is a_0 and a_1, as is the key 'a_0': three latents gave two files, one overwritten
+    tensors = {"a": torch.randn(2, 4, 8, 8), "a_0": torch.randn(4, 8, 8)}
+    latents = tmp_path / f"coll{suffix}"
+    save_file(tensors, str(latents)) if suffix == ".safetensors" else torch.save(tensors, latents)
+    check(command("decode", assets, assets.decoder("tae-64"), tmp_path / "out", latents=latents), 2,
+          "latent 0 of key 'a' and key 'a_0' are both named 'a_0'", "rename one key")
+
+
 def test_a_latents_file_name_that_is_not_utf8_is_named_as_such(check, assets, tmp_path):
     # it was called a control character (Python keeps the undecodable bytes as surrogates)
     latents = tmp_path / f"{os.fsdecode(b'z' + bytes([0xff]))}.npy"

@@ -276,6 +276,7 @@ def read_latents(path: str | os.PathLike) -> list[tuple[str, torch.Tensor]]:
     for ref in refs:
         stacks[ref.tensor] = stacks.get(ref.tensor, 0) + 1
     out = []
+    first_named: dict[str, LatentRef] = {}
     for ref in refs:
         base = "" if ref.tensor in ("", path.stem) and path.suffix.lower() != ".safetensors" else ref.tensor
         if ref.index < 0 or stacks[ref.tensor] == 1:
@@ -287,5 +288,13 @@ def read_latents(path: str | os.PathLike) -> list[tuple[str, torch.Tensor]]:
                 check_key(name)
             except UnsafePathError as e:
                 raise LatentFileError(f"{path}: {e}") from e
+        if name in first_named:  # a stack 'a' of two is a_0, a_1: a key 'a_0' beside it overwrote one image
+            raise LatentFileError(f"{path}: {_describe(first_named[name])} and {_describe(ref)} are both named "
+                                  f"{name!r} (a stack's latents are named KEY_INDEX): rename one key")
+        first_named[name] = ref
         out.append((name, reader.read(ref)))
     return out
+
+
+def _describe(ref: LatentRef) -> str:
+    return f"key {ref.tensor!r}" if ref.index < 0 else f"latent {ref.index} of key {ref.tensor!r}"
