@@ -149,6 +149,16 @@ def test_a_link_inside_the_run_folder_is_refused_and_nothing_outside_changes(tin
     assert victim.read_bytes() == b"someone else's file"
 
 
+def test_a_run_refused_for_its_data_leaves_no_empty_out(tiny_setup, tmp_path):
+    bad = make_images(tmp_path / "bad", 2, size=(128, 128), suffix=".jpg")
+    for jpg in bad.iterdir():  # the header reads, the pixels do not: found only when the cache encodes them
+        jpg.write_bytes(jpg.read_bytes()[:1000])
+    out = tmp_path / "runs" / "new"
+    with pytest.raises(DataError, match="could be decoded"):
+        _run(**{**tiny_setup, "data": str(bad), "val": None}, steps=1, out=str(out))
+    assert not (tmp_path / "runs").exists()
+
+
 def test_a_linked_latent_cache_folder_is_refused(tiny_setup, tmp_path):
     _run(**tiny_setup, steps=1, out=str(tmp_path / "first"))
     cache = Path(tiny_setup["cache_dir"])

@@ -32,7 +32,7 @@ import torch.nn as nn
 from ..devices import check_launch_environment
 from ..errors import TrainError
 from ..io.checkpoints import save_decoder
-from ..io.files import output_path, output_subfolder, prepare_output_dir, write_json
+from ..io.files import output_folder, output_path, output_subfolder, write_json
 from ..models.base import LatentDecoder
 from ..runtime.optimize import to_channels_last
 from .cache import CachedCrops, LatentCache, build_cache
@@ -201,7 +201,7 @@ def _teacher_decoder_module(teacher) -> nn.Module | None:
 
 
 def build_data(run: Run) -> None:
-    """The data folders, the run folder, the latent cache and (rank 0) the encoded validation crops."""
+    """The data folders, the run folder, then the latents."""
     config, teacher = run.config, run.teacher
     with warnings.catch_warnings():
         if not run.is_main:  # one warning per bad file, not one per process
@@ -211,8 +211,15 @@ def build_data(run: Run) -> None:
                                   short_side=config.short_side)
         val_set = open_folder(config.val, config.resolution, teacher.spatial_factor, config.frames,
                               short_side=config.short_side) if config.val else None
-    if run.is_main:
-        prepare_output_dir(run.out)  # a file or an unwritable folder at --out fails before the encoding pass
+    # a file or an unwritable folder at --out fails before the encoding pass; a run refused here (no readable
+    # file in --data) leaves no empty --out behind
+    with output_folder(run.out if run.is_main else None):
+        _build_latents(run, val_set)
+
+
+def _build_latents(run: Run, val_set: Any) -> None:
+    """The latent cache of the training crops, and (rank 0) the encoded validation crops."""
+    config, teacher = run.config, run.teacher
     cache_root = Path(config.cache_dir or os.environ.get("FASTDEC_CACHE") or Path.home() / ".cache/fastdec/latents")
     teacher.to(run.device)
     with run.accelerator.main_process_first():
