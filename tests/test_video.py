@@ -164,6 +164,19 @@ def test_failed_writes_leave_no_file(tmp_path):
         write_video(frames, tmp_path / "x.avi")
 
 
+@pytest.mark.parametrize("suffix", [".mp4", ".gif"])
+def test_a_video_is_on_disk_before_it_is_renamed_into_place(tmp_path, monkeypatch, suffix):
+    # without an fsync, a crash just after the rename could leave a complete-looking name over missing data
+    import os as os_module
+
+    events = []
+    real_fsync, real_replace = os_module.fsync, os_module.replace
+    monkeypatch.setattr(os_module, "fsync", lambda fd: (events.append("fsync"), real_fsync(fd))[1])
+    monkeypatch.setattr(os_module, "replace", lambda a, b: (events.append("replace"), real_replace(a, b))[1])
+    write_video(torch.rand(3, 3, 16, 16), tmp_path / f"v{suffix}")
+    assert events == ["fsync", "replace"]
+
+
 def test_a_killed_writes_partial_video_is_removed_by_the_next_write(tmp_path):
     # a SIGTERM'd decode-video left .out.mp4.*.fastdec-tmp.mp4, and a successful rerun to the same --out kept it
     stale = tmp_path / ".out.mp4.k1ll3d.fastdec-tmp.mp4"

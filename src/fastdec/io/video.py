@@ -330,6 +330,8 @@ class VideoWriter:
             for packet in self._stream.encode():
                 self._container.mux(packet)
             self._container.close()
+        with open(self._tmp, "rb+") as f:  # on disk before the rename makes it visible, as atomic_write does
+            os.fsync(f.fileno())
         os.chmod(self._tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600
         os.replace(self._tmp, self.path)
         self._closed = True
