@@ -81,9 +81,12 @@ def test_temporal_version_starts_equal_and_decodes_a_clip(example, tmp_path):
     out = tmp_path / "clip.mp4"
     assert main(["--plugin", str(EXAMPLE), "decode-video", str(tmp_path / "clip.pt"), "--decoder", str(path),
                  "--out", str(out), "--quiet"]) == 0
+    from fastdec.decode.video import decoding_mode
     from fastdec.io.video import read_video
 
     assert read_video(out).shape == (5, 3, 32, 32)
+    # decode-video said "frame by frame (image decoder: expect flicker)" of it, which decodes the whole clip
+    assert decoding_mode(loaded, parallel=False) == "the whole clip in one call"
 
 
 def test_a_missing_plugin_is_a_usage_error(tmp_path, capsys):
@@ -105,3 +108,110 @@ def test_a_plugin_that_fails_on_import_is_named_with_its_line(tmp_path, capsys, 
     assert words.format(path=plugin) in err and "Traceback" not in err and "Fix the plugin" in err
     assert main(["--plugin", "", "pretrained"]) == 2
     assert "--plugin is empty" in capsys.readouterr().err
+
+
+def test_bench_measures_a_plugin_decoder_and_its_video_version(example, tmp_path, capsys):
+    # the memory probe's own process did not load the plugin ("not a decoder file", no peak MB), and
+    # bench --video called decode_chunks, which only fastdec's chunked decoders have
+    import json
+
+    report = tmp_path / "bench.json"
+    assert main(["--plugin", str(EXAMPLE), "bench", "--decoders", "my-shuffle-32", "--baselines", "none",
+                 "--sizes", "64", "--repeats", "1", "--warmup", "0", "--json", str(report)]) == 0
+    (row,) = json.loads(report.read_text())["rows"]
+    assert row["peak_mem_mb"] is not None and row["peak_mem_mb"] > 0, row.get("peak_mem_error")
+    report = tmp_path / "video.json"
+    assert main(["--plugin", str(EXAMPLE), "bench", "--video", "--decoders", "my-shuffle-temporal-32",
+                 "--baselines", "none", "--sizes", "64", "--video-frames", "4", "--repeats", "1", "--warmup",
+                 "0", "--no-memory", "--json", str(report)]) == 0
+    rows = json.loads(report.read_text())["rows"]
+    assert [r["mode"] for r in rows] == ["parallel"] and rows[0]["per_frame_s"] > 0
+
+
+def _plugin(folder: Path, name: str, source: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_text(source)
+    return folder / name
+
+
+SHUFFLE_LIKE = """
+from dataclasses import dataclass
+import torch.nn as nn
+from fastdec.models import LatentDecoder, register_architecture, register_preset
+
+@dataclass
+class Config:
+    latent_channels: int = 4
+
+@register_architecture
+class Decoder(LatentDecoder):
+    architecture = "{arch}"
+    config_class = Config
+
+    def __init__(self, config, latent_space):
+        super().__init__(config, latent_space)
+        self.head = nn.Sequential(nn.Conv2d(config.latent_channels, 3 * 64, 1), nn.PixelShuffle({shuffle}))
+
+    def decode_layers(self, z):
+        return self.head(z)
+
+@register_preset("{preset}", "{arch}", "test plugin")
+def preset(space):
+    return {{}}
+"""
+
+
+def test_two_plugin_files_of_one_name_are_both_loaded(tmp_path, capsys):
+    # both were imported as the module fastdec_plugin_decoders: the second was skipped without a word
+    a = _plugin(tmp_path / "a", "decoders.py", SHUFFLE_LIKE.format(arch="guide-a", preset="guide-a-1", shuffle=8))
+    b = _plugin(tmp_path / "b", "decoders.py", SHUFFLE_LIKE.format(arch="guide-b", preset="guide-b-1", shuffle=8))
+    assert main(["--plugin", str(a), "--plugin", str(b), "pretrained"]) == 0
+    assert {"guide-a-1", "guide-b-1"} <= set(fastdec.list_decoders())
+    assert load_plugin(str(a)) is load_plugin(str(tmp_path / "a" / ".." / "a" / "decoders.py"))  # once per file
+
+
+@pytest.mark.parametrize("source, words", [
+    (SHUFFLE_LIKE.format(arch="guide-c", preset="tae-64", shuffle=8),
+     "UsageError: preset name 'tae-64' is taken by fastdec.models.tae.tae_64"),
+    (SHUFFLE_LIKE.format(arch="tae", preset="guide-d-1", shuffle=8), "architecture name 'tae' is taken by "
+                                                                    "fastdec.models.tae.TAEDecoder"),
+    (SHUFFLE_LIKE.format(arch="", preset="guide-e-1", shuffle=8), "Decoder sets no architecture name"),
+    (SHUFFLE_LIKE.format(arch="guide-f", preset="guide-f-1", shuffle=8).replace("latent_channels", "channels"),
+     "config_class must be a @dataclass with a latent_channels field"),
+])
+def test_a_plugin_that_registers_what_cannot_work_is_refused_at_import(tmp_path, capsys, source, words):
+    # a preset or architecture of a built-in name replaced fastdec's own without a word (then blamed its
+    # checkpoints); a missing name or config field met a traceback at the first decode
+    plugin = _plugin(tmp_path, "plug.py", source)
+    assert main(["--plugin", str(plugin), "pretrained"]) == 2
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err
+    assert fastdec.models.PRESETS["tae-64"].make_config.__module__ == "fastdec.models.tae"
+    assert fastdec.models.ARCHITECTURES["tae"].__module__ == "fastdec.models.tae"
+
+
+def test_a_decoder_whose_layers_upsample_by_another_factor_is_refused_at_decode(tmp_path):
+    # x8 layers in the x32 Sana space wrote 64x64 pictures for 8x8 latents, where 256x256 were due
+    plugin = load_plugin(str(_plugin(tmp_path, "wrong.py",
+                                     SHUFFLE_LIKE.format(arch="guide-g", preset="guide-g-1", shuffle=8))))
+    decoder = fastdec.create_decoder("guide-g-1", "sdxl")
+    assert decoder(torch.randn(1, 4, 8, 8)).shape == (1, 3, 64, 64)  # right for a x8 space
+    wrong = plugin.Decoder(plugin.Config(latent_channels=32), fastdec.get_latent_space("sana"))
+    with pytest.raises(fastdec.errors.DecoderOutputError,
+                       match=r"returned \(1, 3, 64, 64\) for latents \(1, 32, 8, 8\); 'sana' latents decode to "
+                             r"\(1, 3, 256, 256\)"):
+        wrong(torch.randn(1, 32, 8, 8))
+
+
+def test_a_module_plugin_whose_own_import_fails_is_located(tmp_path, monkeypatch, capsys):
+    # "cannot be imported ... put the module on PYTHONPATH" was said of a module that is there, whose own
+    # `import` of a missing package failed
+    package = tmp_path / "mydecs"
+    _plugin(package, "__init__.py", "")
+    _plugin(package, "decoders.py", "import fastdec_no_such_dependency\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["--plugin", "mydecs.decoders", "pretrained"]) == 2
+    err = capsys.readouterr().err
+    assert f"at {package / 'decoders.py'}:1: ModuleNotFoundError" in err and "PYTHONPATH" not in err
+    assert main(["--plugin", "mydecs.nothing_here", "pretrained"]) == 2
+    assert "cannot be imported" in capsys.readouterr().err

@@ -54,6 +54,10 @@ class NonFiniteOutputError(FastdecError, ValueError):
     """A decoder produced NaN or inf: never written as a picture nor scored."""
 
 
+class DecoderOutputError(FastdecError, RuntimeError):
+    """A decoder's layers returned another shape than its latents call for (a plugin's upsampling is off)."""
+
+
 class DataError(FastdecError, ValueError):
     """A training or evaluation data folder that is missing, empty or unreadable."""
 

@@ -5,9 +5,11 @@ command, ``--decoder my-preset`` and ``load_decoder(checkpoint)`` know it. Nothi
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import os
+import re
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -17,35 +19,55 @@ from .errors import UsageError
 PLUGINS_ENV = "FASTDEC_PLUGINS"
 
 
+_LOADED: dict[str, ModuleType] = {}  # by the spec as a child process is given it (a file's absolute path)
+
+
 def load_plugin(spec: str) -> ModuleType:
-    """Import a module by name (``my_pkg.decoders``) or a Python file by path (``my_decoder.py``)."""
+    """Import a module by name (``my_pkg.decoders``) or a Python file by path (``my_decoder.py``), once."""
     if not spec.strip():
         raise UsageError("--plugin needs a .py file or an importable module name, got an empty one")
     path = Path(spec).expanduser()
     if spec.endswith(".py") or path.is_file():
         if not path.is_file():
             raise UsageError(f"plugin file '{spec}' not found: pass a .py file or an importable module name")
-        name = f"fastdec_plugin_{path.stem}"
-        if name in sys.modules:
-            return sys.modules[name]
-        module_spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(module_spec)
-        sys.modules[name] = module
-        try:
-            module_spec.loader.exec_module(module)
-        except BaseException as e:
-            del sys.modules[name]
-            if isinstance(e, Exception):
-                raise _failed(spec, e) from e
-            raise
-        return module
+        key = str(path.resolve())
+        if key not in _LOADED:
+            _LOADED[key] = _import_file(spec, path.resolve())
+        return _LOADED[key]
     try:
-        return importlib.import_module(spec)
+        module = importlib.import_module(spec)
     except ModuleNotFoundError as e:
+        if e.name is not None and not (spec == e.name or spec.startswith(e.name + ".")):
+            raise _failed(spec, e) from e  # the plugin is there; something it imports is not
         raise UsageError(f"plugin module '{spec}' cannot be imported ({e}): pass a .py file or put the module "
                          "on PYTHONPATH") from e
     except Exception as e:
         raise _failed(spec, e) from e
+    _LOADED[spec] = module
+    return module
+
+
+def _import_file(spec: str, path: Path) -> ModuleType:
+    # the folder in the name: two plugins both called decoders.py are two modules (the second was skipped)
+    digest = hashlib.sha256(str(path).encode("utf-8", "surrogateescape")).hexdigest()[:12]
+    name = f"fastdec_plugin_{re.sub(r'[^0-9a-zA-Z_]', '_', path.stem)}_{digest}"
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[name] = module
+    try:
+        module_spec.loader.exec_module(module)
+    except BaseException as e:
+        del sys.modules[name]
+        if isinstance(e, Exception):
+            raise _failed(spec, e) from e
+        raise
+    return module
+
+
+def loaded_plugins() -> list[str]:
+    """The plugins this process imported, as ``FASTDEC_PLUGINS`` gives them to a process it starts (bench's
+    isolated memory probe), so the child knows the same decoders."""
+    return list(_LOADED)
 
 
 def _failed(spec: str, error: Exception) -> UsageError:

@@ -213,7 +213,10 @@ def _peak_cpu(fn: Callable[[], Any], warm: str) -> tuple[int, str]:
 
 def _memory_worker() -> None:
     """Entry point of the isolated process started by :func:`peak_memory` (request as JSON on stdin)."""
+    from ..plugins import load_plugins
+
     request = json.loads(sys.stdin.read())
+    load_plugins()  # the parent's, through FASTDEC_PLUGINS
     if request.get("threads"):
         torch.set_num_threads(int(request["threads"]))
     device = torch.device(request["device"])
@@ -238,6 +241,10 @@ def _child_env() -> dict[str, str]:
     if env.get("PYTHONPATH"):
         paths.append(env["PYTHONPATH"])
     env["PYTHONPATH"] = os.pathsep.join(paths)
+    from ..plugins import PLUGINS_ENV, loaded_plugins
+
+    if loaded_plugins():  # a --plugin decoder is built there too (it was "not a decoder file")
+        env[PLUGINS_ENV] = os.pathsep.join(loaded_plugins())
     return env
 
 

@@ -89,12 +89,15 @@ class VideoCall:
 
 
 def decoder_modes(decoder: nn.Module | str) -> list[str]:
-    """The modes a video decoder is benchmarked in: causal ones stream, the others decode in chunks."""
+    """The modes a video decoder is benchmarked in: causal ones stream, chunked ones decode in chunks, any other
+    (a plugin's) decodes the whole clip in one call."""
     if isinstance(decoder, str):
         decoder = build_decoder(decoder, DEFAULT_VIDEO_SPACE)
     if not getattr(decoder, "is_video", False):
         raise BenchError(f"{type(decoder).__name__} is an image decoder: benchmark it with `fastdec bench`")
-    return ["parallel", "streaming"] if hasattr(decoder, "stream") else ["chunked"]
+    if hasattr(decoder, "stream"):
+        return ["parallel", "streaming"]
+    return ["chunked"] if hasattr(decoder, "decode_chunks") else ["parallel"]
 
 
 # ----------------------------------------------------------------------------- one whole-clip call

@@ -160,6 +160,8 @@ def decoding_mode(decoder: LatentDecoder, parallel: bool) -> str:
         return "parallel" if parallel else "streaming"
     if isinstance(decoder, TemporalTAEDecoder):
         return f"overlapping chunks of {decoder.config.chunk_size}"
+    if decoder.is_video:  # a plugin's video decoder: _decoded_chunks gives it the whole clip
+        return "the whole clip in one call"
     return "frame by frame (image decoder: expect flicker)"
 
 

@@ -17,7 +17,7 @@ from typing import Any, Callable, ClassVar
 import torch
 import torch.nn as nn
 
-from ..errors import InputTypeError, NonFiniteOutputError, UsageError
+from ..errors import DecoderOutputError, InputTypeError, NonFiniteOutputError, UsageError
 from ..latent_spaces import LatentSpace
 
 
@@ -204,7 +204,21 @@ class LatentDecoder(nn.Module):
         z = self.check_latents(z)
         if self.is_empty(z):
             return self.empty_output(z)
-        return self.finish(layers(z))
+        raw = layers(z)
+        if not _is_tracing():
+            self.check_output_shape(z, raw)
+        return self.finish(raw)
+
+    def check_output_shape(self, z: torch.Tensor, raw: torch.Tensor) -> None:
+        """Refuse layers whose output is not RGB ``upsample_factor`` times the latents' size: a decoder that
+        upsampled x16 for x32 latents wrote half-size pictures without a word."""
+        f = self.upsample_factor
+        expected = (*z.shape[:-3], 3, z.shape[-2] * f, z.shape[-1] * f)
+        if tuple(raw.shape) != expected:
+            raise DecoderOutputError(
+                f"decoder '{self.architecture or type(self).__name__}' returned {tuple(raw.shape)} for latents "
+                f"{tuple(z.shape)}; '{self.latent_space.name}' latents decode to {expected} (RGB, x{f} per side): "
+                "fix its layers (check_upsampling in the constructor refuses such a layout before any decode)")
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.decode_with(self.decode_layers, z)

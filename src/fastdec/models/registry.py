@@ -29,16 +29,46 @@ PRESETS: dict[str, Preset] = {}
 
 
 def register_architecture(cls: type[LatentDecoder]) -> type[LatentDecoder]:
-    ARCHITECTURES[cls.architecture] = cls
+    """Make ``cls`` known by its ``architecture`` name (what checkpoints store), after checking what every
+    command relies on: a name, a config dataclass with ``latent_channels``, and a name no other class has."""
+    if not (isinstance(cls, type) and issubclass(cls, LatentDecoder)):
+        raise UsageError(f"register_architecture takes a LatentDecoder subclass, got {cls!r}")
+    name = cls.architecture
+    if not isinstance(name, str) or not name:
+        raise UsageError(f"{cls.__name__} sets no architecture name: add a class attribute architecture = "
+                         "'my-name' (the key its checkpoints are stored under)")
+    if "architecture" not in cls.__dict__ and ARCHITECTURES.get(name) not in (None, cls):
+        raise UsageError(f"{cls.__name__} inherits the architecture name {name!r} of "
+                         f"{_where(ARCHITECTURES[name])}: give it its own (architecture = 'my-name')")
+    config = cls.config_class
+    if not dataclasses.is_dataclass(config) or "latent_channels" not in {f.name for f in dataclasses.fields(config)}:
+        raise UsageError(f"{cls.__name__}.config_class must be a @dataclass with a latent_channels field (every "
+                         f"preset's config gets the latent space's channel count there), got {config!r}")
+    _check_unclaimed("architecture", name, ARCHITECTURES.get(name), cls)
+    ARCHITECTURES[name] = cls
     return cls
 
 
 def register_preset(name: str, architecture: str, description: str) -> Callable:
     def wrap(make_config: Callable[[LatentSpace], dict]) -> Callable[[LatentSpace], dict]:
+        old = PRESETS.get(name)
+        _check_unclaimed("preset", name, None if old is None else old.make_config, make_config)
         PRESETS[name] = Preset(name, architecture, make_config, description)
         return make_config
 
     return wrap
+
+
+def _where(obj: Any) -> str:
+    return f"{obj.__module__}.{obj.__qualname__}"
+
+
+def _check_unclaimed(kind: str, name: str, old: Any, new: Any) -> None:
+    """A plugin reusing a built-in name replaced it silently (``tae`` then blamed fastdec's own checkpoints
+    for not fitting); the same definition registered again (a reloaded module) replaces its old self."""
+    if old is not None and _where(old) != _where(new):
+        raise UsageError(f"{kind} name {name!r} is taken by {_where(old)}: register {_where(new)} under another "
+                         "name")
 
 
 def build_decoder(architecture: str, config: dict[str, Any], latent_space: LatentSpace | str) -> LatentDecoder:
