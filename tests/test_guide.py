@@ -215,3 +215,93 @@ def test_a_module_plugin_whose_own_import_fails_is_located(tmp_path, monkeypatch
     assert f"at {package / 'decoders.py'}:1: ModuleNotFoundError" in err and "PYTHONPATH" not in err
     assert main(["--plugin", "mydecs.nothing_here", "pretrained"]) == 2
     assert "cannot be imported" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- the page itself, as written
+GUIDE = EXAMPLE.parents[1] / "adding_a_decoder.md"
+
+
+def _blocks() -> list[tuple[str, str]]:
+    """(language, code) of the guide's fenced blocks, in page order."""
+    import re
+
+    return re.findall(r"^```(python|bash)\n(.*?)^```", GUIDE.read_text(), flags=re.S | re.M)
+
+
+def _is_definition(code: str) -> bool:
+    return "@register_architecture" in code
+
+
+def _statements(code: str) -> list[str]:
+    """Top-level statements as ASTs, docstrings and ``from __future__`` left out (comments are not in an AST)."""
+    import ast
+
+    def strip(node: ast.AST) -> ast.AST:
+        for child in ast.walk(node):
+            body = getattr(child, "body", None)
+            if isinstance(body, list) and body and isinstance(body[0], ast.Expr) \
+                    and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
+                child.body = body[1:] or [ast.Pass()]
+        return node
+
+    tree = strip(ast.parse(code))
+    return [ast.dump(s) for s in tree.body if not (isinstance(s, ast.ImportFrom) and s.module == "__future__")]
+
+
+def test_the_example_file_is_the_guides_definitions():
+    # the page once called an `upsampler` it never defined, and its from_image_decoder differed from the file's
+    definitions = "\n\n".join(code for language, code in _blocks() if language == "python" and _is_definition(code))
+    assert _statements(definitions) == _statements(EXAMPLE.read_text())
+
+
+def _doc_command(line: str, tmp: Path, teacher: Path, images: Path, clips: Path) -> list[str]:
+    """A command of the page with its paths made real, 2 steps for 2000, and what keeps it small."""
+    import shlex
+
+    argv = shlex.split(line)
+    assert argv[0] == "fastdec", line
+    replaced = {"docs/examples/shuffle_decoder.py": str(EXAMPLE), "../shared/weights/taef2_encoder.pth": str(teacher),
+                "../shared/data/images/train": str(images), "../shared/data/video/clips": str(clips), "2000": "2"}
+    argv = [replaced.get(a, a) for a in argv[1:]]
+    command = argv[argv.index("--plugin") + 2]
+    extra = {"train": ["--batch-size", "2", "--workers", "0", "--val-every", "100", "--cache-dir", str(tmp / "cache")],
+             "bench": ["--sizes", "64", "--repeats", "1", "--warmup", "0", "--no-memory", "--baselines", "none"],
+             "decode": ["--quiet"], "decode-video": ["--quiet"]}
+    return argv + extra.get(command, [])
+
+
+def test_the_guide_runs_as_written(example, tmp_path, monkeypatch, taef2_encoder_path, capsys):
+    """Every block of the page in order: the usage blocks as one script beside the example file (which the
+    definition blocks make up; ``pipe`` is the FLUX.2 pipeline the page assumes), the commands through the CLI."""
+    import sys
+
+    import pipeline_fixtures as pf
+
+    images = make_images(tmp_path / "images", 4, size=(128, 128))
+    clips = tmp_path / "clips"
+    for name in ("a", "b"):
+        make_images(clips / name, 8, size=(128, 128), seed=ord(name))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(sys.modules, "shuffle_decoder", example)
+    from safetensors.torch import save_file
+
+    save_file({"z": torch.randn(2, 32, 8, 8)}, "latents.safetensors")
+    torch.save(torch.randn(4, 32, 8, 8), "clip_latents.pt")
+    session = {"pipe": pf.flux2_pipeline()}
+    ran = []
+    for language, code in _blocks():
+        if language == "python" and not _is_definition(code):
+            exec(compile(code, str(GUIDE), "exec"), session)
+            ran.append("python")
+            continue
+        if language == "bash":
+            for line in code.replace("\\\n", " ").splitlines():
+                argv = _doc_command(line, tmp_path, taef2_encoder_path, images, clips)
+                assert main(argv) == 0, f"{line}\n{capsys.readouterr().err}"
+                ran.append(argv[argv.index("--plugin") + 2])
+    assert ran == ["python", "train", "python", "decode", "bench", "python", "train", "decode-video"]
+    from fastdec.pipelines import FastVAE
+
+    assert isinstance(session["pipe"].vae, FastVAE) and session["pipe"].vae.decoder.architecture == "my-shuffle"
+    assert session["frames"].shape == (1, 8, 3, 128, 128)
+    assert (tmp_path / "clip.mp4").is_file() and len(list((tmp_path / "pngs").glob("*.png"))) == 2

@@ -73,6 +73,7 @@ class TemporalMix(nn.Module):
 class TemporalShuffleDecoder(ShuffleDecoder):
     architecture = "my-shuffle-temporal"
     is_video = True  # takes (N, T, C, h, w), returns (N, T, 3, H, W)
+    temporal_parts = ("temporal.",)  # what train --temporal-lr trains at its own rate
 
     def __init__(self, config: ShuffleConfig, latent_space: LatentSpace):
         super().__init__(config, latent_space)
