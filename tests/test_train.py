@@ -154,7 +154,7 @@ def test_a_run_refused_for_its_data_leaves_no_empty_out(tiny_setup, tmp_path):
     for jpg in bad.iterdir():  # the header reads, the pixels do not: found only when the cache encodes them
         jpg.write_bytes(jpg.read_bytes()[:1000])
     out = tmp_path / "runs" / "new"
-    with pytest.raises(DataError, match="could be decoded"):
+    with pytest.raises(DataError, match="could be decoded"), pytest.warns(UserWarning, match="skipping cannot decode"):
         _run(**{**tiny_setup, "data": str(bad), "val": None}, steps=1, out=str(out))
     assert not (tmp_path / "runs").exists()
 
