@@ -174,9 +174,12 @@ def test_lpips_loads_a_local_backbone(tmp_path, monkeypatch):
     with pytest.raises(M.MetricUnavailable, match="not a torchvision alex state dict"):
         M.LPIPS(tmp_path / "other.pth")
     (tmp_path / "cut.pth").write_bytes((tmp_path / "alexnet.pth").read_bytes()[:300])
+    (tmp_path / "empty.pth").write_bytes(b"")
+    (tmp_path / "text.pth").write_text("features.0.weight: 1\n")
     torch.save({"features.0.weight": _Marker(tmp_path / "ran")}, tmp_path / "code.pth")
-    for bad in ("cut.pth", "code.pth"):  # a traceback before; the pickle is refused, not run
-        with pytest.raises(M.MetricUnavailable, match=f"cannot read LPIPS backbone weights .*{bad}"):
+    for bad, words in [("cut.pth", "truncated, corrupt"), ("empty.pth", "truncated, corrupt"),
+                       ("text.pth", "a text file"), ("code.pth", "holds pickled Python objects")]:
+        with pytest.raises(M.MetricUnavailable, match=f"{bad}.*{words}"):  # tracebacks before, or torch's advice
             M.LPIPS(tmp_path / bad)
     assert not (tmp_path / "ran").exists()
 
@@ -439,9 +442,12 @@ def test_videomae_weights_with_pickled_code_are_refused_not_run(tmp_path):
     state = load_file(folder / "model.safetensors")
     (folder / "model.safetensors").unlink()
     torch.save({**state, "extra": _Marker(tmp_path / "ran")}, folder / "pytorch_model.bin")
-    with pytest.raises(EvalError, match="not plain tensors .*model.safetensors"):  # an UnpicklingError traceback
-        M.VideoMAEExtractor(folder)
+    with pytest.raises(EvalError, match="holds pickled Python objects, not only tensors .*never unpickles code"):
+        M.VideoMAEExtractor(folder)  # torch's UnpicklingError traceback, which advised weights_only=False
     assert not (tmp_path / "ran").exists()
+    (folder / "pytorch_model.bin").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 1\n")
+    with pytest.raises(EvalError, match="cannot be read: truncated, corrupt or in another format \\(a git-lfs"):
+        M.VideoMAEExtractor(folder)  # a pointer file is no pickle with code
 
 
 def test_videomae_loader_errors_name_the_problem(tmp_path):

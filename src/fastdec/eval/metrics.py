@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from ..errors import EvalError, InputTypeError, MetricUnavailable, import_optional, is_number
 from ..io.files import as_path, atomic_write, read_json_object
 from ..io.images import check_pixel_range
+from ..io.pickles import asks_for_code, load_weights_only, refusal_message
 
 # SSIM with the settings of Wang et al. and scikit-image's reference (gaussian_weights=True):
 # 11x11 Gaussian window, sigma 1.5, K1=0.01, K2=0.03, population (not sample) covariance.
@@ -222,10 +223,9 @@ class LPIPS:
             ) from e
         model = _LPIPS(pretrained=True, net=net, pnet_rand=True)  # random backbone, replaced just below
         try:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
-        except (OSError, RuntimeError, pickle.UnpicklingError) as e:  # truncated, or pickled code refused
-            raise MetricUnavailable(f"cannot read LPIPS backbone weights '{path}' as a plain tensor state dict "
-                                    f"({str(e).splitlines()[0]}): pass torchvision's {net} weights file") from e
+            state = load_weights_only(path, MetricUnavailable, f"torchvision {net} weights file (LPIPS backbone)")
+        except OSError as e:
+            raise MetricUnavailable(f"cannot read LPIPS backbone weights '{path}': {e.strerror or e}") from e
         if not isinstance(state, dict):
             raise MetricUnavailable(f"'{path}' is not a torchvision {net} state dict (it holds a "
                                     f"{type(state).__name__})")
@@ -702,10 +702,18 @@ class VideoMAEExtractor:
         VideoMAEModel = import_optional("transformers", "metrics", "FVD (its VideoMAE features)").VideoMAEModel
         try:
             self.model = VideoMAEModel.from_pretrained(str(folder), local_files_only=True, torch_dtype=dtype)
-        except pickle.UnpicklingError as e:  # a pytorch_model.bin holding more than tensors: never run
-            raise EvalError(f"'{folder}' holds weights that are not plain tensors (a pickle with code), and fastdec "
-                            "loads none: save the model as model.safetensors (save_pretrained's default)") from e
-        except (OSError, ValueError, RuntimeError) as e:
+        except Exception as e:
+            # transformers loads a pytorch_model.bin weights-only: one holding more than tensors is refused (5.x
+            # raises torch's UnpicklingError, whose text advises weights_only=False; 4.x wraps it in an OSError)
+            refusal = next((c for c in _causes(e) if asks_for_code(c)), None)
+            if refusal is not None:
+                raise EvalError(refusal_message(folder, refusal, "VideoMAE checkpoint")) from e
+            if any(isinstance(c, pickle.UnpicklingError) for c in _causes(e)):  # torch's text: weights_only=False
+                raise EvalError(f"the weights in '{folder}' cannot be read: truncated, corrupt or in another format "
+                                "(a git-lfs pointer?); save the model again with save_pretrained") from e
+            if not isinstance(e, (OSError, ValueError, RuntimeError)):
+                raise
+            raise EvalError(f"cannot load VideoMAE weights from '{folder}': {e}") from e
             raise EvalError(f"cannot load VideoMAE weights from '{folder}': {e}") from e
         self.model = self.model.eval().to(device)
         self.num_frames = int(self.model.config.num_frames)
@@ -726,6 +734,15 @@ class VideoMAEExtractor:
         pixels = ((frames - mean) / std).view(n, t, 3, self.image_size, self.image_size)
         hidden = self.model(pixel_values=pixels.to(self.device, self.dtype)).last_hidden_state
         return hidden.float().mean(dim=1).cpu()
+
+
+def _causes(error: BaseException) -> Iterable[BaseException]:
+    """``error`` and the exceptions it was raised from or during, innermost last."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        yield error
+        error = error.__cause__ or error.__context__
 
 
 class TorchScriptExtractor:
