@@ -3,6 +3,7 @@ is edited), trained for a few steps through the CLI with --plugin, saved, loaded
 pipeline; its temporal version starts equal to it and decodes a clip through decode-video."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -161,7 +162,45 @@ def preset(space):
 """
 
 
-def test_two_plugin_files_of_one_name_are_both_loaded(tmp_path, capsys):
+@pytest.fixture
+def registry():
+    """The registries and loaded plugins as they were, back after the test: a test's plugins stay out of the
+    rest of the session (and out of every later memory probe's process)."""
+    from fastdec import plugins
+    from fastdec.models import ARCHITECTURES, PRESETS
+
+    saved = dict(ARCHITECTURES), dict(PRESETS), dict(plugins._LOADED)
+    yield
+    for live, old in zip((ARCHITECTURES, PRESETS, plugins._LOADED), saved):
+        live.clear()
+        live.update(old)
+
+
+def test_a_plugin_imported_under_two_names_is_one_definition(registry, tmp_path, monkeypatch, capsys):
+    # --plugin x.py makes a module of its own name; another plugin's `import x` defines the same classes
+    # again, which the check of taken names refused as another definition
+    folder = tmp_path / "plug"
+    folder.mkdir()
+    (folder / "shuffle_decoder.py").write_text(EXAMPLE.read_text())
+    more = _plugin(folder, "more.py", "import functools\n"
+                   "from shuffle_decoder import ShuffleDecoder  # noqa: F401\n"
+                   "from fastdec.models import register_preset\n"
+                   "def make(space, width):\n    return dict(width=width, blocks=1)\n"
+                   "for _ in range(2):  # a partial registered again, as a reloaded module does\n"
+                   "    register_preset('guide-more-16', 'my-shuffle', 'd')(functools.partial(make, width=16))\n")
+    monkeypatch.syspath_prepend(str(folder))
+    monkeypatch.delitem(sys.modules, "shuffle_decoder", raising=False)
+    from fastdec.models import ARCHITECTURES, PRESETS
+
+    for registered in (ARCHITECTURES, PRESETS):  # this copy's names, free as on a user's machine (restored after)
+        for name in [n for n in registered if n.startswith("my-shuffle")]:
+            del registered[name]
+    assert main(["--plugin", str(folder / "shuffle_decoder.py"), "--plugin", str(more), "pretrained"]) == 0, \
+        capsys.readouterr().err
+    assert fastdec.create_decoder("guide-more-16", "sdxl").config.width == 16
+
+
+def test_two_plugin_files_of_one_name_are_both_loaded(registry, tmp_path, capsys):
     # both were imported as the module fastdec_plugin_decoders: the second was skipped without a word
     a = _plugin(tmp_path / "a", "decoders.py", SHUFFLE_LIKE.format(arch="guide-a", preset="guide-a-1", shuffle=8))
     b = _plugin(tmp_path / "b", "decoders.py", SHUFFLE_LIKE.format(arch="guide-b", preset="guide-b-1", shuffle=8))
@@ -179,7 +218,7 @@ def test_two_plugin_files_of_one_name_are_both_loaded(tmp_path, capsys):
     (SHUFFLE_LIKE.format(arch="guide-f", preset="guide-f-1", shuffle=8).replace("latent_channels", "channels"),
      "config_class must be a @dataclass with a latent_channels field"),
 ])
-def test_a_plugin_that_registers_what_cannot_work_is_refused_at_import(tmp_path, capsys, source, words):
+def test_a_plugin_that_registers_what_cannot_work_is_refused_at_import(registry, tmp_path, capsys, source, words):
     # a preset or architecture of a built-in name replaced fastdec's own without a word (then blamed its
     # checkpoints); a missing name or config field met a traceback at the first decode
     plugin = _plugin(tmp_path, "plug.py", source)
@@ -190,7 +229,7 @@ def test_a_plugin_that_registers_what_cannot_work_is_refused_at_import(tmp_path,
     assert fastdec.models.ARCHITECTURES["tae"].__module__ == "fastdec.models.tae"
 
 
-def test_a_decoder_whose_layers_upsample_by_another_factor_is_refused_at_decode(tmp_path):
+def test_a_decoder_whose_layers_upsample_by_another_factor_is_refused_at_decode(registry, tmp_path):
     # x8 layers in the x32 Sana space wrote 64x64 pictures for 8x8 latents, where 256x256 were due
     plugin = load_plugin(str(_plugin(tmp_path, "wrong.py",
                                      SHUFFLE_LIKE.format(arch="guide-g", preset="guide-g-1", shuffle=8))))
@@ -203,7 +242,7 @@ def test_a_decoder_whose_layers_upsample_by_another_factor_is_refused_at_decode(
         wrong(torch.randn(1, 32, 8, 8))
 
 
-def test_a_module_plugin_whose_own_import_fails_is_located(tmp_path, monkeypatch, capsys):
+def test_a_module_plugin_whose_own_import_fails_is_located(registry, tmp_path, monkeypatch, capsys):
     # "cannot be imported ... put the module on PYTHONPATH" was said of a module that is there, whose own
     # `import` of a missing package failed
     package = tmp_path / "mydecs"
@@ -273,8 +312,6 @@ def _doc_command(line: str, tmp: Path, teacher: Path, images: Path, clips: Path)
 def test_the_guide_runs_as_written(example, tmp_path, monkeypatch, taef2_encoder_path, capsys):
     """Every block of the page in order: the usage blocks as one script beside the example file (which the
     definition blocks make up; ``pipe`` is the FLUX.2 pipeline the page assumes), the commands through the CLI."""
-    import sys
-
     import pipeline_fixtures as pf
 
     images = make_images(tmp_path / "images", 4, size=(128, 128))

@@ -503,7 +503,7 @@ def test_adversarial_and_ms_ssim_training_runs(tiny_setup, tmp_path):
         read_checkpoint(not_a_state)
     # the right keys with other values met a TypeError deep in --resume; each is named now
     for key, value, problem in [("model", 1, "'model' is of type int, not a dict of tensors"),
-                                ("ema", {"w": "text"}, "'ema' is of type dict, not a dict of tensors"),
+                                ("ema", {"w": "text"}, "'ema' holds 'w' of type str, not a tensor"),
                                 ("optimizer", [1], "'optimizer' is of type list, not a dict"),
                                 ("step", "7", "'step' is '7', not a step number"),
                                 ("step", -1, "'step' is -1"), ("rng", 6, "'rng' is not a list of RNG states"),

@@ -65,8 +65,8 @@ def _import_file(spec: str, path: Path) -> ModuleType:
 
 
 def loaded_plugins() -> list[str]:
-    """The plugins this process imported, as ``FASTDEC_PLUGINS`` gives them to a process it starts (bench's
-    isolated memory probe), so the child knows the same decoders."""
+    """The plugins this process imported (a file by its absolute path), for a process it starts (bench's
+    isolated memory probe) to import too, so the child knows the same decoders."""
     return list(_LOADED)
 
 

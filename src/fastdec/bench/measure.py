@@ -213,10 +213,11 @@ def _peak_cpu(fn: Callable[[], Any], warm: str) -> tuple[int, str]:
 
 def _memory_worker() -> None:
     """Entry point of the isolated process started by :func:`peak_memory` (request as JSON on stdin)."""
-    from ..plugins import load_plugins
+    from ..plugins import load_plugin
 
     request = json.loads(sys.stdin.read())
-    load_plugins()  # the parent's, through FASTDEC_PLUGINS
+    for plugin in request.get("plugins", []):  # the parent's --plugin decoders (they were "not a decoder file")
+        load_plugin(plugin)
     if request.get("threads"):
         torch.set_num_threads(int(request["threads"]))
     device = torch.device(request["device"])
@@ -241,10 +242,6 @@ def _child_env() -> dict[str, str]:
     if env.get("PYTHONPATH"):
         paths.append(env["PYTHONPATH"])
     env["PYTHONPATH"] = os.pathsep.join(paths)
-    from ..plugins import PLUGINS_ENV, loaded_plugins
-
-    if loaded_plugins():  # a --plugin decoder is built there too (it was "not a decoder file")
-        env[PLUGINS_ENV] = os.pathsep.join(loaded_plugins())
     return env
 
 
@@ -272,8 +269,10 @@ def peak_memory(
     measured call would reuse it unseen. Failures are reported in ``MemoryStats.error``, never raised: memory
     is one column among several.
     """
+    from ..plugins import loaded_plugins
+
     request = {
-        "builder": builder, "kwargs": kwargs or {}, "device": str(device),
+        "builder": builder, "kwargs": kwargs or {}, "device": str(device), "plugins": loaded_plugins(),
         "threads": threads or torch.get_num_threads(), "warm_calls": warm_calls,
     }
     method = "isolated process"

@@ -7,6 +7,8 @@ are the decoder classes checkpoints refer to by name. Each architecture module
 from __future__ import annotations
 
 import dataclasses
+import os
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -60,13 +62,24 @@ def register_preset(name: str, architecture: str, description: str) -> Callable:
 
 
 def _where(obj: Any) -> str:
-    return f"{obj.__module__}.{obj.__qualname__}"
+    target = getattr(obj, "func", obj)  # a functools.partial: the function it wraps
+    return f"{getattr(target, '__module__', '?')}.{getattr(target, '__qualname__', type(target).__name__)}"
+
+
+def _definition(obj: Any) -> tuple[str, str]:
+    """Where ``obj`` is defined: its source file and qualified name. One plugin file imported under two module
+    names (``--plugin x.py`` and a plain ``import x``) defines the same thing twice."""
+    target = getattr(obj, "func", obj)
+    module = sys.modules.get(getattr(target, "__module__", "") or "")
+    file = getattr(module, "__file__", None)
+    origin = os.path.realpath(file) if file else getattr(target, "__module__", "?")
+    return origin, getattr(target, "__qualname__", type(target).__name__)
 
 
 def _check_unclaimed(kind: str, name: str, old: Any, new: Any) -> None:
     """A plugin reusing a built-in name replaced it silently (``tae`` then blamed fastdec's own checkpoints
     for not fitting); the same definition registered again (a reloaded module) replaces its old self."""
-    if old is not None and _where(old) != _where(new):
+    if old is not None and _definition(old) != _definition(new):
         raise UsageError(f"{kind} name {name!r} is taken by {_where(old)}: register {_where(new)} under another "
                          "name")
 

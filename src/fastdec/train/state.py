@@ -124,8 +124,13 @@ def _layout_problem(state: dict[str, Any]) -> str | None:
     """What in a checkpoint's entries is not what fastdec train writes (None when all is): the resume reads
     them as such, and a file with the right keys but other values met a TypeError deep inside it."""
     for key in ("model", "ema"):
-        if not isinstance(state[key], dict) or not all(isinstance(v, torch.Tensor) for v in state[key].values()):
+        if not isinstance(state[key], dict):
             return f"'{key}' is of type {type(state[key]).__name__}, not a dict of tensors"
+        # a module's get_extra_state may hold any plain value; every other entry is a weight
+        wrong = next((k for k, v in state[key].items()
+                      if not isinstance(v, torch.Tensor) and not str(k).endswith("_extra_state")), None)
+        if wrong is not None:
+            return f"'{key}' holds {wrong!r} of type {type(state[key][wrong]).__name__}, not a tensor"
     for key in ("optimizer", "scheduler", "config", "discriminator", "disc_optimizer"):
         if key in state and not isinstance(state[key], dict) and not (key == "config" and state[key] is None):
             return f"'{key}' is of type {type(state[key]).__name__}, not a dict"
