@@ -159,6 +159,27 @@ def test_a_run_refused_for_its_data_leaves_no_empty_out(tiny_setup, tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_resume_through_a_linked_checkpoints_folder_is_refused_before_it_starts_afresh(tiny_setup, tmp_path,
+                                                                                          capsys):
+    out = tmp_path / "run"
+    _run(**tiny_setup, steps=2, stop_at=1, ckpt_every=1, out=str(out))
+    (out / "checkpoints").rename(tmp_path / "scratch")
+    (out / "checkpoints").symlink_to(tmp_path / "scratch")
+    from fastdec.train import latest_checkpoint
+
+    assert latest_checkpoint(out).name == "step_00000001.pt"  # reading is fine
+    with pytest.raises(UnsafePathError, match="Replace the link by a real folder holding what it points to"):
+        _run(**tiny_setup, steps=2, ckpt_every=1, out=str(out), resume=True)
+    assert "starting from step 0" not in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "scratch").iterdir()) == ["step_00000001.pt"]
+    (out / "checkpoints").unlink()
+    (out / "loop").symlink_to(out / "loop")  # a link that loops: named, where resolve() raised RuntimeError
+    from fastdec.io.files import check_subfolder
+
+    with pytest.raises(UnsafePathError, match="is a link to"):
+        check_subfolder(out, "loop")
+
+
 def test_a_linked_latent_cache_folder_is_refused(tiny_setup, tmp_path):
     _run(**tiny_setup, steps=1, out=str(tmp_path / "first"))
     cache = Path(tiny_setup["cache_dir"])

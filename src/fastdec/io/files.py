@@ -141,15 +141,24 @@ def output_path(folder: str | os.PathLike, name: str, what: str = "output name")
 def output_subfolder(folder: str | os.PathLike, name: str, what: str = "output folder") -> Path:
     """``folder / name`` made a folder if it is not one yet, refused when it is a link or otherwise lands outside
     ``folder``: files written into it (and checkpoints pruned from it) must stay in the output folder."""
+    path = check_subfolder(folder, name, what)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def check_subfolder(folder: str | os.PathLike, name: str, what: str = "output folder") -> Path:
+    """``folder / name``, refused (not made) when it is a link, lands outside ``folder`` or is a file."""
     check_name(name, what)
     folder = Path(folder)
     path = folder / name
-    if path.is_symlink() or (path.exists() and path.resolve().parent != folder.resolve()):
-        raise UnsafePathError(f"{what} '{path}' is a link to '{path.resolve()}': fastdec writes only inside "
-                              f"'{folder}'; remove the link (or choose another output folder)")
+    if path.is_symlink() or (path.exists() and os.path.realpath(path) != os.path.join(os.path.realpath(folder),
+                                                                                     name)):
+        target = os.readlink(path) if path.is_symlink() else os.path.realpath(path)  # resolve() raises on a loop
+        raise UnsafePathError(f"{what} '{path}' is a link to '{target}': fastdec writes only inside '{folder}', "
+                              "never through a link. Replace the link by a real folder holding what it points to "
+                              f"(keep its files: a resume reads them), or give a '{folder.name}' on that disk instead")
     if path.exists() and not path.is_dir():
         raise UsageError(f"{what} '{path}' is a file, where fastdec keeps a folder: move the file away")
-    path.mkdir(parents=True, exist_ok=True)
     return path
 
 

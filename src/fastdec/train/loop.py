@@ -32,7 +32,7 @@ import torch.nn as nn
 from ..devices import check_launch_environment
 from ..errors import TrainError
 from ..io.checkpoints import save_decoder
-from ..io.files import output_folder, output_path, output_subfolder, write_json
+from ..io.files import check_subfolder, output_folder, output_path, output_subfolder, write_json
 from ..models.base import LatentDecoder
 from ..runtime.optimize import to_channels_last
 from .cache import CachedCrops, LatentCache, build_cache
@@ -310,6 +310,7 @@ def _resume_state(run: Run) -> tuple[Path, dict[str, Any]] | None:
     """The checkpoint to continue from, or None for a fresh run. A fresh run into a folder that holds another run's
     checkpoints is refused: it overwrote the first ones and kept the rest, and a later --resume continued from
     the old run's newest with a metrics.csv of both."""
+    check_run_folders(run)
     newest = latest_checkpoint(run.out)
     if run.world > 1:  # an --out one rank cannot see (node-local) would start it at step 0 while the others resume
         from accelerate.utils import gather_object
@@ -328,6 +329,16 @@ def _resume_state(run: Run) -> tuple[Path, dict[str, Any]] | None:
             print(f"--resume: no checkpoint in '{run.out / 'checkpoints'}' yet: starting from step 0")
         return None
     return load_resume_state(run.out)
+
+
+def check_run_folders(run: Run) -> None:
+    """Refuse, before any work, a link in --out where the run writes: checkpoints would go (and
+    --keep-checkpoints delete) through it, and a resume that cannot read them would start again at step 0."""
+    config = run.config
+    for name, used in (("checkpoints", True), ("grids", bool(config.val)), ("samples", config.log_samples),
+                       ("tensorboard", run.is_main)):
+        if used:
+            check_subfolder(run.out, name, f"the {name} folder")
 
 
 def restore(run: Run, path: Path, state: dict[str, Any]) -> None:

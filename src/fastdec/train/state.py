@@ -61,14 +61,12 @@ def checkpoint_path(out: Path, step: int) -> Path:
 
 def list_checkpoints(out: Path) -> list[Path]:
     """The run folder's checkpoints, oldest first (the step is zero-padded, so names sort by step)."""
-    folder = Path(out) / "checkpoints"
-    if folder.is_symlink():  # pruning would delete another folder's files, and resume read them
-        output_subfolder(out, "checkpoints", "the checkpoints folder")
-    return sorted(folder.glob("step_*.pt"))
+    return sorted((Path(out) / "checkpoints").glob("step_*.pt"))
 
 
 def prune_checkpoints(out: Path, keep: int) -> list[Path]:
     """Delete all but the newest ``keep`` checkpoints (each is complete: written atomically); returns the deleted."""
+    output_subfolder(out, "checkpoints", "the checkpoints folder")  # never delete through a link
     old = list_checkpoints(out)[:-keep]
     for path in old:
         path.unlink(missing_ok=True)
