@@ -199,8 +199,10 @@ def _release_heap() -> bool:
 
 
 def _peak_cpu(fn: Callable[[], Any], warm: str) -> tuple[int, str]:
-    if warm and _release_heap():
-        warm += " (their freed heap returned to the OS first)"
+    # after any warm-up, even the tiny one: at 64 px its 8x8 latents are the full size, and the measured call
+    # then reused its pages (SDXL's VAE read 2 MB, where one of its convs holds 8 MB)
+    if _release_heap():
+        warm += " (freed heap returned to the OS first)"
     base = _current_rss()
     if _reset_peak_rss():
         method = f"peak RSS (VmHWM, reset after build) during one call minus RSS after build{warm}, isolated process"
