@@ -586,6 +586,10 @@ def test_paired_summary_pairs_measured_values_and_counts_exact_matches():
     # only exact matches: no difference to average (NaN, null in JSON), not an infinite one
     only_exact = M.summarize_paired([math.inf, math.inf], [math.inf, 30.0])
     assert math.isnan(only_exact["mean"]) and only_exact["n_infinite"] == 2
+    from fastdec.eval.report import format_difference
+
+    # the baseline is exact and the decoder is not: "exact matches only" said the decoder was exact too
+    assert format_difference(only_exact) == "— (an exact match in every pair)"
     assert M.summarize_paired([None], [1.0]) is None
     with pytest.raises(EvalError, match="same samples"):
         M.summarize_paired([1.0, 2.0], [1.0])

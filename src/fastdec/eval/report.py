@@ -75,7 +75,7 @@ def format_difference(stat: Mapping[str, Any] | None, digits: int = 4, count: in
         return "—"
     mean, low, high = stat["mean"], stat.get("ci_low"), stat.get("ci_high")
     if mean is None or not math.isfinite(mean):  # NaN in memory, null once read back from report.json
-        return "— (exact matches only)"
+        return "— (an exact match in every pair)"  # on either side: the decoder's or the baseline's
     text = f"{mean:+.{digits}f}"
     if low is not None and high is not None and math.isfinite(low):
         text += f" [{low:+.{digits}f}, {high:+.{digits}f}]"
