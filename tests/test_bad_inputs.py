@@ -1150,6 +1150,22 @@ def test_regression_decode_never_writes_outside_out(check, assets, tmp_path):
     assert not (tmp_path / "a" / "escape.png").exists() and not list(tmp_path.rglob("*escape*"))
 
 
+def test_output_names_through_links_are_refused_and_a_looping_link_is_no_traceback(tmp_path):
+    from fastdec.errors import UnsafePathError
+    from fastdec.io.files import output_path
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "away.png").symlink_to(outside / "away.png")  # dangling, into another folder
+    (out / "loop.png").symlink_to(out / "loop.png")
+    with pytest.raises(UnsafePathError, match="would be written outside"):
+        output_path(out, "away.png")
+    # resolve() raised RuntimeError on the loop; the link stays inside, and atomic_write replaces the link itself
+    assert output_path(out, "loop.png") == out / "loop.png"
+
+
 def test_regression_resume_runs_no_code(check, assets, tmp_path):
     """Issue 15 item 2: ``train --resume`` once loaded checkpoints with ``weights_only=False``."""
     marker = tmp_path / "marker"

@@ -133,7 +133,8 @@ def output_path(folder: str | os.PathLike, name: str, what: str = "output name")
     check_name(name, what)
     folder = Path(folder)
     path = folder / name
-    if path.resolve().parent != folder.resolve():  # a symlinked folder entry, or anything else that escapes
+    # realpath, not resolve(): resolve() raises RuntimeError on a link that loops, realpath returns it as is
+    if os.path.dirname(os.path.realpath(path)) != os.path.realpath(folder):  # a symlinked entry, or any escape
         raise UnsafePathError(f"{what} {name!r} would be written outside '{folder}'")
     return path
 
