@@ -198,6 +198,17 @@ def test_a_plugin_imported_under_two_names_is_one_definition(registry, tmp_path,
     assert main(["--plugin", str(folder / "shuffle_decoder.py"), "--plugin", str(more), "pretrained"]) == 0, \
         capsys.readouterr().err
     assert fastdec.create_decoder("guide-more-16", "sdxl").config.width == 16
+    # a partial with other arguments, or a preset of another architecture, is another definition
+    import functools
+
+    from fastdec.models import register_preset
+    from fastdec.models.tae import tae_64
+
+    with pytest.raises(fastdec.errors.UsageError, match="preset name 'guide-more-16' is taken"):
+        register_preset("guide-more-16", "my-shuffle", "d")(functools.partial(load_plugin(str(more)).make, width=128))
+    with pytest.raises(fastdec.errors.UsageError, match=r"preset name 'tae-64' is taken .*\('tae'\)"):
+        register_preset("tae-64", "effvit", "mine")(functools.partial(tae_64))
+    assert fastdec.models.PRESETS["tae-64"].architecture == "tae"
 
 
 def test_two_plugin_files_of_one_name_are_both_loaded(registry, tmp_path, capsys):

@@ -448,6 +448,13 @@ def test_videomae_weights_with_pickled_code_are_refused_not_run(tmp_path):
     (folder / "pytorch_model.bin").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 1\n")
     with pytest.raises(EvalError, match="cannot be read: truncated, corrupt or in another format \\(a git-lfs"):
         M.VideoMAEExtractor(folder)  # a pointer file is no pickle with code
+    (folder / "pytorch_model.bin").write_bytes(b"")  # EOFError
+    with pytest.raises(EvalError, match="cannot load VideoMAE weights"):
+        M.VideoMAEExtractor(folder)
+    (folder / "pytorch_model.bin").unlink()
+    (folder / "model.safetensors").write_text("version https://git-lfs.github.com/spec/v1\n")  # SafetensorError
+    with pytest.raises(EvalError, match="cannot load VideoMAE weights .*git lfs pull"):
+        M.VideoMAEExtractor(folder)
 
 
 def test_videomae_loader_errors_name_the_problem(tmp_path):

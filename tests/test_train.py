@@ -168,9 +168,11 @@ def test_a_resume_through_a_linked_checkpoints_folder_is_refused_before_it_start
     from fastdec.train import latest_checkpoint
 
     assert latest_checkpoint(out).name == "step_00000001.pt"  # reading is fine
+    metrics = (out / "metrics.csv").read_bytes()
     with pytest.raises(UnsafePathError, match="Replace the link by a real folder holding what it points to"):
         _run(**tiny_setup, steps=2, ckpt_every=1, out=str(out), resume=True)
     assert "starting from step 0" not in capsys.readouterr().out
+    assert (out / "metrics.csv").read_bytes() == metrics  # refused at the start: no step trained, none logged
     assert sorted(p.name for p in (tmp_path / "scratch").iterdir()) == ["step_00000001.pt"]
     (out / "checkpoints").unlink()
     (out / "loop").symlink_to(out / "loop")  # a link that loops: named, where resolve() raised RuntimeError

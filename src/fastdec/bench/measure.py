@@ -267,8 +267,8 @@ def peak_memory(
     ``getrusage`` ru_maxrss (an upper bound); on CUDA, ``torch.cuda.max_memory_allocated`` minus the memory
     allocated after the build. So the figure is the call's working memory, the weights excluded.
     ``warm_calls`` run first and are not measured (use 1 for ``torch.compile``d models so compilation does
-    not count); on glibc the memory they freed is then handed back to the OS (``malloc_trim``), else the
-    measured call would reuse it unseen. Failures are reported in ``MemoryStats.error``, never raised: memory
+    not count); on glibc the memory every warm-up freed is then handed back to the OS (``malloc_trim``), else
+    the measured call would reuse it unseen. Failures are reported in ``MemoryStats.error``, never raised: memory
     is one column among several.
     """
     from ..plugins import loaded_plugins

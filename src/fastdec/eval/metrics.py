@@ -712,9 +712,10 @@ class VideoMAEExtractor:
             if any(isinstance(c, pickle.UnpicklingError) for c in _causes(e)):  # torch's text: weights_only=False
                 raise EvalError(f"the weights in '{folder}' cannot be read: truncated, corrupt or in another format "
                                 "(a git-lfs pointer?); save the model again with save_pretrained") from e
-            if not isinstance(e, (OSError, ValueError, RuntimeError)):
-                raise
-            raise EvalError(f"cannot load VideoMAE weights from '{folder}': {e}") from e
+            # anything else (a truncated or git-lfs model.safetensors is a SafetensorError; an empty .bin an
+            # EOFError) is named too: the CLI shows fastdec's errors as one line, others as a traceback
+            raise EvalError(f"cannot load VideoMAE weights from '{folder}' ({type(e).__name__}: {e}): save the "
+                            "model again with save_pretrained (a git-lfs pointer needs `git lfs pull`)") from e
             raise EvalError(f"cannot load VideoMAE weights from '{folder}': {e}") from e
         self.model = self.model.eval().to(device)
         self.num_frames = int(self.model.config.num_frames)

@@ -157,7 +157,7 @@ def check_subfolder(folder: str | os.PathLike, name: str, what: str = "output fo
         target = os.readlink(path) if path.is_symlink() else os.path.realpath(path)  # resolve() raises on a loop
         raise UnsafePathError(f"{what} '{path}' is a link to '{target}': fastdec writes only inside '{folder}', "
                               "never through a link. Replace the link by a real folder holding what it points to "
-                              f"(keep its files: a resume reads them), or give a '{folder.name}' on that disk instead")
+                              "(keep its files: a resume reads them), or give an output folder on that disk instead")
     if path.exists() and not path.is_dir():
         raise UsageError(f"{what} '{path}' is a file, where fastdec keeps a folder: move the file away")
     return path

@@ -54,6 +54,9 @@ def register_architecture(cls: type[LatentDecoder]) -> type[LatentDecoder]:
 def register_preset(name: str, architecture: str, description: str) -> Callable:
     def wrap(make_config: Callable[[LatentSpace], dict]) -> Callable[[LatentSpace], dict]:
         old = PRESETS.get(name)
+        if old is not None and old.architecture != architecture:
+            raise UsageError(f"preset name {name!r} is taken by {_where(old.make_config)} ({old.architecture!r}): "
+                             f"register {_where(make_config)} under another name")
         _check_unclaimed("preset", name, None if old is None else old.make_config, make_config)
         PRESETS[name] = Preset(name, architecture, make_config, description)
         return make_config
@@ -66,14 +69,15 @@ def _where(obj: Any) -> str:
     return f"{getattr(target, '__module__', '?')}.{getattr(target, '__qualname__', type(target).__name__)}"
 
 
-def _definition(obj: Any) -> tuple[str, str]:
-    """Where ``obj`` is defined: its source file and qualified name. One plugin file imported under two module
-    names (``--plugin x.py`` and a plain ``import x``) defines the same thing twice."""
+def _definition(obj: Any) -> tuple[str, ...]:
+    """Where ``obj`` is defined: its source file and qualified name (and a partial's arguments). One plugin file
+    imported under two module names (``--plugin x.py`` and a plain ``import x``) defines the same thing twice."""
     target = getattr(obj, "func", obj)
     module = sys.modules.get(getattr(target, "__module__", "") or "")
     file = getattr(module, "__file__", None)
     origin = os.path.realpath(file) if file else getattr(target, "__module__", "?")
-    return origin, getattr(target, "__qualname__", type(target).__name__)
+    bound = repr((getattr(obj, "args", ()), sorted(getattr(obj, "keywords", {}).items()))) if target is not obj else ""
+    return origin, getattr(target, "__qualname__", type(target).__name__), bound
 
 
 def _check_unclaimed(kind: str, name: str, old: Any, new: Any) -> None:
