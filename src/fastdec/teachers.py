@@ -23,10 +23,10 @@ import torch
 
 from .dtypes import parse_dtype
 from .errors import CheckpointError, DecoderSpecError, LatentSpaceMismatchError, TeacherError, UsageError
+from .io.files import read_json_object
 from .latent_spaces import PRESETS as SPACES, LatentSpace, get_latent_space
 from .models.base import LatentDecoder
 from .resolve import load_encoder, locate, resolve_in_space
-from .io.files import read_json_object
 
 VAE_CLASSES = ("AutoencoderKL", "AutoencoderKLTemporalDecoder", "AutoencoderDC", "AutoencoderKLFlux2")
 _NOT_A_TEACHER = ("a diffusers VAE (folder with config.json, or a vae/ subfolder; single-file .safetensors) "

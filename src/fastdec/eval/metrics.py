@@ -706,17 +706,17 @@ class VideoMAEExtractor:
         except Exception as e:
             # transformers loads a pytorch_model.bin weights-only: one holding more than tensors is refused (5.x
             # raises torch's UnpicklingError, whose text advises weights_only=False; 4.x wraps it in an OSError)
-            refusal = next((c for c in _causes(e) if asks_for_code(c)), None)
+            causes = list(_causes(e))
+            refusal = next((c for c in causes if asks_for_code(c)), None)
             if refusal is not None:
                 raise EvalError(refusal_message(folder, refusal, "VideoMAE checkpoint")) from e
-            if any(isinstance(c, pickle.UnpicklingError) for c in _causes(e)):  # torch's text: weights_only=False
+            if any(isinstance(c, pickle.UnpicklingError) for c in causes):  # torch's text: weights_only=False
                 raise EvalError(f"the weights in '{folder}' cannot be read: truncated, corrupt or in another format "
                                 "(a git-lfs pointer?); save the model again with save_pretrained") from e
             # anything else (a truncated or git-lfs model.safetensors is a SafetensorError; an empty .bin an
             # EOFError) is named too: the CLI shows fastdec's errors as one line, others as a traceback
             raise EvalError(f"cannot load VideoMAE weights from '{folder}' ({type(e).__name__}: {e}): save the "
                             "model again with save_pretrained (a git-lfs pointer needs `git lfs pull`)") from e
-            raise EvalError(f"cannot load VideoMAE weights from '{folder}': {e}") from e
         self.model = self.model.eval().to(device)
         self.num_frames = int(self.model.config.num_frames)
         self.image_size = int(self.model.config.image_size)
