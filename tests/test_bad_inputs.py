@@ -20,6 +20,8 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -202,7 +204,9 @@ def run_command(capsys, cmd: Command, status: int, *messages: str, roots: list[P
     assert not outside, f"{cmd.argv[0]} touched {outside} outside {cmd.writes}"
     temps = [p for p in after if any(marker in p.name for marker in TEMP_MARKERS)]
     assert not temps, f"temporary files left: {temps}"
-    written = [p for p in changed if after[p] != "dir"]
+    # lock files (decode-batch's in its folder, a latent cache's beside it: empty, and kept, since removing
+    # one races its next taker) are the files not counted
+    written = [p for p in changed if after[p] != "dir" and not (p.name.startswith(".") and p.suffix == ".lock")]
     for path in written:
         check_complete(path)
     if nothing_written:
@@ -811,6 +815,21 @@ def test_a_damaged_latent_cache_names_the_cache_folder(check, assets, tmp_path, 
     assert not (tmp_path / "run2" / "decoder.safetensors").exists()
 
 
+def test_a_save_leaves_the_temporary_files_of_saves_still_running(tmp_path):
+    """Two writers of one file (two runs sharing a latent cache, decode-batch's writer threads saving 'a.png'
+    and 'a.png.v2.png') each write a temporary file; a save removes only a dead writer's, never a live one's."""
+    from fastdec.io import files
+
+    target = tmp_path / "index.json"
+    live = files.temp_file_for(target)  # this process's own: it is still writing it
+    other_machine = tmp_path / f".index.json.00000000-1.abc{files.TEMP_MARKER}"  # pid 1 here is not that writer
+    other_machine.write_text("{")
+    longer_name = files.temp_file_for(tmp_path / "index.json.v2")
+    files.write_json(target, {"ok": True})
+    assert live.exists() and other_machine.exists() and longer_name.exists()
+    assert json.loads(target.read_text()) == {"ok": True}
+
+
 def test_an_interrupted_save_leaves_the_old_file_and_the_next_save_cleans_up(tmp_path, monkeypatch):
     """``atomic_write``, under every file fastdec writes: fsync before the rename, the old file intact when the
     write fails, and temporary files of a save that died (a kill leaves them) removed by the next save."""
@@ -818,9 +837,12 @@ def test_an_interrupted_save_leaves_the_old_file_and_the_next_save_cleans_up(tmp
 
     target = tmp_path / "report.json"
     files.write_json(target, {"run": 1})
-    stale = tmp_path / f".report.json.k1ll3d{files.TEMP_MARKER}"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a writer that is gone, as a killed run is
+    host = files._owner_tag().partition("-")[0]
+    stale = tmp_path / f".report.json.{host}-{dead.pid}.k1ll3d{files.TEMP_MARKER}"
     stale.write_text('{"run": ')  # what a kill mid-write leaves
-    other = tmp_path / f".other.json.k1ll3d{files.TEMP_MARKER}"
+    other = tmp_path / f".other.json.{host}-{dead.pid}.k1ll3d{files.TEMP_MARKER}"
     other.write_text("{")  # another file's leftover: not this save's to remove
 
     def failing_write(tmp: str) -> None:

@@ -19,6 +19,7 @@ from factories import tiny_decoder
 from fastdec import load_decoder, save_decoder
 from fastdec.cli import main
 from fastdec.decode.batch import (
+    LOCK_NAME,
     MANIFEST_NAME,
     TEMP_SUFFIX,
     batches_by_shape,
@@ -103,7 +104,8 @@ def _images(out: Path) -> dict[str, np.ndarray]:
 
 
 def _hidden(out: Path) -> list[str]:
-    return sorted(p.name for p in out.iterdir() if p.name.startswith("."))
+    """Hidden files left in --out but the lock file, which stays (removing one races its next taker)."""
+    return sorted(p.name for p in out.iterdir() if p.name.startswith(".") and p.name != LOCK_NAME)
 
 
 @pytest.fixture(scope="module")
@@ -257,6 +259,50 @@ def test_resume_decodes_empty_and_truncated_images_again(workspace, tmp_path, ca
     again = _images(out)  # every file opens fully
     for key, expected in first.items():  # the same decoder file and batch: the same pixels
         np.testing.assert_array_equal(again[key], expected, err_msg=key)
+
+
+def test_a_rewritten_latent_file_is_decoded_again_not_taken_as_done(workspace, tmp_path, capsys):
+    """A resume skips images already on disk, but not ones decoded from a file that has new latents since."""
+    g = torch.Generator().manual_seed(7)
+    source = tmp_path / "s.safetensors"
+    write_latent_shard(source, {f"k{i}": torch.randn(4, 8, 8, generator=g) for i in range(3)})
+    out = tmp_path / "out"
+    args = ["decode-batch", "--latents", str(source), "--decoder", str(workspace["a"]), "--out", str(out),
+            "--no-progress"]
+    assert main(args) == 0
+    first = _images(out)
+    new = {f"k{i}": torch.randn(4, 8, 8, generator=g) * 3 for i in range(3)}
+    write_latent_shard(source, new)
+    os.utime(source, ns=(source.stat().st_atime_ns, source.stat().st_mtime_ns + 10**9))  # a coarse clock
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "3 image(s) on disk were decoded from latents that have changed" in capsys.readouterr().err
+    decoder = load_decoder(workspace["a"]).eval()
+    with torch.inference_mode():
+        expected = to_uint8(decoder(torch.stack([new[k] for k in sorted(new)])))
+    again = _images(out)
+    for key, array in zip(sorted(new), expected):
+        assert not np.array_equal(again[key], first[key])
+        assert np.abs(again[key].astype(int) - array).max() <= 1  # fp32 kernels: a rounding step at most
+    assert main(args) == 0 and "3 already done" in capsys.readouterr().err  # and now they are done
+
+
+def test_a_second_run_into_a_folder_being_written_is_refused(workspace, tmp_path, capsys):
+    """Rank 0 holds a lock on --out: a second run (here, another decoder) is refused before it reads or writes
+    anything there, instead of both passing the manifest check and writing the same names."""
+    from filelock import FileLock
+
+    write_latent_shard(tmp_path / "s.safetensors", {"k0": torch.randn(4, 8, 8)})
+    out = tmp_path / "out"
+    out.mkdir()
+    args = ["decode-batch", "--latents", str(tmp_path / "s.safetensors"), "--out", str(out), "--no-progress"]
+    with FileLock(str(out / LOCK_NAME)):  # what a run in progress holds
+        assert main([*args, "--decoder", str(workspace["b"])]) == 2
+        err = capsys.readouterr().err
+        assert "another decode-batch is writing to" in err and "use another --out" in err
+        assert not _pngs(out) and not (out / MANIFEST_NAME).exists()
+    assert main([*args, "--decoder", str(workspace["a"])]) == 0  # the lock is gone with its holder
+    assert [p.name for p in _pngs(out)] == ["k0.png"]
 
 
 @pytest.mark.parametrize("image_format", ["png", "webp", "jpeg"])

@@ -94,6 +94,33 @@ def test_cache_is_aligned_and_reused(tmp_path):
     assert other.folder != cache.folder and sum(calls) == 15  # different crops -> a new cache
 
 
+def test_a_cache_being_built_is_waited_for_then_reused(tmp_path, capsys):
+    """Two runs of a sweep sharing one cache root: the second waits while the first holds the cache's lock,
+    then reuses what it built, instead of both writing the same shards (each deleting the other's files)."""
+    import shutil
+    import threading
+
+    from filelock import FileLock
+
+    teacher = _teacher(tmp_path)
+    data = ImageFolder(make_images(tmp_path / "data", 2), resolution=32)
+    finished = build_cache(data, teacher, tmp_path / "first", per_file=1, progress=False).folder
+    calls, original = [], teacher.encode
+    teacher.encode = lambda x: calls.append(len(x)) or original(x)
+    (tmp_path / "cache").mkdir()
+    built = []
+    second = threading.Thread(target=lambda: built.append(
+        build_cache(data, teacher, tmp_path / "cache", per_file=1, progress=True)))
+    with FileLock(str(tmp_path / "cache" / f".{finished.name}.lock")):  # the first run is building
+        second.start()
+        second.join(timeout=3)
+        assert second.is_alive() and not list((tmp_path / "cache" / finished.name).iterdir())  # waiting, writing nothing
+        shutil.copytree(finished, tmp_path / "cache" / finished.name, dirs_exist_ok=True)  # the first run's cache
+    second.join(timeout=60)
+    assert not second.is_alive() and len(built[0]) == 2 and calls == []  # reused: nothing encoded twice
+    assert "waiting for another run that is building the latent cache" in capsys.readouterr().err
+
+
 def test_interrupted_cache_build_resumes(tmp_path):
     teacher = _teacher(tmp_path)
     data = ImageFolder(make_images(tmp_path / "data", 6), resolution=32)
@@ -110,7 +137,7 @@ def test_interrupted_cache_build_resumes(tmp_path):
     teacher.encode = failing_encode
     with pytest.raises(KeyboardInterrupt):
         build_cache(data, teacher, tmp_path / "cache", per_file=2, batch_size=2, shard_size=4, progress=False)
-    folder = next((tmp_path / "cache").iterdir())
+    folder = next(p for p in (tmp_path / "cache").iterdir() if p.is_dir())
     index = json.loads((folder / "index.json").read_text())
     assert not index["complete"] and index["next"] == 4 and len(index["shards"]) == 1
     with pytest.raises(DataError, match="incomplete"):

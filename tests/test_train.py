@@ -64,6 +64,8 @@ def test_resume_gives_the_same_weights_as_a_straight_run(tiny_setup, tmp_path):
     straight = _run(**tiny_setup, steps=6, ckpt_every=3, out=str(tmp_path / "straight"), log_samples=True)
     _run(**tiny_setup, steps=6, ckpt_every=3, out=str(tmp_path / "resumed"), stop_at=3, log_samples=True)
     assert not (tmp_path / "resumed" / "decoder.safetensors").exists()  # stopped early: no export yet
+    with (tmp_path / "resumed" / "samples" / "rank0.jsonl").open("a") as log:  # a kill after step 4's line
+        log.write(json.dumps({"step": 4, "rank": 0, "ids": [0, 1], "wrote": []}) + '\n{"step": 5, "ra')
     _run(**tiny_setup, steps=6, ckpt_every=3, out=str(tmp_path / "resumed"), resume=True, log_samples=True)
 
     a, b = _weights(Path(straight.out)), _weights(tmp_path / "resumed")
@@ -117,6 +119,24 @@ def test_a_fresh_run_into_a_folder_of_checkpoints_is_refused_and_resume_before_a
     assert "no checkpoint in" in capsys.readouterr().out and (fresh / "decoder.safetensors").is_file()
 
 
+@pytest.mark.parametrize("content", [b"", b"\x80", b"\x80\x02}q\x00(X", b"garbage!"],
+                         ids=["empty", "one byte", "cut pickle", "no pickle"])
+def test_every_unreadable_checkpoint_is_skippable_not_a_traceback(tmp_path, content):
+    """A cut legacy pickle fails in torch with IndexError or struct.error, not only EOFError: each is a
+    checkpoint that cannot be read (a resume goes on to an older one), and the message never passes on
+    torch's advice to load with weights_only=False."""
+    from fastdec.errors import CheckpointError
+
+    path = tmp_path / "step_00000001.pt"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match="truncated or corrupt") as error:
+        read_checkpoint(path)
+    assert "weights_only" not in str(error.value)
+    path.write_bytes(b"\x80\x02c__builtin__\neval\n")  # asks for code: refused, the resume stops
+    with pytest.raises(TrainError, match="holds eval.*never unpickles code"):
+        read_checkpoint(path)
+
+
 def test_keep_checkpoints_deletes_all_but_the_newest_and_resume_continues(tiny_setup, tmp_path):
     # every checkpoint holds model, EMA and optimizer: --ckpt-every 1 over a long run filled the disk
     out = tmp_path / "run"
@@ -125,6 +145,17 @@ def test_keep_checkpoints_deletes_all_but_the_newest_and_resume_continues(tiny_s
     _run(**tiny_setup, steps=5, ckpt_every=1, keep_checkpoints=2, out=str(out), resume=True)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000004.pt", "step_00000005.pt"]
     assert (out / "decoder.safetensors").is_file()
+    # resumed past a truncated newest checkpoint, the run's next one is kept: counting the unreadable one
+    # ahead of it as the newest deleted every checkpoint that could be read
+    cut = tmp_path / "cut"
+    _run(**tiny_setup, steps=5, stop_at=4, ckpt_every=2, out=str(cut))
+    (cut / "checkpoints" / "step_00000004.pt").write_bytes(b"\x80")
+    with pytest.warns(UserWarning, match="truncated or corrupt"):
+        _run(**tiny_setup, steps=5, stop_at=3, ckpt_every=1, keep_checkpoints=1, out=str(cut), resume=True)
+    assert sorted(p.name for p in (cut / "checkpoints").iterdir()) == ["step_00000003.pt", "step_00000004.pt"]
+    with pytest.warns(UserWarning, match="truncated or corrupt"):
+        _run(**tiny_setup, steps=5, ckpt_every=1, keep_checkpoints=1, out=str(cut), resume=True)
+    assert sorted(p.name for p in (cut / "checkpoints").iterdir()) == ["step_00000005.pt"]
     with pytest.raises(UsageError, match="--keep-checkpoints must be a finite number greater than 0"):
         _run(**tiny_setup, steps=5, keep_checkpoints=0, out=str(tmp_path / "none"))
 
@@ -432,6 +463,16 @@ def test_two_processes_see_different_data_and_only_rank0_writes(tiny_setup, tmp_
     assert sum(len(e["wrote"]) for e in logs[0]) == 2
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000002.pt", "step_00000004.pt"]
     assert (out / "decoder.safetensors").exists()
+    # the logged loss is the global batch's (both ranks'), not rank 0's half: one process with the whole
+    # global batch (batch 4, the same crops) at step 1, from the same weights, logs the same loss (fp32: the
+    # two halves' means averaged vs one mean of four, a few roundings apart)
+    one = tmp_path / "one"
+    _run(**{**tiny_setup, "batch_size": 4}, steps=1, out=str(one), log_samples=True)
+    (whole,) = [json.loads(line) for line in (one / "samples" / "rank0.jsonl").open()]
+    assert sorted(whole["ids"]) == sorted(logs[0][0]["ids"] + logs[1][0]["ids"])
+    losses = [float({row["step"]: row["loss"] for row in csv.DictReader((run / "metrics.csv").open())}["1"])
+              for run in (out, one)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)
     # resumed by one process: each rank had its slice of every global batch, so the batches change
     with pytest.warns(UserWarning, match="trained with 2 processes there, 1 here: training continues from its step"):
         _run(**tiny_setup, steps=5, out=str(out), resume=True)

@@ -16,8 +16,10 @@ number of processes (GPUs, nodes, CPU processes) covers everything exactly once.
 
 Crash safety: images are written to a hidden temp file in the output folder and
 renamed into place, so an image under its final name is complete; a rerun skips
-those (an empty or truncated one is decoded again), deletes leftover temp files and
-decodes the rest. ``OUT/fastdec_manifest.json`` records the decoder identity (hash of
+those (an empty or truncated one is decoded again, and so is one whose latent file
+was rewritten since: the manifest records each file's size and mtime), deletes
+leftover temp files and decodes the rest. One run at a time writes a folder: rank 0
+holds a lock on it (``.fastdec_decode_batch.lock``) and a second run is refused. ``OUT/fastdec_manifest.json`` records the decoder identity (hash of
 the weights + config + latent space + output settings) and every image; a rerun with a
 different decoder or settings is refused unless ``overwrite``.
 
@@ -60,6 +62,7 @@ from .common import describe_spec, require_image_decoder
 MANIFEST_NAME = "fastdec_manifest.json"
 RANK_MANIFEST = ".fastdec_manifest.rank{rank}.json"
 PROGRESS_FILE = ".fastdec_progress.rank{rank}"
+LOCK_NAME = ".fastdec_decode_batch.lock"  # left in place: removing a lock file races its next taker
 TEMP_SUFFIX = TEMP_MARKER
 FORMATS = IMAGE_FORMATS
 _CRASH_ENV = "FASTDEC_TEST_CRASH_AFTER"  # test hook: die (os._exit) after this many images, like a kill
@@ -241,12 +244,28 @@ def _write_manifest(path: Path, identity: Mapping[str, Any], records: Mapping[st
                       "updated": time.time()}, indent=1)
 
 
+def recorded_images(out: Path, identity: Mapping[str, Any]) -> dict[str, Any]:
+    """What this decoder's manifests (the folder's, then every rank's, newer) say was written."""
+    records: dict[str, Any] = {}
+    for _, manifest in existing_manifests(out):
+        if current_identity(manifest.get("decoder", {})).get("id") == identity["id"]:
+            records.update(manifest.get("images", {}))
+    return records
+
+
+def input_fingerprint(path: str) -> str:
+    """Size and modification time of a latent file: a rewritten file (new latents under the old names) has new
+    ones, so its images are not taken as done."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return ""
+    return f"{stat.st_size}-{stat.st_mtime_ns}"
+
+
 def merge_manifests(out: Path, identity: Mapping[str, Any]) -> dict:
     """Fold per-rank manifests into ``fastdec_manifest.json`` (rank 0, after everyone is done)."""
-    merged: dict[str, Any] = {}
-    for path, manifest in existing_manifests(out):
-        if current_identity(manifest.get("decoder", {})).get("id") == identity["id"]:
-            merged.update(manifest.get("images", {}))
+    merged = recorded_images(out, identity)
     # an image is only recorded if it is on disk (a crash can leave a manifest ahead of nothing, never the reverse)
     merged = {k: v for k, v in sorted(merged.items()) if (out / v["file"]).exists()}
     _write_manifest(out / MANIFEST_NAME, identity, merged)
@@ -414,8 +433,19 @@ class _Progress:
             self.bar.close()
 
 
-def _record(item: LatentRef, writer: ImageWriter) -> dict:
-    return {"file": writer.path_for(item.key).name, "source": item.file, "shape": list(item.shape)}
+def _record(item: LatentRef, writer: ImageWriter, fingerprint: str) -> dict:
+    return {"file": writer.path_for(item.key).name, "source": item.file, "shape": list(item.shape),
+            "input": fingerprint}
+
+
+def _input_changed(record: Any, item: LatentRef, fingerprint: str) -> bool:
+    """An image on disk whose record says it came from other latents: another shape, or (manifests that record
+    it) another version of its file. An image with no record (written just before a crash) counts as done."""
+    if not isinstance(record, dict):
+        return False
+    if "shape" in record and record["shape"] != list(item.shape):
+        return True
+    return "input" in record and record["input"] != fingerprint
 
 
 def summarize(all_stats: list[RankStats], index_failures: list[Failure], total: int, batch: int,
@@ -543,10 +573,33 @@ class _BatchRun:
         with output_folder(self.out):
             self.load_decoder()
             self.list_work()
-        self.prepare_folder()
-        todo = self.plan()
-        self.decode_all(todo)
-        return self.finish()
+        self.lock_folder()
+        try:
+            self.prepare_folder()
+            todo = self.plan()
+            self.decode_all(todo)
+            return self.finish()
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+
+    def lock_folder(self) -> None:
+        """Rank 0 holds a lock on ``--out`` for the whole run: a second run into the same folder (another
+        decoder, or the same one twice) would pass the manifest check in the gap before either writes, then
+        both write the same image names."""
+        from filelock import FileLock, Timeout
+
+        self.lock, held = None, True
+        if self.procs.is_main:
+            self.lock = FileLock(str(self.out / LOCK_NAME), timeout=0)
+            try:
+                self.lock.acquire()
+            except Timeout:
+                self.lock, held = None, False
+        if not all(self.procs.gather(held)):  # every rank raises the same error, none waits at a barrier
+            raise ManifestMismatchError(
+                f"another decode-batch is writing to '{self.out}' (it holds {LOCK_NAME} there): wait for it to "
+                "finish, or use another --out")
 
     def load_decoder(self) -> None:
         """The decoder, its identity (from the weights as loaded), then moved to this process's device."""
@@ -624,30 +677,38 @@ class _BatchRun:
         my_batches = shard_for_rank(batches_by_shape(self.items, self.opts.batch), self.procs.rank, self.procs.world)
         self.writer = ImageWriter(self.out, self.opts.image_format, self.opts.quality, workers=self.opts.writers,
                                   max_pending=2 * self.opts.batch)
-        todo, incomplete = [], 0
+        self.fingerprints = {file: input_fingerprint(file) for file in {item.file for item in self.items}}
+        recorded = {} if self.opts.overwrite else recorded_images(self.out, self.identity)
+        todo, incomplete, changed = [], 0, 0
         for batch in my_batches:
             missing = set()
             for item in batch:
-                path = self.writer.path_for(item.key)
-                if not self.opts.overwrite and image_is_complete(path, self.opts.image_format):
-                    self.stats.skipped += 1
-                    self.records[item.key] = _record(item, self.writer)
-                else:
+                path, fingerprint = self.writer.path_for(item.key), self.fingerprints[item.file]
+                if self.opts.overwrite or not image_is_complete(path, self.opts.image_format):
                     incomplete += path.exists()
                     missing.add(item.key)
+                elif _input_changed(recorded.get(item.key), item, fingerprint):
+                    changed += 1
+                    missing.add(item.key)
+                else:
+                    self.stats.skipped += 1
+                    self.records[item.key] = _record(item, self.writer, fingerprint)
             if missing:
                 todo.append((batch, missing))
         self.own_todo = sum(len(m) for _, m in todo)
-        counts = self.procs.gather((self.own_todo, incomplete))
+        counts = self.procs.gather((self.own_todo, incomplete, changed))
         self.total_todo = sum(c[0] for c in counts)
-        self._announce(sum(c[1] for c in counts))
+        self._announce(sum(c[1] for c in counts), sum(c[2] for c in counts))
         return todo
 
-    def _announce(self, incomplete: int) -> None:
+    def _announce(self, incomplete: int, changed: int) -> None:
         if not self.procs.is_main:
             return
         if incomplete:
             print(f"{incomplete} image(s) on disk are empty or truncated: decoding them again", file=sys.stderr)
+        if changed:
+            print(f"{changed} image(s) on disk were decoded from latents that have changed since (their file was "
+                  "rewritten): decoding them again", file=sys.stderr)
         print(f"decode-batch: {len(self.items)} latents in {len(self.files)} file(s), "
               f"{len(self.items) - self.total_todo} already done, {self.total_todo} to decode on {self.procs.world} "
               f"process(es); decoder {self.identity['id']} ({self.source})", file=sys.stderr)
@@ -709,7 +770,7 @@ class _BatchRun:
         for item, array in zip(kept, arrays):
             if item.key in missing:
                 self.writer.submit(item, array)
-                self.records[item.key] = _record(item, self.writer)
+                self.records[item.key] = _record(item, self.writer, self.fingerprints[item.file])
 
     def finish(self) -> int:
         """Record what was written, meet the other processes, merge manifests and summarise (rank 0)."""

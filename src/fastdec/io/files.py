@@ -7,10 +7,13 @@ JSON); CSV rows are written through :mod:`csv`.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import math
 import os
+import re
+import socket
 import tempfile
 import unicodedata
 from contextlib import contextmanager
@@ -26,10 +29,35 @@ os.umask(_UMASK)
 MAX_NAME_BYTES = 200
 
 
+def _owner_tag() -> str:
+    """Who writes a temporary file: this host and process, so that a later save can tell a dead writer's leftover
+    from a file another process (or thread) is writing right now."""
+    host = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+    return f"{host}-{os.getpid()}"
+
+
+def _is_dead_writer(owner: str) -> bool:
+    host, _, pid = owner.partition("-")
+    if host != _owner_tag().partition("-")[0]:
+        return False  # another machine's process (a shared file system): no way to tell, so leave it
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OverflowError):
+        return False  # alive under another user (or not a pid this system can hold)
+    return False
+
+
 def _remove_stale_temps(path: Path) -> None:
-    """Temporary files that an interrupted save to ``path`` left behind (the process died mid-write)."""
-    for stale in path.parent.glob(f".{glob_escape(path.name)}.*{TEMP_MARKER}*"):
-        stale.unlink(missing_ok=True)
+    """Temporary files that an interrupted save to ``path`` left behind (their writer died mid-write). Only
+    exactly this name's, and only a dead process's: two processes saving one file must not delete each other's
+    temporary file, nor a save of ``a.png`` the one of ``a.png.v2.png``."""
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.([0-9a-f]{{8}}-[0-9]+)\.[a-z0-9_]+{re.escape(TEMP_MARKER)}")
+    for candidate in path.parent.glob(f".{glob_escape(path.name)}.*{TEMP_MARKER}*"):
+        match = pattern.match(candidate.name)
+        if match and _is_dead_writer(match.group(1)):
+            candidate.unlink(missing_ok=True)
 
 
 def temp_file_for(path: Path, suffix: str = "") -> Path:
@@ -37,7 +65,8 @@ def temp_file_for(path: Path, suffix: str = "") -> Path:
     done; the temporary files an interrupted write to ``path`` left are removed first."""
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temps(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f"{TEMP_MARKER}{suffix}")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{_owner_tag()}.",
+                               suffix=f"{TEMP_MARKER}{suffix}")
     os.close(fd)
     return Path(tmp)
 

@@ -14,16 +14,19 @@ More crops per file = more variety, paid once in encoding time and disk
 The key hashes the teacher's fingerprint (a hash of its weights' bytes), latent space, resolution, frames
 (and a video's largest frame stride), crops per file, seed and
 the data files (name, size, mtime in ns): change any of them and a new cache is built; otherwise it is
-reused. An interrupted build continues from the last completed shard. A cache whose index or shards
+reused. An interrupted build continues from the last completed shard. One process builds a cache at a time (a lock
+file beside its folder); others wait for it, then reuse it. A cache whose index or shards
 are damaged is an error that names the folder and says to delete it.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -229,19 +232,40 @@ def build_cache(
     cache_root = prepare_output_dir(cache_root, "latent cache folder (--cache-dir)")
     folder = output_subfolder(cache_root, f"{teacher.latent_space.name}-{dataset.resolution}px-{key}",
                               "the latent cache's folder")
-    if (folder / INDEX).is_file():
-        index = read_index(folder)
-        if index.get("complete"):
-            return LatentCache(folder)
-    else:
-        index = _new_index(folder, key, dataset, teacher, per_file, seed)
-    _encode_remaining(folder, index, dataset, teacher, batch_size, shard_size, num_workers, progress)
-    if not index["shards"]:
-        raise DataError(f"no file in '{dataset.root}' could be decoded ({len(index['skipped_files'])} unreadable): "
-                        "check the data folder")
-    index["complete"] = True
-    _write_index(folder, index)
-    return LatentCache(folder)
+    with _build_lock(folder, progress):
+        if (folder / INDEX).is_file():
+            index = read_index(folder)
+            if index.get("complete"):
+                return LatentCache(folder)
+        else:
+            index = _new_index(folder, key, dataset, teacher, per_file, seed)
+        _encode_remaining(folder, index, dataset, teacher, batch_size, shard_size, num_workers, progress)
+        if not index["shards"]:
+            raise DataError(f"no file in '{dataset.root}' could be decoded ({len(index['skipped_files'])} "
+                            "unreadable): check the data folder")
+        index["complete"] = True
+        _write_index(folder, index)
+        return LatentCache(folder)
+
+
+@contextmanager
+def _build_lock(folder: Path, progress: bool) -> Iterator[None]:
+    """One builder per cache: runs of a sweep share ~/.cache/fastdec/latents, and the local rank 0 of every node
+    may build at once; the others wait, then find the cache complete. The lock file sits beside the folder, so
+    the folder can be deleted whole (the lock file stays: removing one races its next taker)."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(folder.parent / f".{folder.name}.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        if progress:
+            print(f"waiting for another run that is building the latent cache {folder} ...", file=sys.stderr)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 class _PlanPixels(torch.utils.data.Dataset):

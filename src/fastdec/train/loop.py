@@ -32,7 +32,7 @@ import torch.nn as nn
 from ..devices import check_launch_environment
 from ..errors import TrainError
 from ..io.checkpoints import save_decoder
-from ..io.files import check_subfolder, output_folder, output_path, output_subfolder, write_json
+from ..io.files import check_subfolder, output_folder, output_path, output_subfolder, write_json, write_text
 from ..models.base import LatentDecoder
 from ..runtime.optimize import to_channels_last
 from .cache import CachedCrops, LatentCache, build_cache
@@ -222,10 +222,12 @@ def _build_latents(run: Run, val_set: Any) -> None:
     config, teacher = run.config, run.teacher
     cache_root = Path(config.cache_dir or os.environ.get("FASTDEC_CACHE") or Path.home() / ".cache/fastdec/latents")
     teacher.to(run.device)
-    with run.accelerator.main_process_first():
+    # each node's first process builds (a node-local cache is then built once per node, not once per rank; a
+    # shared one once, the cache's lock making the other nodes wait) and the node's other processes reuse it
+    with run.accelerator.local_main_process_first():
         run.cache = build_cache(run.dataset, teacher, cache_root, per_file=config.crops_per_image, seed=config.seed,
                                 batch_size=config.device_batch_encode, num_workers=config.workers,
-                                progress=run.is_main)
+                                progress=run.accelerator.is_local_main_process)
     if run.is_main:  # each setting gets its own cache folder, and none is ever removed: say which this one is
         print(f"latent cache: {run.cache.folder} ({len(run.cache)} crops)")
     if run.is_main and run.dataset.skipped:
@@ -434,8 +436,26 @@ def open_logs(run: Run) -> None:
             pass
     if run.config.log_samples:
         samples = output_subfolder(run.out, "samples", "the sample-log folder")
+        path = output_path(samples, f"rank{run.rank}.jsonl", "sample log")
+        trim_sample_log(path, run.step)
         # appended to, not replaced: a link in its place would add lines to a file outside --out
-        run.sample_log = open(output_path(samples, f"rank{run.rank}.jsonl", "sample log"), "a")
+        run.sample_log = open(path, "a")
+
+
+def trim_sample_log(path: Path, up_to_step: int) -> None:
+    """A resumed run's sample log, cut back to its checkpoint's step, as metrics.csv is: the steps after it
+    are trained again, and their lines would be there twice (a kill's half-written last line goes too)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(entry, dict) and isinstance(entry.get("step"), int) and entry["step"] <= up_to_step:
+            kept.append(line + "\n")
+    write_text(path, "".join(kept))
 
 
 # ----------------------------------------------------------------------------- 2. one train step
@@ -471,6 +491,7 @@ def train_step(run: Run) -> StepResult:
     run.model.train()
     use_gan = run.discriminator is not None and run.step >= config.adv_start
     ids: list[int] = []
+    step_loss, step_parts = torch.zeros((), device=run.device), {}  # means over the micro-batches, for the log
     for micro in range(config.grad_accum):
         pixels, latents, batch_ids = next(run.batches)
         ids += batch_ids.tolist()
@@ -479,16 +500,18 @@ def train_step(run: Run) -> StepResult:
         with nullcontext() if last_micro else accelerator.no_sync(run.model):
             pred, loss, parts = forward_loss(run, pixels, latents, use_gan)
             accelerator.backward(loss / config.grad_accum)
+        step_loss += loss.detach() / config.grad_accum
+        step_parts = {k: step_parts.get(k, 0.0) + v / config.grad_accum for k, v in parts.items()}
     if config.clip_grad:
         accelerator.clip_grad_norm_(run.model.parameters(), config.clip_grad)
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     if use_gan:  # the discriminator learns on the last micro-batch, after the generator step
-        parts["gan_d"] = discriminator_step(run, pixels, pred)
+        step_parts["gan_d"] = discriminator_step(run, pixels, pred)
     update_ema(run.ema, run.student, ema_decay(run.step, config.ema))
     run.step += 1
-    return StepResult(loss, parts, ids)
+    return StepResult(step_loss, step_parts, ids)
 
 
 def discriminator_step(run: Run, pixels: torch.Tensor, pred: torch.Tensor) -> float:
@@ -533,12 +556,24 @@ def _speed(run: Run) -> float:
     return (run.step - last_step) * images_per_step / max(now - last_time, 1e-9)
 
 
+def global_batch_losses(run: Run, result: StepResult) -> tuple[float, dict[str, float]]:
+    """The step's loss and its terms over the global batch: each rank's mean over its micro-batches, averaged
+    over the ranks (a collective: every rank calls it). Rank 0's own would be half the batch on two processes,
+    and curves of one run on different process counts could not be compared."""
+    names = list(result.parts)  # the same terms in the same order on every rank
+    values = torch.tensor([float(result.loss), *(float(result.parts[n]) for n in names)])
+    if run.world > 1:
+        values = run.accelerator.reduce(values.to(run.device), reduction="mean")
+    loss, *parts = values.cpu().tolist()
+    return loss, dict(zip(names, parts))
+
+
 def log_and_validate(run: Run, result: StepResult, bar) -> None:
     config, step = run.config, run.step
     row: dict[str, Any] = {}
     if step % config.log_every == 0 or step == run.stop:
-        speed, loss = _speed(run), float(result.loss.detach())
-        row = {"step": step, "loss": loss, **result.parts, "lr": run.scheduler.get_last_lr()[0], "images_per_s": speed}
+        speed, (loss, parts) = _speed(run), global_batch_losses(run, result)
+        row = {"step": step, "loss": loss, **parts, "lr": run.scheduler.get_last_lr()[0], "images_per_s": speed}
         bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{speed:.1f}")
     if run.val and (step % config.val_every == 0 or step == config.steps):
         row = {"step": step, **row, **run_validation(run)}
@@ -571,7 +606,7 @@ def save_checkpoint(run: Run) -> list[str]:
         state["disc_optimizer"] = run.disc_optimizer.state_dict()
     written = save_checkpoint_file(checkpoint_path(run.out, run.step), state)
     if run.config.keep_checkpoints is not None:
-        prune_checkpoints(run.out, run.config.keep_checkpoints)
+        prune_checkpoints(run.out, run.config.keep_checkpoints, written)
     return [str(written)]
 
 

@@ -22,6 +22,7 @@ import torch
 
 from ..errors import CheckpointError, TrainError
 from ..io.files import atomic_write, output_subfolder, write_csv as write_csv_rows
+from ..io.pickles import asks_for_code
 
 CHECKPOINT_KEYS = ("model", "ema", "optimizer", "scheduler", "step", "rng")
 
@@ -64,10 +65,18 @@ def list_checkpoints(out: Path) -> list[Path]:
     return sorted((Path(out) / "checkpoints").glob("step_*.pt"))
 
 
-def prune_checkpoints(out: Path, keep: int) -> list[Path]:
-    """Delete all but the newest ``keep`` checkpoints (each is complete: written atomically); returns the deleted."""
+def prune_checkpoints(out: Path, keep: int, written: Path | None = None) -> list[Path]:
+    """Delete all but the newest ``keep`` checkpoints up to ``written`` (the one just saved); returns the deleted.
+
+    Checkpoints of later steps than ``written`` are neither kept in its stead nor deleted: a run resumed past
+    an unreadable checkpoint (a truncated copy) has one ahead of it, and counted as the newest it would have
+    the checkpoint just saved deleted, leaving nothing to resume from. The run overwrites it on reaching its step.
+    """
     output_subfolder(out, "checkpoints", "the checkpoints folder")  # never delete through a link
-    old = list_checkpoints(out)[:-keep]
+    checkpoints = list_checkpoints(out)
+    if written is not None:  # zero-padded steps: names sort and compare by step
+        checkpoints = [path for path in checkpoints if path.name <= written.name]
+    old = checkpoints[:-keep]
     for path in old:
         path.unlink(missing_ok=True)
     return old
@@ -105,11 +114,12 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     """
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise _refused(path, e) from e
-    except (RuntimeError, EOFError, OSError, ValueError) as e:  # torch's zip reader raises RuntimeError
-        raise CheckpointError(f"checkpoint '{path}' cannot be read ({type(e).__name__}: {e}): it is truncated or "
-                              "corrupt") from e
+    except Exception as e:  # torch's zip reader raises RuntimeError; a cut legacy pickle IndexError, EOFError...
+        if asks_for_code(e):
+            raise _refused(path, e) from e
+        # not torch's own text for an unpickling error: it advises weights_only=False, which runs what a file holds
+        detail = type(e).__name__ if isinstance(e, pickle.UnpicklingError) else f"{type(e).__name__}: {e}"
+        raise CheckpointError(f"checkpoint '{path}' cannot be read ({detail}): it is truncated or corrupt") from e
     missing = [key for key in CHECKPOINT_KEYS if not isinstance(state, dict) or key not in state]
     problem = f"missing {', '.join(missing)}" if missing else _layout_problem(state)
     if problem:
