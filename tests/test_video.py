@@ -179,9 +179,17 @@ def test_a_video_is_on_disk_before_it_is_renamed_into_place(tmp_path, monkeypatc
 
 def test_a_killed_writes_partial_video_is_removed_by_the_next_write(tmp_path):
     # a SIGTERM'd decode-video left .out.mp4.*.fastdec-tmp.mp4, and a successful rerun to the same --out kept it
-    stale = tmp_path / ".out.mp4.k1ll3d.fastdec-tmp.mp4"
+    import subprocess
+    import sys
+
+    from fastdec.io import files
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # the killed writer: its process is gone
+    tag = f"{files._owner_tag().partition('-')[0]}-{dead.pid}"
+    stale = tmp_path / f".out.mp4.{tag}.k1ll3d.fastdec-tmp.mp4"
     stale.write_bytes(b"partial H.264")
-    other = tmp_path / ".other.mp4.k1ll3d.fastdec-tmp.mp4"  # another output's: not this write's to remove
+    other = tmp_path / f".other.mp4.{tag}.k1ll3d.fastdec-tmp.mp4"  # another output's: not this write's to remove
     other.write_bytes(b"partial")
     write_video(torch.rand(2, 3, 16, 16), tmp_path / "out.mp4")
     assert sorted(p.name for p in tmp_path.iterdir()) == [other.name, "out.mp4"]
